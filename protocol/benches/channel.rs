@@ -1,0 +1,2 @@
+//! Channel benchmark (filled in below).
+fn main() {}

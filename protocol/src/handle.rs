@@ -1,0 +1,335 @@
+//! Listening sockets: bind one for a [`ListenTarget`], or validate a descriptor someone handed
+//! us, with the options Node uses (`SO_REUSEADDR`, backlog 511, `CLOEXEC | NONBLOCK`).
+//!
+//! Both the primary (shared handles) and a worker (exclusive listens) bind through here.
+
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::message::{BoundAddress, ListenParams, ListenTarget};
+
+/// Bytes of a Unix socket path that fit in `sockaddr_un.sun_path`, leaving room for the NUL.
+pub const MAX_UNIX_PATH: usize = 107;
+
+/// A listen that failed, with the address it was for.
+///
+/// It converts into an [`io::Error`] of the same kind, and keeps the OS error number
+/// ([`ListenError::errno`]) so a primary can forward it to a worker.
+#[derive(Debug, thiserror::Error)]
+#[error("listen {address}: {source}")]
+pub struct ListenError {
+    /// The address, path or descriptor that could not be listened on.
+    pub address: String,
+    /// What the OS (or the validation) said.
+    #[source]
+    pub source: io::Error,
+}
+
+impl ListenError {
+    /// Builds an error for `address`.
+    pub fn new(address: impl fmt::Display, source: io::Error) -> Self {
+        Self {
+            address: address.to_string(),
+            source,
+        }
+    }
+
+    /// The OS error number, when there is one.
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+impl From<ListenError> for io::Error {
+    fn from(e: ListenError) -> io::Error {
+        io::Error::new(e.source.kind(), e)
+    }
+}
+
+/// Checks that a Unix socket path fits in `sun_path`.
+///
+/// # Errors
+/// `InvalidInput` naming the path and its length: a longer path is never silently truncated.
+pub fn check_unix_path(path: &Path) -> io::Result<()> {
+    let len = path.as_os_str().len();
+    if len == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "Unix socket path is empty",
+        ));
+    }
+    if len > MAX_UNIX_PATH {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "Unix socket path {} is {len} bytes long; at most {MAX_UNIX_PATH} fit in sun_path",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Binds and listens on `target` with `params`, returning the listening socket (`CLOEXEC |
+/// NONBLOCK`) and the address it is bound to (with the real port for port 0).
+///
+/// TCP sockets get `SO_REUSEADDR`; an IPv6 socket is dual-stack unless `params.ipv6_only`.
+/// [`ListenTarget::TcpAny`] tries `[::]` and falls back to `0.0.0.0` when IPv6 is unavailable.
+/// A Unix socket's file gets the `readable_all` / `writable_all` mode bits; an existing file at
+/// the path is `EADDRINUSE` (as in Node: stale sockets are the caller's to remove).
+/// [`ListenTarget::Fd`] is validated with [`adopt_listener`] after duplicating the descriptor.
+///
+/// # Errors
+/// A [`ListenError`] naming the target, with the OS error (`EADDRINUSE`, `EACCES`, …).
+pub fn bind_listener(
+    target: &ListenTarget,
+    params: &ListenParams,
+) -> Result<(OwnedFd, BoundAddress), ListenError> {
+    let named = |e: io::Error| ListenError::new(target, e);
+    match target {
+        ListenTarget::Tcp(addr) => bind_tcp(*addr, params).map_err(named),
+        ListenTarget::TcpAny(port) => {
+            match bind_tcp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, *port)), params) {
+                Err(e) if ipv6_unavailable(&e) => {
+                    bind_tcp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port)), params)
+                }
+                other => other,
+            }
+            .map_err(named)
+        }
+        ListenTarget::Unix(path) => bind_unix(path, params).map_err(named),
+        ListenTarget::Fd(fd) => {
+            let owned = crate::fd::dup_raw(*fd).map_err(named)?;
+            adopt_listener(owned, params.backlog).map_err(named)
+        }
+    }
+}
+
+fn ipv6_unavailable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::EPROTONOSUPPORT)
+    )
+}
+
+fn backlog(params: &ListenParams) -> i32 {
+    i32::try_from(params.backlog).unwrap_or(i32::MAX)
+}
+
+fn bind_tcp(addr: SocketAddr, params: &ListenParams) -> io::Result<(OwnedFd, BoundAddress)> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(params.ipv6_only)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(backlog(params))?;
+    let bound = local_address(&socket)?;
+    Ok((socket.into(), bound))
+}
+
+fn bind_unix(path: &Path, params: &ListenParams) -> io::Result<(OwnedFd, BoundAddress)> {
+    check_unix_path(path)?;
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    if params.readable_all || params.writable_all {
+        let mut bits = 0;
+        if params.readable_all {
+            bits |= 0o444;
+        }
+        if params.writable_all {
+            bits |= 0o222;
+        }
+        let set = std::fs::metadata(path).and_then(|m| {
+            let mode = m.permissions().mode() | bits;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        });
+        if let Err(e) = set {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+    }
+    if let Err(e) = socket.listen(backlog(params)) {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok((socket.into(), BoundAddress::Unix(path.to_path_buf())))
+}
+
+/// The address a socket is bound to.
+fn local_address(socket: &Socket) -> io::Result<BoundAddress> {
+    let addr = socket.local_addr()?;
+    if let Some(sa) = addr.as_socket() {
+        return Ok(BoundAddress::Tcp(sa));
+    }
+    Ok(BoundAddress::Unix(
+        addr.as_pathname()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    ))
+}
+
+/// Validates a descriptor for `listen({fd})` / `listen(handle)` and makes it a listener: it must
+/// be a socket, of stream type, bound (listening already, or listenable — then `listen(backlog)`
+/// is called). It is made non-blocking.
+///
+/// # Errors
+/// `InvalidInput` naming the descriptor when it is not a socket (a regular file, a pipe, a
+/// terminal) or not a stream socket; the OS error of `listen(2)` otherwise.
+pub fn adopt_listener(fd: OwnedFd, backlog: u32) -> io::Result<(OwnedFd, BoundAddress)> {
+    let raw = fd.as_raw_fd();
+    let socket = Socket::from(fd);
+    let ty = socket.r#type().map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTSOCK) {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("fd {raw} is not a socket"),
+            )
+        } else {
+            io::Error::new(e.kind(), format!("fd {raw}: {e}"))
+        }
+    })?;
+    if ty != Type::STREAM {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {raw} is not a stream socket ({ty:?})"),
+        ));
+    }
+    if !socket.is_listener()? {
+        socket
+            .listen(i32::try_from(backlog).unwrap_or(i32::MAX))
+            .map_err(|e| io::Error::new(e.kind(), format!("fd {raw} cannot listen: {e}")))?;
+    }
+    socket.set_nonblocking(true)?;
+    let bound = local_address(&socket)?;
+    Ok((socket.into(), bound))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> ListenParams {
+        ListenParams::default()
+    }
+
+    #[test]
+    fn tcp_port_zero_reports_the_real_port_and_sets_options() {
+        let (fd, bound) = bind_listener(
+            &ListenTarget::Tcp("127.0.0.1:0".parse().expect("addr")),
+            &params(),
+        )
+        .expect("bind");
+        let BoundAddress::Tcp(addr) = bound else {
+            panic!("not tcp")
+        };
+        assert_ne!(addr.port(), 0);
+        let s = Socket::from(fd);
+        assert!(s.reuse_address().expect("opt"));
+        assert!(s.is_listener().expect("opt"));
+        assert!(s.nonblocking().expect("opt"));
+        std::net::TcpStream::connect(addr).expect("connect");
+    }
+
+    #[test]
+    fn tcp_in_use_is_eaddrinuse_naming_the_address() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let err = bind_listener(&ListenTarget::Tcp(addr), &params()).expect_err("in use");
+        assert_eq!(err.errno(), Some(libc::EADDRINUSE));
+        assert!(
+            err.to_string().starts_with(&format!("listen {addr}: ")),
+            "{err}"
+        );
+        assert_eq!(io::Error::from(err).kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn any_host_binds_dual_stack_or_v4() {
+        let (_fd, bound) = bind_listener(&ListenTarget::TcpAny(0), &params()).expect("bind");
+        let BoundAddress::Tcp(addr) = bound else {
+            panic!("not tcp")
+        };
+        assert!(addr.ip().is_unspecified());
+        std::net::TcpStream::connect(("127.0.0.1", addr.port())).expect("v4 reaches it");
+    }
+
+    #[test]
+    fn unix_path_too_long_is_refused_not_truncated() {
+        let long = format!("/tmp/{}", "x".repeat(120));
+        let err = bind_listener(&ListenTarget::Unix(long.clone().into()), &params())
+            .expect_err("too long");
+        assert_eq!(io::Error::from(err).kind(), io::ErrorKind::InvalidInput);
+        assert!(!Path::new(&long).exists());
+        let err = check_unix_path(Path::new(&long)).expect_err("too long");
+        assert!(
+            err.to_string().contains("125 bytes long; at most 107"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unix_socket_gets_mode_bits_and_existing_file_is_in_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let p = ListenParams {
+            readable_all: true,
+            writable_all: true,
+            ..params()
+        };
+        let (_fd, bound) = bind_listener(&ListenTarget::Unix(path.clone()), &p).expect("bind");
+        assert_eq!(bound, BoundAddress::Unix(path.clone()));
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o666, 0o666, "mode {mode:o}");
+        let err = bind_listener(&ListenTarget::Unix(path.clone()), &params()).expect_err("in use");
+        assert_eq!(err.errno(), Some(libc::EADDRINUSE));
+    }
+
+    #[test]
+    fn adopt_rejects_files_and_datagram_sockets_by_fd() {
+        let file = tempfile::tempfile().expect("file");
+        let raw = file.as_raw_fd();
+        let err = adopt_listener(file.into(), 511).expect_err("file");
+        assert_eq!(err.to_string(), format!("fd {raw} is not a socket"));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let raw = udp.as_raw_fd();
+        let err = adopt_listener(udp.into(), 511).expect_err("udp");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("fd {raw} is not a stream socket")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn adopt_listens_on_a_bound_socket() {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        let (fd, bound) = adopt_listener(s.into(), 16).expect("adopt");
+        let BoundAddress::Tcp(addr) = bound else {
+            panic!("not tcp")
+        };
+        assert!(Socket::from(fd).is_listener().expect("opt"));
+        assert_ne!(addr.port(), 0);
+    }
+
+    #[test]
+    fn fd_target_names_a_closed_fd() {
+        let err = bind_listener(&ListenTarget::Fd(999_999), &params()).expect_err("closed");
+        assert_eq!(
+            err.to_string(),
+            "listen fd 999999: Bad file descriptor (os error 9)"
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! The wire protocol between a netcluster primary and its workers.
+//!
+//! - [`message`]: the serde messages in both directions and the listen key.
+//! - [`codec`]: postcard framing with a version byte and a size limit.
+//! - [`fd`]: `sendmsg`/`recvmsg` with `SCM_RIGHTS` (the project's only `unsafe` code).
+//! - [`channel`]: an async `SOCK_SEQPACKET` channel that sends a message plus descriptors.
+//! - [`handle`]: binding and validating listening sockets.
+//! - [`env`]: the environment variables that make a process a worker.
+
+pub mod channel;
+pub mod codec;
+pub mod env;
+pub mod fd;
+pub mod handle;
+pub mod message;
+
+pub use channel::{Channel, ChannelError};
+pub use codec::CodecError;
+pub use handle::ListenError;
+pub use message::{
+    BoundAddress, Frame, ListenKey, ListenParams, ListenTarget, PROTOCOL_VERSION, ToPrimary,
+    ToWorker,
+};

@@ -1,0 +1,196 @@
+//! The messages a primary and its workers exchange, in both directions.
+//!
+//! [`ToPrimary`] travels worker → primary, [`ToWorker`] primary → worker. Every message declares
+//! how many file descriptors ride with it ([`Frame::fd_count`]); the channel rejects a datagram
+//! whose descriptor count differs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Version of the wire protocol. Every frame starts with it, and the handshake repeats it.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Default listen backlog, as in Node (`net.Server.listen`).
+pub const DEFAULT_BACKLOG: u32 = 511;
+
+/// A message type that can travel over a [`Channel`](crate::channel::Channel).
+pub trait Frame: Serialize + DeserializeOwned {
+    /// Name used in error messages ("ToWorker", "ToPrimary").
+    const NAME: &'static str;
+    /// Number of enum variants; a frame naming a higher variant index is an unknown variant.
+    const VARIANTS: u32;
+    /// How many file descriptors travel with this message.
+    fn fd_count(&self) -> usize;
+}
+
+/// What a listen request is for: an IP address and port, a Unix socket path, or a descriptor
+/// that the primary already holds (`listen({fd})`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenTarget {
+    /// TCP on an address and port; the family is the address's. Port 0 asks for a random port.
+    Tcp(SocketAddr),
+    /// TCP on every interface (host omitted): `::` dual-stack, falling back to `0.0.0.0` where
+    /// IPv6 is unavailable.
+    TcpAny(u16),
+    /// A Unix stream socket at this path.
+    Unix(PathBuf),
+    /// The primary's own descriptor with this number.
+    Fd(i32),
+}
+
+impl std::fmt::Display for ListenTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenTarget::Tcp(addr) => write!(f, "{addr}"),
+            ListenTarget::TcpAny(port) => write!(f, "[::]:{port}"),
+            ListenTarget::Unix(path) => write!(f, "{}", path.display()),
+            ListenTarget::Fd(fd) => write!(f, "fd {fd}"),
+        }
+    }
+}
+
+/// The key under which the primary shares one listening socket among workers.
+///
+/// Node's key is `address:port:addressType:fd`; `ordinal` numbers a process's port-0 listens,
+/// so the Nth `listen(0)` of every worker shares one port while two in one worker get two.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    /// Where to listen.
+    pub target: ListenTarget,
+    /// For port 0: which port-0 listen of the process this is (0 for every other target).
+    pub ordinal: u32,
+}
+
+impl std::fmt::Display for ListenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.target)
+    }
+}
+
+/// Options that travel with a listen request. They are not part of the key: the first request
+/// for a key decides them.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListenParams {
+    /// Maximum length of the queue of pending connections.
+    pub backlog: u32,
+    /// Unix sockets: make the socket file readable by everyone.
+    pub readable_all: bool,
+    /// Unix sockets: make the socket file writable by everyone.
+    pub writable_all: bool,
+    /// TCP on `::`: accept IPv6 only (no dual stack).
+    pub ipv6_only: bool,
+}
+
+impl Default for ListenParams {
+    fn default() -> Self {
+        Self {
+            backlog: DEFAULT_BACKLOG,
+            readable_all: false,
+            writable_all: false,
+            ipv6_only: false,
+        }
+    }
+}
+
+/// The address a listening socket is bound to, as `server.address()` reports it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BoundAddress {
+    /// An IP socket and its real port.
+    Tcp(SocketAddr),
+    /// A Unix socket's path (empty for an unnamed socket).
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for BoundAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BoundAddress::Tcp(addr) => write!(f, "{addr}"),
+            BoundAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Worker → primary.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ToPrimary {
+    /// First message of a worker: who it is and which protocol it speaks.
+    Hello {
+        /// The worker's [`PROTOCOL_VERSION`].
+        version: u8,
+        /// The worker's process id.
+        pid: u32,
+        /// The id the primary gave the worker in its environment.
+        worker_id: u32,
+    },
+    /// Please share the listening socket for `key` (answered by `ListenOk` or `ListenErr` with
+    /// the same `seq`).
+    Listen {
+        /// Request number, echoed in the answer.
+        seq: u64,
+        /// What to listen on.
+        key: ListenKey,
+        /// Backlog and socket-file options; the first request for a key decides them.
+        params: ListenParams,
+    },
+    /// The worker closed its server for `key`; the primary closes the socket when no member is
+    /// left.
+    Close {
+        /// The key of the closed server.
+        key: ListenKey,
+    },
+}
+
+impl Frame for ToPrimary {
+    const NAME: &'static str = "ToPrimary";
+    const VARIANTS: u32 = 3;
+    fn fd_count(&self) -> usize {
+        0
+    }
+}
+
+/// Primary → worker.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ToWorker {
+    /// Answer to `Hello`: the worker is online.
+    Welcome {
+        /// The primary's [`PROTOCOL_VERSION`].
+        version: u8,
+        /// How long a draining worker may keep open connections before it exits anyway.
+        drain_timeout_ms: u64,
+    },
+    /// The listening socket for request `seq`; carries exactly one descriptor.
+    ListenOk {
+        /// The request this answers.
+        seq: u64,
+        /// The address the socket is bound to.
+        address: BoundAddress,
+    },
+    /// Request `seq` failed in the primary.
+    ListenErr {
+        /// The request this answers.
+        seq: u64,
+        /// The OS error number (`EADDRINUSE`, `EACCES`, …), 0 when there is none.
+        errno: i32,
+        /// What went wrong, naming the address.
+        message: String,
+    },
+    /// Stop accepting, finish open connections within the deadline, exit.
+    Shutdown {
+        /// Deadline for open connections, in milliseconds.
+        drain_timeout_ms: u64,
+    },
+}
+
+impl Frame for ToWorker {
+    const NAME: &'static str = "ToWorker";
+    const VARIANTS: u32 = 4;
+    fn fd_count(&self) -> usize {
+        match self {
+            ToWorker::ListenOk { .. } => 1,
+            _ => 0,
+        }
+    }
+}
