@@ -1,1 +1,23 @@
-//! placeholder
+//! netcluster: Node.js's `net` module and its cluster-style handle passing, in Rust.
+//!
+//! A primary process binds listening sockets and passes their descriptors to worker processes
+//! over Unix sockets (`SCM_RIGHTS`); workers serve connections with a Node-shaped
+//! [`net::Server`]. The same program is both: [`cluster::role`] tells which side it is on.
+//!
+//! - [`net`]: `Server`, `Socket`, `ListenOptions` (crate `netcluster-worker`).
+//! - [`cluster`]: the primary's [`cluster::Cluster`] (crate `netcluster-primary`) and the
+//!   worker's connection to it ([`cluster::worker`]).
+//! - [`protocol`]: the wire protocol (crate `netcluster-protocol`).
+//! - [`apps`]: the applications `netcluster serve` runs.
+
+pub mod apps;
+
+pub use netcluster_protocol as protocol;
+pub use netcluster_worker::net;
+
+/// Both sides of a cluster: the primary's supervisor and the worker's view.
+pub mod cluster {
+    pub use netcluster_primary::registry;
+    pub use netcluster_primary::{Cluster, DEFAULT_DRAIN_TIMEOUT, Event, Settings, WorkerInfo};
+    pub use netcluster_worker::cluster::{Role, StopReason, Worker, is_worker, role, worker};
+}

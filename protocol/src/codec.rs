@@ -206,8 +206,9 @@ mod tests {
                 },
                 ToWorker::ListenErr {
                     seq: 9,
+                    address: "127.0.0.1:8124".into(),
                     errno: 98,
-                    message: "127.0.0.1:8124: address in use".into(),
+                    message: "Address already in use".into(),
                 },
                 ToWorker::Shutdown {
                     drain_timeout_ms: 1,
@@ -239,6 +240,7 @@ mod tests {
     fn oversized_frames_are_refused_both_ways() {
         let m = ToWorker::ListenErr {
             seq: 1,
+            address: String::new(),
             errno: 0,
             message: "x".repeat(200),
         };

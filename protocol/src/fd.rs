@@ -221,6 +221,43 @@ pub fn register_async(
     registered.map_err(io::Error::from)
 }
 
+/// Takes ownership of descriptor number `fd`, inherited across `exec` (the channel a primary
+/// hands its worker), and marks it close-on-exec so it goes no further.
+///
+/// Each number can be claimed once per process: a second claim is refused, so two
+/// [`OwnedFd`]s never own one descriptor.
+///
+/// # Errors
+/// `EBADF` when `fd` is negative or not open; `AlreadyExists` when it was claimed before.
+pub fn claim_inherited(fd: RawFd) -> io::Result<OwnedFd> {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static CLAIMED: Mutex<Option<HashSet<RawFd>>> = Mutex::new(None);
+
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    let mut claimed = CLAIMED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let claimed = claimed.get_or_insert_with(HashSet::new);
+    if claimed.contains(&fd) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("fd {fd} was already claimed"),
+        ));
+    }
+    // SAFETY: F_SETFD only changes the flags of the descriptor; EBADF if it is not open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    claimed.insert(fd);
+    // SAFETY: the descriptor is open (F_SETFD succeeded), was inherited for this process to own
+    // (the caller's contract with its parent), and the CLAIMED set makes this the only OwnedFd
+    // ever created for this number here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

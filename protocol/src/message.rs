@@ -172,9 +172,11 @@ pub enum ToWorker {
     ListenErr {
         /// The request this answers.
         seq: u64,
+        /// The address, path or descriptor that could not be listened on.
+        address: String,
         /// The OS error number (`EADDRINUSE`, `EACCES`, …), 0 when there is none.
         errno: i32,
-        /// What went wrong, naming the address.
+        /// What went wrong (used when there is no errno).
         message: String,
     },
     /// Stop accepting, finish open connections within the deadline, exit.

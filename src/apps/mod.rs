@@ -1,0 +1,3 @@
+//! Built-in applications that `netcluster serve` runs in its workers.
+
+pub mod echo;

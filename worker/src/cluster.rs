@@ -1,0 +1,360 @@
+//! The worker side of a cluster: which side a process is on, the handshake with the primary,
+//! listen queries, and the shutdown signal.
+//!
+//! A process is a worker when the primary started it with [`env::WORKER_ID`] and
+//! [`env::CHANNEL_FD`] in its environment. [`role`] tells which side a program is on (Node's
+//! `cluster.isPrimary` / `cluster.isWorker`); [`worker`] connects to the primary the first time
+//! it is called and returns the same connection afterwards.
+//!
+//! When the primary asks the worker to stop (or the channel closes because the primary died, or
+//! the worker gets `SIGINT`/`SIGTERM`), [`Worker::shutdown_requested`] completes: every
+//! [`Server`](crate::net::Server) of the process stops accepting and finishes its connections;
+//! a worker still running when the drain deadline has passed exits anyway.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use netcluster_protocol::handle::ListenError;
+use netcluster_protocol::message::{
+    BoundAddress, ListenKey, ListenParams, PROTOCOL_VERSION, ToPrimary, ToWorker,
+};
+use netcluster_protocol::{Channel, env};
+use tokio::sync::{OnceCell, oneshot, watch};
+
+/// Which side of a cluster this process is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Not started by a primary: this process binds its own sockets (or is the primary).
+    Primary,
+    /// Started by a primary, with this worker id.
+    Worker {
+        /// The id the primary gave this worker (1, 2, …).
+        id: u32,
+    },
+}
+
+/// Tells which side this process is on, from its environment.
+///
+/// ```
+/// use netcluster_worker::cluster::{role, Role};
+/// if let Role::Worker { id } = role() {
+///     println!("worker {id}");
+/// }
+/// ```
+pub fn role() -> Role {
+    match std::env::var(env::WORKER_ID)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        Some(id) => Role::Worker { id },
+        None => Role::Primary,
+    }
+}
+
+/// True when this process was started by a netcluster primary.
+pub fn is_worker() -> bool {
+    matches!(role(), Role::Worker { .. })
+}
+
+/// Why the worker is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The primary sent `Shutdown`.
+    Requested,
+    /// The channel closed: the primary is gone.
+    PrimaryGone,
+    /// The worker received `SIGINT` or `SIGTERM`.
+    Signal,
+}
+
+type Pending = HashMap<u64, oneshot::Sender<Result<(OwnedFd, BoundAddress), io::Error>>>;
+
+/// This process's connection to its primary.
+#[derive(Debug)]
+pub struct Worker {
+    id: u32,
+    channel: Arc<Channel>,
+    seq: AtomicU64,
+    port0_ordinal: AtomicU32,
+    pending: Mutex<Pending>,
+    drain_timeout_ms: AtomicU64,
+    stop: watch::Sender<Option<StopReason>>,
+}
+
+static WORKER: OnceCell<Arc<Worker>> = OnceCell::const_new();
+
+/// This process's connection to the primary, made (handshake included) on the first call.
+///
+/// Returns `Ok(None)` when the process is not a worker.
+///
+/// # Errors
+/// When the environment names a descriptor that is not a channel, or the handshake fails (the
+/// primary speaks another protocol version, or closed the channel).
+pub async fn worker() -> io::Result<Option<Arc<Worker>>> {
+    let Role::Worker { id } = role() else {
+        return Ok(None);
+    };
+    WORKER
+        .get_or_try_init(|| Worker::connect(id))
+        .await
+        .map(|w| Some(w.clone()))
+}
+
+impl Worker {
+    async fn connect(id: u32) -> io::Result<Arc<Worker>> {
+        let fd_var = std::env::var(env::CHANNEL_FD).unwrap_or_default();
+        let fd: i32 = fd_var.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}={fd_var:?} is not a descriptor number", env::CHANNEL_FD),
+            )
+        })?;
+        let owned = netcluster_protocol::fd::claim_inherited(fd).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{}={fd}: cannot take the channel: {e}", env::CHANNEL_FD),
+            )
+        })?;
+        let channel = Channel::from_fd(owned).map_err(io::Error::other)?;
+        channel
+            .send(
+                &ToPrimary::Hello {
+                    version: PROTOCOL_VERSION,
+                    pid: std::process::id(),
+                    worker_id: id,
+                },
+                &[],
+            )
+            .await
+            .map_err(|e| io::Error::other(format!("worker {id}: handshake: {e}")))?;
+        let drain = match channel.recv::<ToWorker>().await {
+            Ok(Some((
+                ToWorker::Welcome {
+                    version,
+                    drain_timeout_ms,
+                },
+                _,
+            ))) => {
+                if version != PROTOCOL_VERSION {
+                    return Err(io::Error::other(format!(
+                        "worker {id}: primary speaks protocol {version}, this worker {PROTOCOL_VERSION}"
+                    )));
+                }
+                drain_timeout_ms
+            }
+            Ok(Some((other, _))) => {
+                return Err(io::Error::other(format!(
+                    "worker {id}: expected Welcome from the primary, got {other:?}"
+                )));
+            }
+            Ok(None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("worker {id}: the primary closed the channel during the handshake"),
+                ));
+            }
+            Err(e) => return Err(io::Error::other(format!("worker {id}: handshake: {e}"))),
+        };
+        let (stop, _) = watch::channel(None);
+        let worker = Arc::new(Worker {
+            id,
+            channel: Arc::new(channel),
+            seq: AtomicU64::new(1),
+            port0_ordinal: AtomicU32::new(0),
+            pending: Mutex::new(HashMap::new()),
+            drain_timeout_ms: AtomicU64::new(drain),
+            stop,
+        });
+        tokio::spawn(Worker::read_loop(worker.clone()));
+        tokio::spawn(Worker::watch_signals(worker.clone()));
+        tokio::spawn(Worker::enforce_deadline(worker.clone()));
+        tracing::debug!(worker = id, "connected to the primary");
+        Ok(worker)
+    }
+
+    /// The id the primary gave this worker.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// How long open connections may take to finish once the worker stops.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Completes when the worker has been asked to stop, with the reason.
+    pub async fn shutdown_requested(&self) -> StopReason {
+        let mut rx = self.stop.subscribe();
+        loop {
+            if let Some(reason) = *rx.borrow_and_update() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return StopReason::PrimaryGone;
+            }
+        }
+    }
+
+    /// A receiver that changes once the worker is asked to stop (for servers to watch).
+    pub(crate) fn stop_signal(&self) -> watch::Receiver<Option<StopReason>> {
+        self.stop.subscribe()
+    }
+
+    fn request_stop(&self, reason: StopReason, drain_ms: Option<u64>) {
+        if let Some(ms) = drain_ms {
+            self.drain_timeout_ms.store(ms, Ordering::Relaxed);
+        }
+        self.stop.send_if_modified(|s| {
+            if s.is_none() {
+                *s = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The ordinal of the next port-0 listen of this process.
+    pub(crate) fn next_port0_ordinal(&self) -> u32 {
+        self.port0_ordinal.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Asks the primary for the shared listening socket of `key`.
+    pub(crate) async fn query_listen(
+        &self,
+        key: ListenKey,
+        params: ListenParams,
+    ) -> io::Result<(OwnedFd, BoundAddress)> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(seq, tx);
+        let target = key.target.clone();
+        let sent = self
+            .channel
+            .send(&ToPrimary::Listen { seq, key, params }, &[])
+            .await;
+        if let Err(e) = sent {
+            lock(&self.pending).remove(&seq);
+            return Err(io::Error::other(format!(
+                "listen {target}: cannot ask the primary: {e}"
+            )));
+        }
+        // If this future is dropped (the listen was abandoned), `tx` finds the receiver gone and
+        // the late descriptor is closed when the reply is dropped.
+        rx.await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("listen {target}: the primary closed the channel before replying"),
+            ))
+        })
+    }
+
+    /// Tells the primary this worker no longer listens on `key`.
+    pub(crate) async fn leave(&self, key: ListenKey) {
+        if let Err(e) = self.channel.send(&ToPrimary::Close { key }, &[]).await {
+            tracing::debug!(
+                worker = self.id,
+                "cannot tell the primary about a close: {e}"
+            );
+        }
+    }
+
+    async fn read_loop(self: Arc<Self>) {
+        loop {
+            match self.channel.recv::<ToWorker>().await {
+                Ok(Some((msg, fds))) => self.dispatch(msg, fds),
+                Ok(None) => {
+                    tracing::info!(worker = self.id, "the primary closed the channel; stopping");
+                    break;
+                }
+                Err(e) if e.is_bad_frame() => {
+                    tracing::warn!(
+                        worker = self.id,
+                        "dropped a bad frame from the primary: {e}"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(worker = self.id, "channel to the primary failed: {e}");
+                    break;
+                }
+            }
+        }
+        // Nobody will answer outstanding listens now.
+        lock(&self.pending).clear();
+        self.request_stop(StopReason::PrimaryGone, None);
+    }
+
+    fn dispatch(&self, msg: ToWorker, fds: Vec<OwnedFd>) {
+        match msg {
+            ToWorker::ListenOk { seq, address } => {
+                let Some(tx) = lock(&self.pending).remove(&seq) else {
+                    tracing::debug!(worker = self.id, seq, "late listen reply dropped");
+                    return;
+                };
+                // fd_count() of ListenOk is 1 and the channel checked it.
+                if let Some(fd) = fds.into_iter().next() {
+                    let _ = tx.send(Ok((fd, address)));
+                }
+            }
+            ToWorker::ListenErr {
+                seq,
+                address,
+                errno,
+                message,
+            } => {
+                if let Some(tx) = lock(&self.pending).remove(&seq) {
+                    let source = if errno != 0 {
+                        io::Error::from_raw_os_error(errno)
+                    } else {
+                        io::Error::other(message)
+                    };
+                    let _ = tx.send(Err(ListenError::new(address, source).into()));
+                }
+            }
+            ToWorker::Shutdown { drain_timeout_ms } => {
+                tracing::info!(worker = self.id, "asked to stop by the primary");
+                self.request_stop(StopReason::Requested, Some(drain_timeout_ms));
+            }
+            ToWorker::Welcome { .. } => {
+                tracing::warn!(worker = self.id, "unexpected second Welcome ignored");
+            }
+        }
+    }
+
+    async fn watch_signals(self: Arc<Self>) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            tracing::warn!(worker = self.id, "cannot install SIGINT/SIGTERM handlers");
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        self.request_stop(StopReason::Signal, None);
+    }
+
+    /// Once a stop is requested, gives the process its drain deadline and then ends it.
+    async fn enforce_deadline(self: Arc<Self>) {
+        let reason = self.shutdown_requested().await;
+        let deadline = self.drain_timeout();
+        tokio::time::sleep(deadline).await;
+        tracing::warn!(
+            worker = self.id,
+            ?reason,
+            "connections still open after the {deadline:?} drain deadline; exiting"
+        );
+        std::process::exit(0);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

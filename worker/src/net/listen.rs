@@ -1,0 +1,301 @@
+//! `server.listen(options)`: what to listen on, and how a listen finds its socket — bound here,
+//! or shared by the primary when this process is a cluster worker.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use netcluster_protocol::handle;
+use netcluster_protocol::message::{
+    BoundAddress, DEFAULT_BACKLOG, ListenKey, ListenParams, ListenTarget,
+};
+
+use crate::cluster;
+
+/// Options of `server.listen(options)`, Node's `listen({port, host, path, fd, backlog,
+/// exclusive, readableAll, writableAll, ipv6Only})`.
+///
+/// Give one of `port` (with an optional `host`), `path` or `fd`.
+///
+/// ```
+/// use netcluster_worker::net::ListenOptions;
+/// let tcp = ListenOptions::port(8124).host("127.0.0.1").backlog(128);
+/// let unix = ListenOptions::path("/tmp/echo.sock");
+/// let systemd = ListenOptions::fd(3);
+/// # let _ = (tcp, unix, systemd);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenOptions {
+    /// TCP port; 0 asks for a random one.
+    pub port: Option<u16>,
+    /// Host name or address; omitted means every interface (`::` dual-stack, else `0.0.0.0`).
+    pub host: Option<String>,
+    /// Unix socket path.
+    pub path: Option<PathBuf>,
+    /// An already open descriptor to listen on (`{fd: n}`); in a cluster worker, the
+    /// primary's descriptor with this number.
+    pub fd: Option<i32>,
+    /// Pending-connection queue length (default 511).
+    pub backlog: Option<u32>,
+    /// In a cluster worker: bind in this process instead of sharing the primary's socket.
+    pub exclusive: bool,
+    /// Unix sockets: make the socket file readable for all users.
+    pub readable_all: bool,
+    /// Unix sockets: make the socket file writable for all users.
+    pub writable_all: bool,
+    /// TCP on `::`: IPv6 only, no dual stack.
+    pub ipv6_only: bool,
+}
+
+impl ListenOptions {
+    /// Listen on a TCP port (0 for a random one) on every interface.
+    pub fn port(port: u16) -> Self {
+        Self {
+            port: Some(port),
+            ..Self::default()
+        }
+    }
+
+    /// Listen on a Unix socket path.
+    pub fn path(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: Some(path.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Listen on an open descriptor (`{fd: n}`).
+    pub fn fd(fd: i32) -> Self {
+        Self {
+            fd: Some(fd),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the host.
+    #[must_use]
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = Some(host.into());
+        self
+    }
+
+    /// Sets the backlog.
+    #[must_use]
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.backlog = Some(backlog);
+        self
+    }
+
+    /// Sets `exclusive`.
+    #[must_use]
+    pub fn exclusive(mut self, exclusive: bool) -> Self {
+        self.exclusive = exclusive;
+        self
+    }
+
+    /// Sets `readableAll`.
+    #[must_use]
+    pub fn readable_all(mut self, yes: bool) -> Self {
+        self.readable_all = yes;
+        self
+    }
+
+    /// Sets `writableAll`.
+    #[must_use]
+    pub fn writable_all(mut self, yes: bool) -> Self {
+        self.writable_all = yes;
+        self
+    }
+
+    /// Sets `ipv6Only`.
+    #[must_use]
+    pub fn ipv6_only(mut self, yes: bool) -> Self {
+        self.ipv6_only = yes;
+        self
+    }
+
+    pub(crate) fn params(&self) -> ListenParams {
+        ListenParams {
+            backlog: self.backlog.unwrap_or(DEFAULT_BACKLOG),
+            readable_all: self.readable_all,
+            writable_all: self.writable_all,
+            ipv6_only: self.ipv6_only,
+        }
+    }
+
+    /// Resolves the options to a [`ListenTarget`] (looking up a host name).
+    ///
+    /// # Errors
+    /// `InvalidInput` when the options name more than one of port, path and fd, or a host
+    /// without a port, or a Unix path too long for `sun_path`; the lookup error for a host that
+    /// does not resolve.
+    pub async fn target(&self) -> io::Result<ListenTarget> {
+        let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
+        let given = [self.port.is_some(), self.path.is_some(), self.fd.is_some()]
+            .iter()
+            .filter(|g| **g)
+            .count();
+        if given > 1 {
+            return Err(invalid(format!(
+                "listen options: give one of port, path and fd, not several ({self:?})"
+            )));
+        }
+        if let Some(path) = &self.path {
+            handle::check_unix_path(path)?;
+            return Ok(ListenTarget::Unix(path.clone()));
+        }
+        if let Some(fd) = self.fd {
+            return Ok(ListenTarget::Fd(fd));
+        }
+        let port = self.port.unwrap_or(0);
+        match self.host.as_deref() {
+            None | Some("") => Ok(ListenTarget::TcpAny(port)),
+            Some(host) => {
+                if let Ok(ip) = host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+                {
+                    return Ok(ListenTarget::Tcp(SocketAddr::new(ip, port)));
+                }
+                let mut addrs = tokio::net::lookup_host((host, port)).await.map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("listen: cannot resolve host {host:?}: {e}"),
+                    )
+                })?;
+                addrs.next().map(ListenTarget::Tcp).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("listen: host {host:?} has no address"),
+                    )
+                })
+            }
+        }
+    }
+}
+
+impl From<SocketAddr> for ListenOptions {
+    fn from(addr: SocketAddr) -> Self {
+        ListenOptions::port(addr.port()).host(addr.ip().to_string())
+    }
+}
+
+impl From<u16> for ListenOptions {
+    fn from(port: u16) -> Self {
+        ListenOptions::port(port)
+    }
+}
+
+impl From<&Path> for ListenOptions {
+    fn from(path: &Path) -> Self {
+        ListenOptions::path(path)
+    }
+}
+
+impl From<PathBuf> for ListenOptions {
+    fn from(path: PathBuf) -> Self {
+        ListenOptions::path(path)
+    }
+}
+
+/// A listening socket and how it was obtained.
+#[derive(Debug)]
+pub(crate) struct Acquired {
+    pub fd: OwnedFd,
+    pub address: BoundAddress,
+    /// Set when the primary shares this socket: the key to leave on close.
+    pub shared_key: Option<ListenKey>,
+    /// Set when this process created the Unix socket file and must unlink it on close.
+    pub unlink: Option<PathBuf>,
+}
+
+/// Obtains the listening socket for `options`: from the primary when this process is a cluster
+/// worker and the listen is not exclusive, bound here otherwise.
+pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
+    let target = options.target().await?;
+    let params = options.params();
+    if !options.exclusive {
+        if let Some(worker) = cluster::worker().await? {
+            let ordinal = match &target {
+                ListenTarget::Tcp(a) if a.port() == 0 => worker.next_port0_ordinal(),
+                ListenTarget::TcpAny(0) => worker.next_port0_ordinal(),
+                _ => 0,
+            };
+            let key = ListenKey { target, ordinal };
+            let (fd, address) = worker.query_listen(key.clone(), params).await?;
+            return Ok(Acquired {
+                fd,
+                address,
+                shared_key: Some(key),
+                unlink: None,
+            });
+        }
+    }
+    let (fd, address) = handle::bind_listener(&target, &params).map_err(io::Error::from)?;
+    let unlink = match &target {
+        ListenTarget::Unix(path) => Some(path.clone()),
+        _ => None,
+    };
+    Ok(Acquired {
+        fd,
+        address,
+        shared_key: None,
+        unlink,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn targets() {
+        assert_eq!(
+            ListenOptions::port(0).target().await.expect("any"),
+            ListenTarget::TcpAny(0)
+        );
+        assert_eq!(
+            ListenOptions::port(80)
+                .host("::1")
+                .target()
+                .await
+                .expect("v6"),
+            ListenTarget::Tcp("[::1]:80".parse().expect("addr"))
+        );
+        assert_eq!(
+            ListenOptions::path("/tmp/s").target().await.expect("path"),
+            ListenTarget::Unix("/tmp/s".into())
+        );
+        assert_eq!(
+            ListenOptions::fd(3).target().await.expect("fd"),
+            ListenTarget::Fd(3)
+        );
+        let both = ListenOptions {
+            port: Some(1),
+            path: Some("/x".into()),
+            ..Default::default()
+        };
+        let err = both.target().await.expect_err("both");
+        assert!(
+            err.to_string().contains("give one of port, path and fd"),
+            "{err}"
+        );
+        let long = ListenOptions::path(format!("/tmp/{}", "y".repeat(200)));
+        assert_eq!(
+            long.target().await.expect_err("long").kind(),
+            io::ErrorKind::InvalidInput
+        );
+    }
+
+    #[tokio::test]
+    async fn localhost_resolves() {
+        let t = ListenOptions::port(0)
+            .host("localhost")
+            .target()
+            .await
+            .expect("resolve");
+        assert!(matches!(t, ListenTarget::Tcp(a) if a.ip().is_loopback()));
+    }
+}
