@@ -21,3 +21,15 @@ pub mod cluster {
     pub use netcluster_primary::{Cluster, DEFAULT_DRAIN_TIMEOUT, Event, Settings, WorkerInfo};
     pub use netcluster_worker::cluster::{Role, StopReason, Worker, is_worker, role, worker};
 }
+
+/// Sends `tracing` output to stderr, filtered by `NETCLUSTER_LOG` (default `info`), with colours
+/// only on a terminal. For the `netcluster` binary and the examples.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NETCLUSTER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

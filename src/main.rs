@@ -108,18 +108,9 @@ fn listen_options(target: &ListenTarget) -> ListenOptions {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NETCLUSTER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    netcluster::init_tracing();
     let Command::Serve(args) = cli.command;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

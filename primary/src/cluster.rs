@@ -279,8 +279,9 @@ impl Cluster {
 
     /// Stops every worker gracefully: each is told to stop accepting and finish its connections
     /// within [`Settings::drain_timeout`]; a worker still alive a little after that is killed.
-    /// Then every shared socket is closed and the Unix socket files the primary created are
-    /// removed. Returns the exit events of the workers.
+    /// The primary closes its shared sockets (removing the Unix socket files it created) before
+    /// telling the workers, so the listeners are gone once the workers close their copies.
+    /// Returns the exit events of the workers.
     pub async fn shutdown(&mut self) -> Vec<Event> {
         let drain = self.settings.drain_timeout;
         let channels: Vec<(u32, Arc<Channel>)> = lock(&self.state.workers)
@@ -288,6 +289,9 @@ impl Cluster {
             .map(|(&id, s)| (id, s.channel.clone()))
             .collect();
         let drain_timeout_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
+        // Stop accepting cluster-wide first: once the workers close their copies, no socket is
+        // left in which new connections could queue up unanswered.
+        lock(&self.state.registry).close_all();
         for (id, channel) in &channels {
             if let Err(e) = channel
                 .send(&ToWorker::Shutdown { drain_timeout_ms }, &[])
@@ -329,7 +333,6 @@ impl Cluster {
                 Ok(None) | Err(_) => break,
             }
         }
-        lock(&self.state.registry).close_all();
         exits
     }
 }

@@ -153,7 +153,7 @@ impl Channel {
     }
 
     /// Sets the largest frame this end sends or accepts (default
-    /// [`DEFAULT_MAX_FRAME`](crate::codec::DEFAULT_MAX_FRAME)).
+    /// [`DEFAULT_MAX_FRAME`]).
     pub fn with_max_frame(mut self, max: usize) -> Self {
         self.max_frame = max.max(16);
         self.recv_buf = Mutex::new(vec![0; self.max_frame]);

@@ -10,7 +10,7 @@
 //!   which a concurrently spawned child leaks it (pingora#959, libuv#993). It also does not
 //!   report `MSG_CTRUNC`, so descriptors silently dropped by the kernel under `RLIMIT_NOFILE`
 //!   pressure go unnoticed.
-//! * nix's [`sendmsg`](nix::sys::socket::sendmsg) is a safe, complete wrapper, so sending goes
+//! * nix's [`sendmsg`] is a safe, complete wrapper, so sending goes
 //!   through it.
 //! * nix's `recvmsg` refuses to iterate the control messages once `MSG_CTRUNC` is set (it returns
 //!   `ENOBUFS`). On Linux the kernel has by then already installed the descriptors that did fit

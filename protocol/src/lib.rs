@@ -5,7 +5,7 @@
 //! - [`fd`]: `sendmsg`/`recvmsg` with `SCM_RIGHTS` (the project's only `unsafe` code).
 //! - [`channel`]: an async `SOCK_SEQPACKET` channel that sends a message plus descriptors.
 //! - [`handle`]: binding and validating listening sockets.
-//! - [`env`]: the environment variables that make a process a worker.
+//! - [`env`](mod@env): the environment variables that make a process a worker.
 
 pub mod channel;
 pub mod codec;

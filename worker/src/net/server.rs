@@ -275,6 +275,11 @@ async fn accept_loop(
                         fut.await;
                         drop(guard);
                     });
+                    // Accept one connection per turn (libuv's UV_TCP_SINGLE_ACCEPT idea): the
+                    // new connection's task runs before this loop accepts again, which leaves
+                    // other processes sharing the socket their chance at the queue instead of
+                    // one process draining a whole burst.
+                    tokio::task::yield_now().await;
                 }
                 Err(e) => {
                     // ECONNABORTED and friends concern one connection; EMFILE clears when

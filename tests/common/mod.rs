@@ -1,0 +1,325 @@
+//! Helpers for the multi-process tests: start the real binary or an example in its own process
+//! group (killed on drop), read its output with deadlines, and look at processes and sockets
+//! through `/proc`.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+/// The `netcluster` binary built for these tests.
+pub fn netcluster_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_netcluster"))
+}
+
+/// An example built next to the binary (cargo builds examples for `cargo test`).
+pub fn example_bin(name: &str) -> PathBuf {
+    let bin = netcluster_bin();
+    let dir = bin.parent().expect("target dir");
+    dir.join("examples").join(name)
+}
+
+/// A started process group: the primary and its workers. Dropping it kills them all.
+pub struct Running {
+    child: Option<Child>,
+    pub pid: u32,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    pub stdout_seen: Vec<String>,
+    pub stderr_seen: Vec<String>,
+}
+
+impl Running {
+    /// Starts `program args` in a new process group with piped output.
+    pub fn start(program: &Path, args: &[&str]) -> Running {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("NETCLUSTER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let stdout = lines(child.stdout.take().expect("stdout"));
+        let stderr = lines(child.stderr.take().expect("stderr"));
+        Running {
+            pid: child.id(),
+            child: Some(child),
+            stdout,
+            stderr,
+            stdout_seen: Vec::new(),
+            stderr_seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stdout line matching `pred`, failing the test after `timeout`.
+    pub fn wait_stdout(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    self.stdout_seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => {
+                    self.drain_stderr();
+                    panic!(
+                        "no matching stdout line within {timeout:?}\nstdout: {:#?}\nstderr: {:#?}",
+                        self.stdout_seen, self.stderr_seen
+                    );
+                }
+            }
+        }
+    }
+
+    /// Collects the stderr lines that have arrived so far.
+    pub fn drain_stderr(&mut self) -> &[String] {
+        while let Ok(line) = self.stderr.try_recv() {
+            self.stderr_seen.push(line);
+        }
+        &self.stderr_seen
+    }
+
+    /// Waits for a stderr line matching `pred`.
+    pub fn wait_stderr(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.stderr_seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no matching stderr line within {timeout:?}\nstderr: {:#?}",
+                    self.stderr_seen
+                ),
+            }
+        }
+    }
+
+    /// Sends `sig` to the primary only.
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid as i32), sig).expect("kill");
+    }
+
+    /// Waits for the primary to exit, failing the test after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                // Read what is left, until the pipes close or stay quiet (a worker may still
+                // hold them).
+                while let Ok(line) = self.stdout.recv_timeout(Duration::from_millis(300)) {
+                    self.stdout_seen.push(line);
+                }
+                while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(300)) {
+                    self.stderr_seen.push(line);
+                }
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.drain_stderr();
+                panic!(
+                    "process {} still running after {timeout:?}\nstderr: {:#?}",
+                    self.pid, self.stderr_seen
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // The whole group: the primary and every worker.
+        let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Runs `program args` to completion (bounded by `timeout`) and returns its status and output.
+pub fn run_to_end(
+    program: &Path,
+    args: &[&str],
+    timeout: Duration,
+) -> (ExitStatus, String, String) {
+    let mut r = Running::start(program, args);
+    let status = r.wait_exit(timeout);
+    (status, r.stdout_seen.join("\n"), r.stderr_seen.join("\n"))
+}
+
+/// Processes whose parent is `ppid`.
+pub fn children_of(ppid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let parent: Option<u32> = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if parent == Some(ppid) {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Whether process `pid` still exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Socket inodes of every descriptor process `pid` holds.
+pub fn socket_inodes(pid: u32) -> HashSet<u64> {
+    let mut out = HashSet::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            let t = target.to_string_lossy();
+            if let Some(n) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                if let Ok(ino) = n.parse() {
+                    out.insert(ino);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A row of `/proc/net/tcp{,6}`: local port, remote port, state, inode.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpRow {
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub state: u8,
+    pub inode: u64,
+}
+
+/// TCP state numbers of `/proc/net/tcp`.
+pub const TCP_ESTABLISHED: u8 = 0x01;
+pub const TCP_LISTEN: u8 = 0x0A;
+
+/// Every IPv4 and IPv6 TCP socket of this network namespace.
+pub fn tcp_table() -> Vec<TcpRow> {
+    let mut rows = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let port = |s: &str| {
+                u16::from_str_radix(s.rsplit_once(':').map_or("0", |(_, p)| p), 16).unwrap_or(0)
+            };
+            rows.push(TcpRow {
+                local_port: port(f[1]),
+                remote_port: port(f[2]),
+                state: u8::from_str_radix(f[3], 16).unwrap_or(0),
+                inode: f[9].parse().unwrap_or(0),
+            });
+        }
+    }
+    rows
+}
+
+/// A row of `/proc/net/unix`: inode, state, whether it is listening, path.
+#[derive(Debug, Clone)]
+pub struct UnixRow {
+    pub inode: u64,
+    pub listening: bool,
+    pub connected: bool,
+    pub path: String,
+}
+
+/// Every Unix socket of this network namespace.
+pub fn unix_table() -> Vec<UnixRow> {
+    let text = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            // Num RefCount Protocol Flags Type St Inode [Path]
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 7 {
+                return None;
+            }
+            let flags = u32::from_str_radix(f[3], 16).unwrap_or(0);
+            Some(UnixRow {
+                inode: f[6].parse().ok()?,
+                listening: flags & 0x0001_0000 != 0,
+                connected: f[5] == "03",
+                path: f.get(7).map(|s| (*s).to_string()).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// For each pid, how many of `inodes` it holds.
+pub fn holders(pids: &[u32], inodes: &HashSet<u64>) -> BTreeMap<u32, usize> {
+    pids.iter()
+        .map(|&pid| (pid, socket_inodes(pid).intersection(inodes).count()))
+        .collect()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,300 @@
+//! `netcluster serve` end to end: the real binary, real worker processes, real sockets.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(30);
+const CLIENTS: usize = 200;
+
+/// One echo client: expects `hello\r\n`, sends its own bytes, reads them back, and keeps the
+/// connection open (returned) so the test can see which worker holds the other end.
+async fn client<S>(mut stream: S, i: usize) -> S
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut hello = [0u8; 7];
+    stream.read_exact(&mut hello).await.expect("hello");
+    assert_eq!(&hello, b"hello\r\n", "client {i}");
+    let mine = format!("client {i} says hi\r\n");
+    stream.write_all(mine.as_bytes()).await.expect("write");
+    let mut back = vec![0u8; mine.len()];
+    stream.read_exact(&mut back).await.expect("echo");
+    assert_eq!(back, mine.as_bytes(), "client {i} got someone else's bytes");
+    stream
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn start(listen: &str, workers: &str) -> (Running, String) {
+    let mut r = Running::start(
+        &netcluster_bin(),
+        &[
+            "serve",
+            "--workers",
+            workers,
+            "--listen",
+            listen,
+            "--drain-timeout",
+            "5",
+        ],
+    );
+    let line = r.wait_stdout(T, |l| l.starts_with("listening on "));
+    let address = line.trim_start_matches("listening on ").to_string();
+    (r, address)
+}
+
+/// Waits until `n` workers exist and each holds the listener `inode` (it came over SCM_RIGHTS:
+/// the workers never bind).
+fn workers_holding(r: &Running, n: usize, inode: u64) -> Vec<u32> {
+    eventually(T, "every worker to hold the primary's listener", || {
+        let workers = children_of(r.pid);
+        (workers.len() == n && workers.iter().all(|&p| socket_inodes(p).contains(&inode)))
+            .then_some(workers)
+    })
+}
+
+#[test]
+fn echo_over_tcp_is_served_by_several_workers_on_the_primarys_socket() {
+    let (mut r, address) = start("127.0.0.1:0", "2");
+    let addr: SocketAddr = address.parse().expect("a real address, port 0 resolved");
+    assert_ne!(addr.port(), 0);
+
+    let listener = tcp_table()
+        .into_iter()
+        .find(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .expect("a listening socket on the printed port");
+    assert!(
+        socket_inodes(r.pid).contains(&listener.inode),
+        "the primary holds the listener"
+    );
+    let workers = workers_holding(&r, 2, listener.inode);
+
+    let rt = runtime();
+    let streams = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..CLIENTS {
+            set.spawn(async move {
+                let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                client(s, i).await
+            });
+        }
+        set.join_all().await
+    });
+    assert_eq!(streams.len(), CLIENTS);
+
+    // The server side of every connection is held by exactly one worker process.
+    let server_side: HashSet<u64> = tcp_table()
+        .into_iter()
+        .filter(|row| row.state == TCP_ESTABLISHED && row.local_port == addr.port())
+        .map(|row| row.inode)
+        .collect();
+    assert_eq!(server_side.len(), CLIENTS);
+    let per_worker = holders(&workers, &server_side);
+    eprintln!("connections per worker pid: {per_worker:?}");
+    assert_eq!(
+        per_worker.values().sum::<usize>(),
+        CLIENTS,
+        "{per_worker:?}"
+    );
+    assert!(
+        per_worker.values().filter(|&&n| n > 0).count() >= 2,
+        "connections were served by one worker only: {per_worker:?}"
+    );
+    assert_eq!(
+        holders(&[r.pid], &server_side)[&r.pid],
+        0,
+        "the primary accepts nothing"
+    );
+
+    drop(streams);
+    r.signal(Signal::SIGTERM);
+    let status = r.wait_exit(T);
+    assert_eq!(status.code(), Some(0), "{:#?}", r.stderr_seen);
+    for w in workers {
+        assert!(!alive(w), "worker {w} outlived the primary");
+    }
+}
+
+#[test]
+fn echo_over_a_unix_socket_then_sigterm_removes_the_file_and_exits_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path: PathBuf = dir.path().join("echo.sock");
+    let (mut r, address) = start(path.to_str().expect("utf-8"), "2");
+    assert_eq!(address, format!("unix:{}", path.display()));
+    assert!(path.exists());
+
+    let path_str = path.to_string_lossy().to_string();
+    let listener = unix_table()
+        .into_iter()
+        .find(|row| row.listening && row.path == path_str)
+        .expect("a listening Unix socket at the path");
+    assert!(socket_inodes(r.pid).contains(&listener.inode));
+    let workers = workers_holding(&r, 2, listener.inode);
+
+    let rt = runtime();
+    let streams = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..CLIENTS {
+            let path = path.clone();
+            set.spawn(async move {
+                let s = tokio::net::UnixStream::connect(&path)
+                    .await
+                    .expect("connect");
+                client(s, i).await
+            });
+        }
+        set.join_all().await
+    });
+
+    // Accepted Unix sockets carry the listener's path in /proc/net/unix.
+    let server_side: HashSet<u64> = unix_table()
+        .into_iter()
+        .filter(|row| row.connected && !row.listening && row.path == path_str)
+        .map(|row| row.inode)
+        .collect();
+    let per_worker = holders(&workers, &server_side);
+    eprintln!("connections per worker pid: {per_worker:?}");
+    assert_eq!(
+        per_worker.values().sum::<usize>(),
+        CLIENTS,
+        "{per_worker:?}"
+    );
+    assert!(
+        per_worker.values().filter(|&&n| n > 0).count() >= 2,
+        "connections were served by one worker only: {per_worker:?}"
+    );
+
+    drop(streams);
+    r.signal(Signal::SIGTERM);
+    let status = r.wait_exit(T);
+    assert_eq!(status.code(), Some(0), "{:#?}", r.stderr_seen);
+    assert!(!Path::new(&path).exists(), "the socket file is removed");
+    for w in workers {
+        assert!(!alive(w), "worker {w} outlived the primary");
+    }
+}
+
+#[test]
+fn sigterm_waits_for_open_connections_to_finish() {
+    let (mut r, address) = start("127.0.0.1:0", "1");
+    let addr: SocketAddr = address.parse().expect("addr");
+    let rt = runtime();
+    let mut stream = rt.block_on(async {
+        let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client(s, 0).await
+    });
+    r.wait_stderr(T, |l| l.contains("worker online"));
+    r.signal(Signal::SIGTERM);
+    r.wait_stderr(T, |l| l.contains("asked to stop by the primary"));
+    rt.block_on(async {
+        // Still served while draining…
+        stream.write_all(b"still there?").await.expect("write");
+        let mut back = [0u8; 12];
+        stream
+            .read_exact(&mut back)
+            .await
+            .expect("echo while draining");
+        assert_eq!(&back, b"still there?");
+        // …while new connections are refused once the worker has closed its listener.
+        let deadline = tokio::time::Instant::now() + T;
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still accepting while draining"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Ending our side ends the worker's (allowHalfOpen false), and the worker can exit.
+        stream.shutdown().await.expect("fin");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.expect("eof");
+    });
+    let status = r.wait_exit(T);
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn workers_stop_when_the_primary_is_killed() {
+    let (r, address) = start("127.0.0.1:0", "2");
+    let addr: SocketAddr = address.parse().expect("addr");
+    let listener = tcp_table()
+        .into_iter()
+        .find(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .expect("listener");
+    let workers = workers_holding(&r, 2, listener.inode);
+    let rt = runtime();
+    let mut stream = rt.block_on(async {
+        let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client(s, 0).await
+    });
+    r.signal(Signal::SIGKILL);
+    // The worker with the open connection finishes it; then every worker exits.
+    rt.block_on(async {
+        stream.write_all(b"bye").await.expect("write");
+        let mut back = [0u8; 3];
+        stream
+            .read_exact(&mut back)
+            .await
+            .expect("in-flight work finishes");
+        stream.shutdown().await.expect("fin");
+    });
+    drop(stream);
+    eventually(T, "every worker to exit after the primary died", || {
+        workers.iter().all(|&w| !alive(w)).then_some(())
+    });
+}
+
+#[test]
+fn a_port_the_primary_cannot_bind_is_an_error_naming_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let (status, _out, err) = run_to_end(
+        &netcluster_bin(),
+        &["serve", "--workers", "1", "--listen", &addr.to_string()],
+        T,
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("listen {addr}: Address already in use")),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_clear_message() {
+    let long = format!("/tmp/{}.sock", "x".repeat(120));
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["serve", "--listen", "127.0.0.1:70000"],
+            "invalid port \"70000\"",
+        ),
+        (&["serve", "--listen", "70000"], "0 to 65535"),
+        (&["serve", "--listen", &long], "at most 107 fit in sun_path"),
+        (&["serve", "--bogus"], "unexpected argument '--bogus'"),
+        (&["serve", "--workers", "0"], "--workers"),
+        (
+            &["serve", "--drain-timeout", "soon"],
+            "not a number of seconds",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (status, _out, err) = run_to_end(&netcluster_bin(), args, T);
+        assert_eq!(status.code(), Some(2), "{args:?}: {status:?} {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
