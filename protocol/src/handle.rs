@@ -129,6 +129,9 @@ fn bind_tcp(addr: SocketAddr, params: &ListenParams) -> io::Result<(OwnedFd, Bou
         None,
     )?;
     socket.set_reuse_address(true)?;
+    if params.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(params.ipv6_only)?;
     }
@@ -252,6 +255,25 @@ mod tests {
             "{err}"
         );
         assert_eq!(io::Error::from(err).kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn reuse_port_lets_two_sockets_share_a_port() {
+        let p = ListenParams {
+            reuse_port: true,
+            ..params()
+        };
+        let (a, bound) =
+            bind_listener(&ListenTarget::Tcp("127.0.0.1:0".parse().expect("addr")), &p)
+                .expect("first");
+        let BoundAddress::Tcp(addr) = bound else {
+            panic!("not tcp")
+        };
+        let (b, _) = bind_listener(&ListenTarget::Tcp(addr), &p).expect("second on the same port");
+        assert!(socket2::SockRef::from(&a).reuse_port().expect("opt"));
+        assert!(socket2::SockRef::from(&b).reuse_port().expect("opt"));
+        let err = bind_listener(&ListenTarget::Tcp(addr), &params()).expect_err("without it");
+        assert_eq!(err.errno(), Some(libc::EADDRINUSE));
     }
 
     #[test]

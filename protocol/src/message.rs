@@ -82,6 +82,9 @@ pub struct ListenParams {
     pub writable_all: bool,
     /// TCP on `::`: accept IPv6 only (no dual stack).
     pub ipv6_only: bool,
+    /// TCP: set `SO_REUSEPORT`, so several sockets can bind the same port and the kernel
+    /// balances connections among them.
+    pub reuse_port: bool,
 }
 
 impl Default for ListenParams {
@@ -91,6 +94,7 @@ impl Default for ListenParams {
             readable_all: false,
             writable_all: false,
             ipv6_only: false,
+            reuse_port: false,
         }
     }
 }

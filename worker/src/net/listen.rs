@@ -25,7 +25,7 @@ use crate::cluster;
 /// let systemd = ListenOptions::fd(3);
 /// # let _ = (tcp, unix, systemd);
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct ListenOptions {
     /// TCP port; 0 asks for a random one.
     pub port: Option<u16>,
@@ -46,6 +46,11 @@ pub struct ListenOptions {
     pub writable_all: bool,
     /// TCP on `::`: IPv6 only, no dual stack.
     pub ipv6_only: bool,
+    /// TCP: `SO_REUSEPORT`, so several sockets (processes) bind the same port and the kernel
+    /// balances connections; in a cluster worker this binds in the worker, like `exclusive`.
+    pub reuse_port: bool,
+    /// Node's `signal` (an `AbortSignal`): cancelling the token closes the server.
+    pub signal: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl ListenOptions {
@@ -115,12 +120,27 @@ impl ListenOptions {
         self
     }
 
+    /// Sets `reusePort`.
+    #[must_use]
+    pub fn reuse_port(mut self, yes: bool) -> Self {
+        self.reuse_port = yes;
+        self
+    }
+
+    /// Sets `signal`: when `token` is cancelled, the server closes (as `server.close()`).
+    #[must_use]
+    pub fn signal(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.signal = Some(token);
+        self
+    }
+
     pub(crate) fn params(&self) -> ListenParams {
         ListenParams {
             backlog: self.backlog.unwrap_or(DEFAULT_BACKLOG),
             readable_all: self.readable_all,
             writable_all: self.writable_all,
             ipv6_only: self.ipv6_only,
+            reuse_port: self.reuse_port,
         }
     }
 
@@ -182,6 +202,12 @@ impl From<SocketAddr> for ListenOptions {
     }
 }
 
+impl From<(&str, u16)> for ListenOptions {
+    fn from((host, port): (&str, u16)) -> Self {
+        ListenOptions::port(port).host(host)
+    }
+}
+
 impl From<u16> for ListenOptions {
     fn from(port: u16) -> Self {
         ListenOptions::port(port)
@@ -212,11 +238,11 @@ pub(crate) struct Acquired {
 }
 
 /// Obtains the listening socket for `options`: from the primary when this process is a cluster
-/// worker and the listen is not exclusive, bound here otherwise.
+/// worker and the listen is neither exclusive nor reusePort, bound here otherwise.
 pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
     let target = options.target().await?;
     let params = options.params();
-    if !options.exclusive {
+    if !options.exclusive && !options.reuse_port {
         if let Some(worker) = cluster::worker().await? {
             let ordinal = match &target {
                 ListenTarget::Tcp(a) if a.port() == 0 => worker.next_port0_ordinal(),

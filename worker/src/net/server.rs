@@ -6,8 +6,11 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +23,58 @@ use crate::cluster::{self, StopReason};
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 type Handler = Arc<dyn Fn(Socket) -> BoxFuture + Send + Sync>;
+type DropHandler = Arc<dyn Fn(Option<DropInfo>) + Send + Sync>;
+
+/// Options of `net.createServer(options)`, applied to every accepted connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// Keep the writable side open after the peer ends its side (default false: the socket
+    /// ends when the peer's FIN arrives).
+    pub allow_half_open: bool,
+    /// Hand connections to the handler paused: no byte is read until `socket.resume()`.
+    pub pause_on_connect: bool,
+    /// Set `TCP_NODELAY` on accepted TCP connections.
+    pub no_delay: bool,
+    /// Set `SO_KEEPALIVE` on accepted TCP connections.
+    pub keep_alive: bool,
+    /// Idle time before the first keep-alive probe (with `keep_alive`).
+    pub keep_alive_initial_delay: Duration,
+}
+
+/// What Node's `'drop'` event carries: the addresses of a connection refused because the
+/// server was at `maxConnections`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropInfo {
+    /// `localAddress`.
+    pub local_address: String,
+    /// `localPort`.
+    pub local_port: u16,
+    /// `localFamily`: `"IPv4"` or `"IPv6"`.
+    pub local_family: &'static str,
+    /// `remoteAddress`.
+    pub remote_address: String,
+    /// `remotePort`.
+    pub remote_port: u16,
+    /// `remoteFamily`: `"IPv4"` or `"IPv6"`.
+    pub remote_family: &'static str,
+}
+
+impl DropInfo {
+    fn new(local: SocketAddr, remote: SocketAddr) -> Self {
+        let family = |a: &SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+        DropInfo {
+            local_address: local.ip().to_string(),
+            local_port: local.port(),
+            local_family: family(&local),
+            remote_address: remote.ip().to_string(),
+            remote_port: remote.port(),
+            remote_family: family(&remote),
+        }
+    }
+}
+
+/// "No limit" in the `max_connections` atomic.
+const UNLIMITED: usize = usize::MAX;
 
 /// A stream server (`net.createServer(connectionListener)`).
 ///
@@ -62,6 +117,9 @@ impl std::fmt::Debug for Server {
 
 struct Inner {
     handler: Handler,
+    options: ServerOptions,
+    max_connections: AtomicUsize,
+    on_drop: Mutex<Option<DropHandler>>,
     state: Mutex<Option<Listening>>,
     /// Accept loops plus open connections; `closed()` waits for zero.
     active: watch::Sender<usize>,
@@ -70,6 +128,9 @@ struct Inner {
 
 struct Listening {
     address: BoundAddress,
+    /// The listening socket's descriptor number, open for as long as this state exists (the
+    /// accept loop closes it only after the state is taken).
+    fd: RawFd,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -80,10 +141,22 @@ impl Server {
         F: Fn(Socket) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        Server::with_options(ServerOptions::default(), handler)
+    }
+
+    /// A server with options (`net.createServer(options, connectionListener)`).
+    pub fn with_options<F, Fut>(options: ServerOptions, handler: F) -> Server
+    where
+        F: Fn(Socket) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let handler: Handler = Arc::new(move |socket| Box::pin(handler(socket)));
         Server {
             inner: Arc::new(Inner {
                 handler,
+                options,
+                max_connections: AtomicUsize::new(UNLIMITED),
+                on_drop: Mutex::new(None),
                 state: Mutex::new(None),
                 active: watch::Sender::new(0),
                 connections: watch::Sender::new(0),
@@ -111,8 +184,63 @@ impl Server {
         }
         let stop_signal = cluster::worker().await?.map(|w| w.stop_signal());
         let acquired = listen::acquire(&options).await?;
+        self.start(acquired, stop_signal, options.signal).await
+    }
+
+    /// Listens on an existing listening (or bound, listenable) socket: another server's
+    /// [`Server::handle`], a [`Socket`]'s descriptor, or any descriptor (`server.listen(handle)`).
+    /// The descriptor is duplicated and validated; the caller keeps its own. In a cluster
+    /// worker it is listened on directly, never sent to the primary.
+    ///
+    /// # Errors
+    /// `InvalidInput` naming the descriptor when it is not a stream socket (a regular file, a
+    /// pipe, a datagram socket); the OS error when it cannot listen; `AddrInUse` when this
+    /// server is already listening.
+    pub async fn listen_handle(&self, handle: impl AsFd) -> io::Result<BoundAddress> {
+        let raw = handle.as_fd().as_raw_fd();
+        let dup = handle
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| io::Error::new(e.kind(), format!("listen fd {raw}: {e}")))?;
+        let (fd, address) = netcluster_protocol::handle::adopt_listener(
+            dup,
+            netcluster_protocol::message::DEFAULT_BACKLOG,
+        )?;
+        let stop_signal = cluster::worker().await?.map(|w| w.stop_signal());
+        let acquired = listen::Acquired {
+            fd,
+            address,
+            shared_key: None,
+            unlink: None,
+        };
+        self.start(acquired, stop_signal, None).await
+    }
+
+    /// A duplicate of the listening socket (Node's `server._handle`), to listen on elsewhere
+    /// with [`Server::listen_handle`] or to pass to another process.
+    ///
+    /// # Errors
+    /// `NotConnected` when the server is not listening; `EMFILE` when out of descriptors.
+    pub fn handle(&self) -> io::Result<OwnedFd> {
+        let state = lock(&self.inner.state);
+        let Some(l) = state.as_ref() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "server is not running",
+            ));
+        };
+        netcluster_protocol::fd::dup_raw(l.fd)
+    }
+
+    async fn start(
+        &self,
+        acquired: listen::Acquired,
+        stop_signal: Option<watch::Receiver<Option<StopReason>>>,
+        cancel: Option<tokio_util::sync::CancellationToken>,
+    ) -> io::Result<BoundAddress> {
         let (stop_tx, stop_rx) = oneshot::channel();
         let address = acquired.address.clone();
+        let fd = acquired.fd.as_raw_fd();
         {
             let mut state = lock(&self.inner.state);
             if let Some(l) = state.as_ref() {
@@ -124,6 +252,7 @@ impl Server {
             }
             *state = Some(Listening {
                 address: address.clone(),
+                fd,
                 stop: Some(stop_tx),
             });
         }
@@ -138,8 +267,11 @@ impl Server {
         tokio::spawn(accept_loop(
             self.inner.clone(),
             listener,
-            stop_rx,
-            stop_signal,
+            Stops {
+                close: stop_rx,
+                worker: stop_signal,
+                cancel,
+            },
             acquired.shared_key,
             acquired.unlink,
         ));
@@ -156,9 +288,42 @@ impl Server {
         lock(&self.inner.state).is_some()
     }
 
-    /// Open connections of this server in this process (`server.getConnections()`).
+    /// Open connections of this server in this process (`server.getConnections()`, and the
+    /// deprecated `server.connections`).
     pub fn connections(&self) -> usize {
         *self.inner.connections.borrow()
+    }
+
+    /// `server.getConnections(callback)`: the number of open connections of this server in
+    /// this process.
+    ///
+    /// # Errors
+    /// None today; the signature leaves room for counts that must be asked for.
+    pub async fn get_connections(&self) -> io::Result<usize> {
+        Ok(self.connections())
+    }
+
+    /// `server.maxConnections`: at the limit, new connections are closed at once and the
+    /// [`Server::on_drop`] callback runs; `Some(0)` drops everything, `None` (the default)
+    /// means no limit.
+    pub fn set_max_connections(&self, max: Option<usize>) {
+        self.inner
+            .max_connections
+            .store(max.unwrap_or(UNLIMITED), Ordering::Relaxed);
+    }
+
+    /// The current `maxConnections`.
+    pub fn max_connections(&self) -> Option<usize> {
+        match self.inner.max_connections.load(Ordering::Relaxed) {
+            UNLIMITED => None,
+            n => Some(n),
+        }
+    }
+
+    /// Node's `'drop'` event: `callback` runs for every connection dropped at
+    /// `maxConnections`, with its addresses for TCP and `None` for Unix sockets.
+    pub fn on_drop(&self, callback: impl Fn(Option<DropInfo>) + Send + Sync + 'static) {
+        *lock(&self.inner.on_drop) = Some(Arc::new(callback));
     }
 
     /// Stops accepting new connections (`server.close()`); open connections go on, and
@@ -216,6 +381,13 @@ impl Listener {
         }
     }
 
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+
     async fn accept(&self) -> io::Result<Socket> {
         match self {
             Listener::Tcp(l) => {
@@ -225,6 +397,34 @@ impl Listener {
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
                 Ok(Socket::unix(s))
+            }
+        }
+    }
+}
+
+/// Ends the listening state if it is still this accept loop's (not a later listen's).
+fn take_if_ours(inner: &Inner, fd: RawFd) {
+    let mut state = lock(&inner.state);
+    if state.as_ref().is_some_and(|l| l.fd == fd) {
+        state.take();
+    }
+}
+
+/// Applies the server's options to an accepted connection.
+fn apply_options(options: &ServerOptions, socket: &mut Socket) {
+    socket.set_allow_half_open(options.allow_half_open);
+    if options.pause_on_connect {
+        socket.pause();
+    }
+    if socket.remote_address().is_some() {
+        if options.no_delay {
+            if let Err(e) = socket.set_no_delay(true) {
+                tracing::debug!("TCP_NODELAY on an accepted socket: {e}");
+            }
+        }
+        if options.keep_alive {
+            if let Err(e) = socket.set_keep_alive(true, options.keep_alive_initial_delay) {
+                tracing::debug!("SO_KEEPALIVE on an accepted socket: {e}");
             }
         }
     }
@@ -240,14 +440,28 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// The ways an accept loop is told to stop.
+struct Stops {
+    /// `server.close()`.
+    close: oneshot::Receiver<()>,
+    /// The cluster worker is stopping.
+    worker: Option<watch::Receiver<Option<StopReason>>>,
+    /// The listen's `signal` was cancelled.
+    cancel: Option<tokio_util::sync::CancellationToken>,
+}
+
 async fn accept_loop(
     inner: Arc<Inner>,
     listener: Listener,
-    mut stop: oneshot::Receiver<()>,
-    mut worker_stop: Option<watch::Receiver<Option<StopReason>>>,
+    stops: Stops,
     shared_key: Option<ListenKey>,
     unlink: Option<PathBuf>,
 ) {
+    let Stops {
+        close: mut stop,
+        worker: mut worker_stop,
+        cancel,
+    } = stops;
     let worker_stopping = async {
         match worker_stop.as_mut() {
             Some(rx) => {
@@ -256,17 +470,42 @@ async fn accept_loop(
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(worker_stopping);
+    let cancelled = async {
+        match &cancel {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(worker_stopping, cancelled);
     loop {
         tokio::select! {
             _ = &mut stop => break,
             () = &mut worker_stopping => {
                 // The worker is stopping: this server closes like server.close().
-                lock(&inner.state).take();
+                take_if_ours(&inner, listener.raw_fd());
+                break;
+            }
+            () = &mut cancelled => {
+                // The listen's signal was aborted: close like server.close().
+                take_if_ours(&inner, listener.raw_fd());
                 break;
             }
             accepted = listener.accept() => match accepted {
-                Ok(socket) => {
+                Ok(mut socket) => {
+                    let max = inner.max_connections.load(Ordering::Relaxed);
+                    if *inner.connections.borrow() >= max {
+                        let info = match (socket.local_address(), socket.remote_address()) {
+                            (Some(local), Some(remote)) => Some(DropInfo::new(local, remote)),
+                            _ => None,
+                        };
+                        drop(socket);
+                        let callback = lock(&inner.on_drop).clone();
+                        if let Some(callback) = callback {
+                            callback(info);
+                        }
+                        continue;
+                    }
+                    apply_options(&inner.options, &mut socket);
                     inner.connections.send_modify(|n| *n += 1);
                     inner.active.send_modify(|n| *n += 1);
                     let guard = ConnectionGuard(inner.clone());
@@ -395,6 +634,211 @@ mod tests {
             .await
             .expect("again");
         server.close().expect("close");
+    }
+
+    fn local() -> ListenOptions {
+        ListenOptions::port(0).host("127.0.0.1")
+    }
+
+    fn tcp_addr(a: BoundAddress) -> SocketAddr {
+        match a {
+            BoundAddress::Tcp(sa) => sa,
+            BoundAddress::Unix(p) => panic!("not tcp: {}", p.display()),
+        }
+    }
+
+    async fn hello(addr: SocketAddr) -> tokio::net::TcpStream {
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 7];
+        c.read_exact(&mut buf).await.expect("hello");
+        c
+    }
+
+    #[tokio::test]
+    async fn max_connections_drops_with_addresses_and_zero_drops_everything() {
+        let server = echo();
+        let addr = tcp_addr(server.listen(local()).await.expect("listen"));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        server.on_drop(move |info| {
+            let _ = tx.send(info);
+        });
+        server.set_max_connections(Some(1));
+        assert_eq!(server.max_connections(), Some(1));
+        let _first = hello(addr).await;
+        let mut second = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let info = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("drop event")
+            .expect("open")
+            .expect("TCP drops carry addresses");
+        assert_eq!(info.local_port, addr.port());
+        assert_eq!(info.local_address, "127.0.0.1");
+        assert_eq!(info.local_family, "IPv4");
+        assert_eq!(info.remote_port, second.local_addr().expect("addr").port());
+        assert_eq!(info.remote_family, "IPv4");
+        let mut buf = Vec::new();
+        let n = second.read_to_end(&mut buf).await.unwrap_or(0);
+        assert_eq!(n, 0, "a dropped connection gets no hello");
+        assert_eq!(server.connections(), 1);
+
+        server.set_max_connections(Some(0));
+        let mut third = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        assert!(rx.recv().await.expect("open").is_some());
+        assert_eq!(third.read_to_end(&mut buf).await.unwrap_or(0), 0);
+        server.set_max_connections(None);
+        assert_eq!(server.max_connections(), None);
+        let _fourth = hello(addr).await;
+    }
+
+    #[tokio::test]
+    async fn unix_drops_carry_no_addresses() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("d.sock");
+        let server = echo();
+        server.listen(path.clone()).await.expect("listen");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        server.on_drop(move |info| {
+            let _ = tx.send(info);
+        });
+        server.set_max_connections(Some(0));
+        let _c = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect");
+        let info = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("drop event")
+            .expect("open");
+        assert_eq!(info, None);
+    }
+
+    #[tokio::test]
+    async fn no_delay_and_keep_alive_apply_to_accepted_connections() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let options = ServerOptions {
+            no_delay: true,
+            keep_alive: true,
+            keep_alive_initial_delay: Duration::from_secs(7),
+            ..ServerOptions::default()
+        };
+        let server = Server::with_options(options, move |socket| {
+            let tx = tx.clone();
+            async move {
+                let sock = socket2::SockRef::from(&socket);
+                let _ = tx.send((
+                    sock.tcp_nodelay().expect("nodelay"),
+                    sock.keepalive().expect("keepalive"),
+                    sock.tcp_keepalive_time().expect("keepidle"),
+                ));
+            }
+        });
+        let addr = tcp_addr(server.listen(local()).await.expect("listen"));
+        let _c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (nodelay, keepalive, idle) = rx.recv().await.expect("handler ran");
+        assert!(nodelay);
+        assert!(keepalive);
+        assert_eq!(idle, Duration::from_secs(7));
+    }
+
+    #[tokio::test]
+    async fn listen_on_another_servers_handle() {
+        let first = echo();
+        let addr = tcp_addr(first.listen(local()).await.expect("listen"));
+        let second = echo();
+        let handle = first.handle().expect("handle");
+        let bound = second
+            .listen_handle(&handle)
+            .await
+            .expect("listen on the handle");
+        assert_eq!(tcp_addr(bound), addr);
+        first.close().expect("close the first");
+        // The socket lives on in the second server.
+        let _c = hello(addr).await;
+        second.close().expect("close");
+        let err = second.handle().expect_err("not listening");
+        assert_eq!(err.kind(), io::ErrorKind::NotConnected);
+    }
+
+    #[tokio::test]
+    async fn listen_handle_rejects_what_is_not_a_stream_socket_naming_the_fd() {
+        let file = tempfile::tempfile().expect("file");
+        let server = echo();
+        let err = server.listen_handle(&file).await.expect_err("a file");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let err = server.listen_handle(&udp).await.expect_err("udp");
+        assert!(err.to_string().contains("is not a stream socket"), "{err}");
+        let err = server
+            .listen(ListenOptions::fd(999_999))
+            .await
+            .expect_err("closed fd");
+        assert_eq!(
+            err.to_string(),
+            "listen fd 999999: Bad file descriptor (os error 9)"
+        );
+        assert!(!server.listening());
+    }
+
+    #[tokio::test]
+    async fn listen_on_an_fd_number() {
+        let std = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = std.local_addr().expect("addr");
+        let server = echo();
+        let bound = server
+            .listen(ListenOptions::fd(std.as_raw_fd()))
+            .await
+            .expect("listen {fd}");
+        assert_eq!(tcp_addr(bound), addr);
+        drop(std);
+        let _c = hello(addr).await;
+    }
+
+    #[tokio::test]
+    async fn signal_closes_the_server() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let server = echo();
+        server
+            .listen(local().signal(token.clone()))
+            .await
+            .expect("listen");
+        token.cancel();
+        assert!(server.closed_within(Duration::from_secs(5)).await);
+        assert!(!server.listening());
+    }
+
+    #[tokio::test]
+    async fn reuse_port_servers_share_a_port() {
+        let a = echo();
+        let addr = tcp_addr(a.listen(local().reuse_port(true)).await.expect("first"));
+        let b = echo();
+        let bound = b
+            .listen(ListenOptions::from(addr).reuse_port(true))
+            .await
+            .expect("second on the same port");
+        assert_eq!(tcp_addr(bound), addr);
+        let c = echo();
+        let err = c.listen(addr).await.expect_err("no reusePort");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[tokio::test]
+    async fn host_omitted_listens_on_every_interface() {
+        let server = echo();
+        let addr = tcp_addr(server.listen(ListenOptions::port(0)).await.expect("listen"));
+        assert!(addr.ip().is_unspecified());
+        let _v4 = hello(SocketAddr::from(([127, 0, 0, 1], addr.port()))).await;
+        assert_eq!(server.get_connections().await.expect("count"), 1);
+    }
+
+    #[tokio::test]
+    async fn address_is_none_before_listening() {
+        let server = echo();
+        assert!(server.address().is_none());
+        assert!(!server.listening());
+        assert_eq!(
+            server.close().expect_err("not running").kind(),
+            io::ErrorKind::NotConnected
+        );
     }
 
     #[tokio::test]

@@ -34,6 +34,42 @@ impl Socket {
         }
     }
 
+    /// Placeholder until the full Socket lands: whether EOF from the peer ends our side too.
+    pub fn set_allow_half_open(&mut self, _allow: bool) {}
+
+    /// Sets `TCP_NODELAY` (no-op error for Unix sockets).
+    pub fn set_no_delay(&self, no_delay: bool) -> io::Result<()> {
+        match &self.stream {
+            Stream::Tcp(s) => s.set_nodelay(no_delay),
+            Stream::Unix(_) => Ok(()),
+        }
+    }
+
+    /// Sets `SO_KEEPALIVE` and the idle time.
+    pub fn set_keep_alive(
+        &self,
+        enable: bool,
+        initial_delay: std::time::Duration,
+    ) -> io::Result<()> {
+        match &self.stream {
+            Stream::Tcp(s) => {
+                let sock = socket2::SockRef::from(s);
+                sock.set_keepalive(enable)?;
+                if enable && !initial_delay.is_zero() {
+                    sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(initial_delay))?;
+                }
+                Ok(())
+            }
+            Stream::Unix(_) => Ok(()),
+        }
+    }
+
+    /// Placeholder: stop delivering data.
+    pub fn pause(&mut self) {}
+
+    /// Placeholder: deliver data again.
+    pub fn resume(&mut self) {}
+
     /// The peer's address for TCP (`remoteAddress`/`remotePort`), `None` for Unix sockets.
     pub fn remote_address(&self) -> Option<SocketAddr> {
         match &self.stream {
@@ -103,5 +139,14 @@ impl AsyncWrite for Socket {
 
     fn is_write_vectored(&self) -> bool {
         true
+    }
+}
+
+impl std::os::fd::AsFd for Socket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.stream {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
     }
 }
