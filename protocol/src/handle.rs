@@ -6,7 +6,7 @@
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -186,32 +186,32 @@ fn local_address(socket: &Socket) -> io::Result<BoundAddress> {
 /// be a socket, of stream type, bound (listening already, or listenable — then `listen(backlog)`
 /// is called). It is made non-blocking.
 ///
+/// The errors do not name the descriptor (the caller knows which number the user gave, which
+/// may differ from `fd`'s own after a `dup`); [`bind_listener`] and the servers wrap them in a
+/// [`ListenError`] naming it.
+///
 /// # Errors
-/// `InvalidInput` naming the descriptor when it is not a socket (a regular file, a pipe, a
-/// terminal) or not a stream socket; the OS error of `listen(2)` otherwise.
+/// `InvalidInput` when it is not a socket (a regular file, a pipe, a terminal) or not a stream
+/// socket; the OS error of `listen(2)` otherwise.
 pub fn adopt_listener(fd: OwnedFd, backlog: u32) -> io::Result<(OwnedFd, BoundAddress)> {
-    let raw = fd.as_raw_fd();
     let socket = Socket::from(fd);
     let ty = socket.r#type().map_err(|e| {
         if e.raw_os_error() == Some(libc::ENOTSOCK) {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("fd {raw} is not a socket"),
-            )
+            io::Error::new(io::ErrorKind::InvalidInput, "not a socket")
         } else {
-            io::Error::new(e.kind(), format!("fd {raw}: {e}"))
+            e
         }
     })?;
     if ty != Type::STREAM {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("fd {raw} is not a stream socket ({ty:?})"),
+            format!("not a stream socket ({ty:?})"),
         ));
     }
     if !socket.is_listener()? {
         socket
             .listen(i32::try_from(backlog).unwrap_or(i32::MAX))
-            .map_err(|e| io::Error::new(e.kind(), format!("fd {raw} cannot listen: {e}")))?;
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen: {e}")))?;
     }
     socket.set_nonblocking(true)?;
     let bound = local_address(&socket)?;
@@ -221,6 +221,7 @@ pub fn adopt_listener(fd: OwnedFd, backlog: u32) -> io::Result<(OwnedFd, BoundAd
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     fn params() -> ListenParams {
         ListenParams::default()
@@ -318,19 +319,14 @@ mod tests {
     }
 
     #[test]
-    fn adopt_rejects_files_and_datagram_sockets_by_fd() {
+    fn adopt_rejects_files_and_datagram_sockets() {
         let file = tempfile::tempfile().expect("file");
-        let raw = file.as_raw_fd();
         let err = adopt_listener(file.into(), 511).expect_err("file");
-        assert_eq!(err.to_string(), format!("fd {raw} is not a socket"));
+        assert_eq!(err.to_string(), "not a socket");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
-        let raw = udp.as_raw_fd();
         let err = adopt_listener(udp.into(), 511).expect_err("udp");
-        assert!(
-            err.to_string()
-                .starts_with(&format!("fd {raw} is not a stream socket")),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("not a stream socket"), "{err}");
     }
 
     #[test]
@@ -347,11 +343,15 @@ mod tests {
     }
 
     #[test]
-    fn fd_target_names_a_closed_fd() {
+    fn fd_target_names_a_closed_fd_and_a_file() {
         let err = bind_listener(&ListenTarget::Fd(999_999), &params()).expect_err("closed");
         assert_eq!(
             err.to_string(),
             "listen fd 999999: Bad file descriptor (os error 9)"
         );
+        let file = tempfile::tempfile().expect("file");
+        let raw = file.as_raw_fd();
+        let err = bind_listener(&ListenTarget::Fd(raw), &params()).expect_err("file");
+        assert_eq!(err.to_string(), format!("listen fd {raw}: not a socket"));
     }
 }

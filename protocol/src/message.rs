@@ -108,6 +108,48 @@ pub enum BoundAddress {
     Unix(PathBuf),
 }
 
+impl BoundAddress {
+    /// The port (`address().port`), `None` for a Unix socket.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            BoundAddress::Tcp(a) => Some(a.port()),
+            BoundAddress::Unix(_) => None,
+        }
+    }
+
+    /// The family as Node names it (`'IPv4'`, `'IPv6'`), `None` for a Unix socket.
+    pub fn family(&self) -> Option<&'static str> {
+        match self {
+            BoundAddress::Tcp(SocketAddr::V4(_)) => Some("IPv4"),
+            BoundAddress::Tcp(SocketAddr::V6(_)) => Some("IPv6"),
+            BoundAddress::Unix(_) => None,
+        }
+    }
+
+    /// The IP address as text, or the Unix socket's path (what Node's `address()` returns
+    /// for a pipe).
+    pub fn address(&self) -> String {
+        match self {
+            BoundAddress::Tcp(a) => a.ip().to_string(),
+            BoundAddress::Unix(p) => p.display().to_string(),
+        }
+    }
+
+    /// Node's printed form of `server.address()`: `{ port: 8124, family: 'IPv4', address:
+    /// '127.0.0.1' }` for IP sockets, `'/tmp/echo.sock'` for Unix sockets.
+    pub fn to_node_string(&self) -> String {
+        match self {
+            BoundAddress::Tcp(a) => format!(
+                "{{ port: {}, family: '{}', address: '{}' }}",
+                a.port(),
+                if a.is_ipv4() { "IPv4" } else { "IPv6" },
+                a.ip()
+            ),
+            BoundAddress::Unix(p) => format!("'{}'", p.display()),
+        }
+    }
+}
+
 impl std::fmt::Display for BoundAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -145,6 +187,30 @@ pub enum ToPrimary {
         /// The key of the closed server.
         key: ListenKey,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_address_in_nodes_shape() {
+        let a = BoundAddress::Tcp("127.0.0.1:12346".parse().expect("addr"));
+        assert_eq!(a.port(), Some(12346));
+        assert_eq!(a.family(), Some("IPv4"));
+        assert_eq!(a.address(), "127.0.0.1");
+        assert_eq!(
+            a.to_node_string(),
+            "{ port: 12346, family: 'IPv4', address: '127.0.0.1' }"
+        );
+        let v6 = BoundAddress::Tcp("[::]:80".parse().expect("addr"));
+        assert_eq!(v6.family(), Some("IPv6"));
+        assert_eq!(v6.address(), "::");
+        let u = BoundAddress::Unix("/tmp/echo.sock".into());
+        assert_eq!((u.port(), u.family()), (None, None));
+        assert_eq!(u.address(), "/tmp/echo.sock");
+        assert_eq!(u.to_node_string(), "'/tmp/echo.sock'");
+    }
 }
 
 impl Frame for ToPrimary {

@@ -41,15 +41,21 @@ pub struct Running {
 impl Running {
     /// Starts `program args` in a new process group with piped output.
     pub fn start(program: &Path, args: &[&str]) -> Running {
-        let mut child = Command::new(program)
-            .args(args)
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Running::from_command(cmd)
+    }
+
+    /// Starts a prepared command in a new process group with piped output.
+    pub fn from_command(mut cmd: Command) -> Running {
+        let mut child = cmd
             .env("NETCLUSTER_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
         let stdout = lines(child.stdout.take().expect("stdout"));
         let stderr = lines(child.stderr.take().expect("stderr"));
         Running {

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use netcluster_protocol::handle::ListenError;
 use netcluster_protocol::message::{BoundAddress, ListenKey};
 use tokio::sync::{oneshot, watch};
 
@@ -198,14 +199,13 @@ impl Server {
     /// server is already listening.
     pub async fn listen_handle(&self, handle: impl AsFd) -> io::Result<BoundAddress> {
         let raw = handle.as_fd().as_raw_fd();
-        let dup = handle
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| io::Error::new(e.kind(), format!("listen fd {raw}: {e}")))?;
+        let named = |e: io::Error| io::Error::from(ListenError::new(format!("fd {raw}"), e));
+        let dup = handle.as_fd().try_clone_to_owned().map_err(named)?;
         let (fd, address) = netcluster_protocol::handle::adopt_listener(
             dup,
             netcluster_protocol::message::DEFAULT_BACKLOG,
-        )?;
+        )
+        .map_err(named)?;
         let stop_signal = cluster::worker().await?.map(|w| w.stop_signal());
         let acquired = listen::Acquired {
             fd,
@@ -764,10 +764,19 @@ mod tests {
         let server = echo();
         let err = server.listen_handle(&file).await.expect_err("a file");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("listen fd {}: not a socket", file.as_raw_fd())
+        );
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
         let err = server.listen_handle(&udp).await.expect_err("udp");
-        assert!(err.to_string().contains("is not a stream socket"), "{err}");
+        assert!(
+            err.to_string().starts_with(&format!(
+                "listen fd {}: not a stream socket",
+                udp.as_raw_fd()
+            )),
+            "{err}"
+        );
         let err = server
             .listen(ListenOptions::fd(999_999))
             .await
