@@ -18,7 +18,10 @@ pub use netcluster_worker::net;
 /// Both sides of a cluster: the primary's supervisor and the worker's view.
 pub mod cluster {
     pub use netcluster_primary::registry;
-    pub use netcluster_primary::{Cluster, DEFAULT_DRAIN_TIMEOUT, Event, Settings, WorkerInfo};
+    pub use netcluster_primary::{
+        Cluster, DEFAULT_DRAIN_TIMEOUT, Event, Settings, UserMessage, WorkerHandle, WorkerInfo,
+        WorkerState,
+    };
     pub use netcluster_worker::cluster::{Role, StopReason, Worker, is_worker, role, worker};
 }
 

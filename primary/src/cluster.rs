@@ -16,6 +16,9 @@ use netcluster_protocol::handle::ListenError;
 use netcluster_protocol::message::{
     BoundAddress, ListenKey, ListenParams, ListenTarget, PROTOCOL_VERSION, ToPrimary, ToWorker,
 };
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use crate::registry::{Member, Registry};
@@ -57,31 +60,88 @@ impl Settings {
     }
 }
 
-/// Something that happened to a worker.
+/// Where a worker is in its life (Node's `worker.state`): `None → Online → Listening →
+/// Disconnecting → Disconnected → Dead`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WorkerState {
+    /// Started, handshake not done yet.
+    None,
+    /// Handshake done.
+    Online,
+    /// Received at least one listening socket.
+    Listening,
+    /// Asked to disconnect (or disconnecting by itself): closing servers, finishing connections.
+    Disconnecting,
+    /// Its channel is closed; the process may still be finishing.
+    Disconnected,
+    /// The process has exited.
+    Dead,
+}
+
+/// A user message from a worker, as sent with `Worker::send`; decode it with
+/// [`UserMessage::decode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserMessage(Vec<u8>);
+
+impl UserMessage {
+    /// Decodes the message as `T` (the type the worker sent).
+    ///
+    /// # Errors
+    /// `InvalidData` naming `T` when the bytes are not a `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> io::Result<T> {
+        postcard::from_bytes(&self.0).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("message is not a {}: {e}", std::any::type_name::<T>()),
+            )
+        })
+    }
+
+    /// The encoded bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Something that happened to a worker (Node's cluster events).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The process was started.
+    /// `'fork'`: the process was started.
     Fork {
         /// Worker id.
         id: u32,
         /// Process id.
         pid: u32,
     },
-    /// The worker completed the handshake.
+    /// `'online'`: the worker completed the handshake.
     Online {
         /// Worker id.
         id: u32,
         /// Process id.
         pid: u32,
     },
-    /// The worker received a listening socket.
+    /// `'listening'`: the worker received a listening socket.
     Listening {
         /// Worker id.
         id: u32,
-        /// The socket's address.
+        /// The socket's address (`address.port()`, `address.family()` give Node's fields).
         address: BoundAddress,
+        /// The primary's descriptor number, for `listen({fd})`.
+        fd: Option<i32>,
     },
-    /// The process exited.
+    /// `'message'`: the worker sent a user message.
+    Message {
+        /// Worker id.
+        id: u32,
+        /// The message.
+        message: UserMessage,
+    },
+    /// `'disconnect'`: the worker's channel closed.
+    Disconnect {
+        /// Worker id.
+        id: u32,
+    },
+    /// `'exit'`: the process exited.
     Exit {
         /// Worker id.
         id: u32,
@@ -91,6 +151,9 @@ pub enum Event {
         code: Option<i32>,
         /// The signal that ended it, when one did.
         signal: Option<i32>,
+        /// Whether it exited after a disconnect (`worker.exitedAfterDisconnect`): true after
+        /// `disconnect()`, false after `kill()` or a crash.
+        exited_after_disconnect: bool,
     },
 }
 
@@ -103,12 +166,15 @@ pub struct WorkerInfo {
     pub pid: u32,
     /// Whether the handshake has completed.
     pub online: bool,
+    /// Where it is in its life.
+    pub state: WorkerState,
 }
 
 #[derive(Debug)]
 struct Slot {
     pid: u32,
-    online: bool,
+    state: WorkerState,
+    exited_after_disconnect: bool,
     channel: Arc<Channel>,
 }
 
@@ -190,16 +256,36 @@ impl Cluster {
         Ok(address)
     }
 
-    /// The live workers.
+    /// The live workers (every state but [`WorkerState::Dead`]).
     pub fn workers(&self) -> Vec<WorkerInfo> {
         lock(&self.state.workers)
             .iter()
+            .filter(|(_, s)| s.state != WorkerState::Dead)
             .map(|(&id, s)| WorkerInfo {
                 id,
                 pid: s.pid,
-                online: s.online,
+                online: s.state != WorkerState::None,
+                state: s.state,
             })
             .collect()
+    }
+
+    /// A handle to worker `id` (live or dead), `None` if no such worker was forked.
+    pub fn worker(&self, id: u32) -> Option<WorkerHandle> {
+        lock(&self.state.workers)
+            .contains_key(&id)
+            .then(|| WorkerHandle {
+                id,
+                state: self.state.clone(),
+                drain: self.settings.drain_timeout,
+            })
+    }
+
+    fn live(&self) -> usize {
+        lock(&self.state.workers)
+            .values()
+            .filter(|s| s.state != WorkerState::Dead)
+            .count()
     }
 
     /// Forks [`Settings::workers`] workers.
@@ -251,7 +337,8 @@ impl Cluster {
             id,
             Slot {
                 pid,
-                online: false,
+                state: WorkerState::None,
+                exited_after_disconnect: false,
                 channel: channel.clone(),
             },
         );
@@ -269,6 +356,7 @@ impl Cluster {
             id,
             pid,
             online: false,
+            state: WorkerState::None,
         })
     }
 
@@ -277,33 +365,35 @@ impl Cluster {
         self.events_rx.recv().await
     }
 
-    /// Stops every worker gracefully: each is told to stop accepting and finish its connections
-    /// within [`Settings::drain_timeout`]; a worker still alive a little after that is killed.
-    /// The primary closes its shared sockets (removing the Unix socket files it created) before
+    /// Disconnects every worker (`cluster.disconnect()`) and completes when they have exited:
+    /// each is told to stop accepting and finish its connections within
+    /// [`Settings::drain_timeout`]; a worker still alive a little after that is killed. The
+    /// primary closes its shared sockets (removing the Unix socket files it created) before
     /// telling the workers, so the listeners are gone once the workers close their copies.
     /// Returns the exit events of the workers.
-    pub async fn shutdown(&mut self) -> Vec<Event> {
+    pub async fn disconnect(&mut self) -> Vec<Event> {
         let drain = self.settings.drain_timeout;
-        let channels: Vec<(u32, Arc<Channel>)> = lock(&self.state.workers)
+        let handles: Vec<WorkerHandle> = lock(&self.state.workers)
             .iter()
-            .map(|(&id, s)| (id, s.channel.clone()))
+            .filter(|(_, s)| s.state != WorkerState::Dead)
+            .map(|(&id, _)| WorkerHandle {
+                id,
+                state: self.state.clone(),
+                drain,
+            })
             .collect();
-        let drain_timeout_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
         // Stop accepting cluster-wide first: once the workers close their copies, no socket is
         // left in which new connections could queue up unanswered.
         lock(&self.state.registry).close_all();
-        for (id, channel) in &channels {
-            if let Err(e) = channel
-                .send(&ToWorker::Shutdown { drain_timeout_ms }, &[])
-                .await
-            {
-                tracing::debug!(worker = id, "cannot send Shutdown: {e}");
+        for handle in &handles {
+            if let Err(e) = handle.disconnect().await {
+                tracing::debug!(worker = handle.id, "cannot send Shutdown: {e}");
             }
         }
         let mut exits = Vec::new();
         let grace = drain + Duration::from_secs(2);
         let deadline = tokio::time::Instant::now() + grace;
-        while !lock(&self.state.workers).is_empty() {
+        while self.live() > 0 {
             match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
                 Ok(Some(ev @ Event::Exit { .. })) => exits.push(ev),
                 Ok(Some(_)) => {}
@@ -312,6 +402,7 @@ impl Cluster {
         }
         let stragglers: Vec<(u32, u32)> = lock(&self.state.workers)
             .iter()
+            .filter(|(_, s)| s.state != WorkerState::Dead)
             .map(|(&id, s)| (id, s.pid))
             .collect();
         for (id, pid) in stragglers {
@@ -320,13 +411,10 @@ impl Cluster {
                 pid,
                 "still running {grace:?} after Shutdown; killing"
             );
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
         let kill_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !lock(&self.state.workers).is_empty() {
+        while self.live() > 0 {
             match tokio::time::timeout_at(kill_deadline, self.events_rx.recv()).await {
                 Ok(Some(ev @ Event::Exit { .. })) => exits.push(ev),
                 Ok(Some(_)) => {}
@@ -334,6 +422,132 @@ impl Cluster {
             }
         }
         exits
+    }
+
+    /// Another name for [`Cluster::disconnect`]: the graceful stop on `SIGTERM`.
+    pub async fn shutdown(&mut self) -> Vec<Event> {
+        self.disconnect().await
+    }
+}
+
+/// A worker, as the primary sees it (Node's `cluster.workers[id]`). Cheap to clone; stays
+/// valid after the worker died.
+#[derive(Debug, Clone)]
+pub struct WorkerHandle {
+    id: u32,
+    state: Arc<State>,
+    drain: Duration,
+}
+
+impl WorkerHandle {
+    /// The worker id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        lock(&self.state.workers).get(&self.id).map(|s| s.pid)
+    }
+
+    /// Where the worker is in its life.
+    pub fn state(&self) -> WorkerState {
+        lock(&self.state.workers)
+            .get(&self.id)
+            .map_or(WorkerState::Dead, |s| s.state)
+    }
+
+    /// `worker.exitedAfterDisconnect`: true once `disconnect()` was called (by either side),
+    /// false after `kill()`.
+    pub fn exited_after_disconnect(&self) -> bool {
+        lock(&self.state.workers)
+            .get(&self.id)
+            .is_some_and(|s| s.exited_after_disconnect)
+    }
+
+    fn channel(&self) -> io::Result<Arc<Channel>> {
+        lock(&self.state.workers)
+            .get(&self.id)
+            .filter(|s| !matches!(s.state, WorkerState::Dead | WorkerState::Disconnected))
+            .map(|s| s.channel.clone())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    format!("worker {} is disconnected", self.id),
+                )
+            })
+    }
+
+    /// Sends a user message (`worker.send(message)`); the worker receives it with
+    /// `Worker::recv`.
+    ///
+    /// # Errors
+    /// `InvalidData` when the value cannot be encoded or is larger than a frame (64 KiB);
+    /// `NotConnected` when the worker is disconnected.
+    pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> io::Result<()> {
+        let data = postcard::to_allocvec(message)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("message: {e}")))?;
+        self.channel()?
+            .send(&ToWorker::Message { data }, &[])
+            .await
+            .map_err(|e| io::Error::other(format!("worker {}: send: {e}", self.id)))
+    }
+
+    /// `worker.disconnect()`: the worker closes its servers, waits for its connections to end
+    /// (at most the drain deadline) and exits; [`WorkerHandle::exited_after_disconnect`]
+    /// becomes true.
+    ///
+    /// # Errors
+    /// `NotConnected` when the worker is already disconnected.
+    pub async fn disconnect(&self) -> io::Result<()> {
+        let channel = {
+            let mut workers = lock(&self.state.workers);
+            let slot = workers
+                .get_mut(&self.id)
+                .filter(|s| !matches!(s.state, WorkerState::Dead | WorkerState::Disconnected))
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        format!("worker {} is disconnected", self.id),
+                    )
+                })?;
+            slot.exited_after_disconnect = true;
+            slot.state = WorkerState::Disconnecting;
+            slot.channel.clone()
+        };
+        let drain_timeout_ms = u64::try_from(self.drain.as_millis()).unwrap_or(u64::MAX);
+        channel
+            .send(&ToWorker::Shutdown { drain_timeout_ms }, &[])
+            .await
+            .map_err(|e| io::Error::other(format!("worker {}: disconnect: {e}", self.id)))
+    }
+
+    /// `worker.kill(signal)`: sends `signal` to the process;
+    /// [`WorkerHandle::exited_after_disconnect`] stays false.
+    ///
+    /// # Errors
+    /// `NotFound` when the worker is dead; the error of `kill(2)`.
+    pub fn kill(&self, signal: Signal) -> io::Result<()> {
+        let pid = {
+            let mut workers = lock(&self.state.workers);
+            let slot = workers
+                .get_mut(&self.id)
+                .filter(|s| s.state != WorkerState::Dead)
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("worker {} is dead", self.id),
+                    )
+                })?;
+            slot.exited_after_disconnect = false;
+            slot.pid
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("kill worker {}: {e}", self.id),
+            )
+        })
     }
 }
 
@@ -359,6 +573,8 @@ async fn supervise(
                     open = false;
                     tracing::debug!(worker = id, "channel closed");
                     lock(&state.registry).leave_all(Member::Worker(id));
+                    set_state(&state, id, WorkerState::Disconnected);
+                    let _ = events.send(Event::Disconnect { id });
                 }
                 Err(e) if e.is_bad_frame() => {
                     // One bad frame never takes the primary down; the rest of the channel is
@@ -369,12 +585,27 @@ async fn supervise(
                     open = false;
                     tracing::warn!(worker = id, pid, "channel failed: {e}");
                     lock(&state.registry).leave_all(Member::Worker(id));
+                    set_state(&state, id, WorkerState::Disconnected);
+                    let _ = events.send(Event::Disconnect { id });
                 }
             }
         }
     };
     lock(&state.registry).leave_all(Member::Worker(id));
-    lock(&state.workers).remove(&id);
+    if open {
+        // The process is gone, so is its end of the channel.
+        let _ = events.send(Event::Disconnect { id });
+    }
+    let exited_after_disconnect = {
+        let mut workers = lock(&state.workers);
+        match workers.get_mut(&id) {
+            Some(slot) => {
+                slot.state = WorkerState::Dead;
+                slot.exited_after_disconnect
+            }
+            None => false,
+        }
+    };
     let (code, signal) = match status {
         Ok(s) => (s.code(), s.signal()),
         Err(e) => {
@@ -382,12 +613,20 @@ async fn supervise(
             (None, None)
         }
     };
-    tracing::info!(worker = id, pid, ?code, ?signal, "worker exited");
+    tracing::info!(
+        worker = id,
+        pid,
+        ?code,
+        ?signal,
+        exited_after_disconnect,
+        "worker exited"
+    );
     let _ = events.send(Event::Exit {
         id,
         pid,
         code,
         signal,
+        exited_after_disconnect,
     });
 }
 
@@ -427,9 +666,7 @@ async fn handle(
                 tracing::warn!(worker = id, "cannot welcome: {e}");
                 return;
             }
-            if let Some(slot) = lock(&state.workers).get_mut(&id) {
-                slot.online = true;
-            }
+            set_state(state, id, WorkerState::Online);
             tracing::info!(worker = id, pid, "worker online");
             let _ = events.send(Event::Online { id, pid });
         }
@@ -444,7 +681,12 @@ async fn handle(
                     match channel.send(&reply, &[std::os::fd::AsFd::as_fd(&fd)]).await {
                         Ok(()) => {
                             tracing::debug!(worker = id, %address, "shared listener sent");
-                            let _ = events.send(Event::Listening { id, address });
+                            set_state(state, id, WorkerState::Listening);
+                            let fd = match key.target {
+                                ListenTarget::Fd(fd) => Some(fd),
+                                _ => None,
+                            };
+                            let _ = events.send(Event::Listening { id, address, fd });
                         }
                         Err(e) => {
                             tracing::warn!(worker = id, "cannot send listener: {e}");
@@ -468,6 +710,36 @@ async fn handle(
         }
         ToPrimary::Close { key } => {
             lock(&state.registry).leave(&key, Member::Worker(id));
+        }
+        ToPrimary::Message { data } => {
+            let _ = events.send(Event::Message {
+                id,
+                message: UserMessage(data),
+            });
+        }
+        ToPrimary::Disconnect => {
+            if let Some(slot) = lock(&state.workers).get_mut(&id) {
+                slot.exited_after_disconnect = true;
+                slot.state = WorkerState::Disconnecting;
+            }
+        }
+    }
+}
+
+/// Moves worker `id` to `to`, never backwards out of the disconnect states (a late `Listening`
+/// does not undo a `Disconnecting`).
+fn set_state(state: &State, id: u32, to: WorkerState) {
+    if let Some(slot) = lock(&state.workers).get_mut(&id) {
+        let rank = |s: WorkerState| match s {
+            WorkerState::None => 0,
+            WorkerState::Online => 1,
+            WorkerState::Listening => 2,
+            WorkerState::Disconnecting => 3,
+            WorkerState::Disconnected => 4,
+            WorkerState::Dead => 5,
+        };
+        if rank(to) >= rank(slot.state) {
+            slot.state = to;
         }
     }
 }

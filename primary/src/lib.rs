@@ -8,4 +8,7 @@
 pub mod cluster;
 pub mod registry;
 
-pub use cluster::{Cluster, DEFAULT_DRAIN_TIMEOUT, Event, Settings, WorkerInfo};
+pub use cluster::{
+    Cluster, DEFAULT_DRAIN_TIMEOUT, Event, Settings, UserMessage, WorkerHandle, WorkerInfo,
+    WorkerState,
+};

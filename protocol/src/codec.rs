@@ -194,6 +194,10 @@ mod tests {
                     params: ListenParams::default(),
                 },
                 ToPrimary::Close { key },
+                ToPrimary::Message {
+                    data: vec![1, 2, 3],
+                },
+                ToPrimary::Disconnect,
             ],
             vec![
                 ToWorker::Welcome {
@@ -213,6 +217,7 @@ mod tests {
                 ToWorker::Shutdown {
                     drain_timeout_ms: 1,
                 },
+                ToWorker::Message { data: Vec::new() },
             ],
         )
     }
@@ -282,7 +287,7 @@ mod tests {
         let err = decode::<ToWorker>(&frame, MAX).expect_err("unknown");
         assert_eq!(
             err.to_string(),
-            "unknown ToWorker variant 9 (this side knows 4)"
+            "unknown ToWorker variant 9 (this side knows 5)"
         );
     }
 

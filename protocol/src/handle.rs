@@ -141,10 +141,47 @@ fn bind_tcp(addr: SocketAddr, params: &ListenParams) -> io::Result<(OwnedFd, Bou
     Ok((socket.into(), bound))
 }
 
-fn bind_unix(path: &Path, params: &ListenParams) -> io::Result<(OwnedFd, BoundAddress)> {
+/// A name for `path` that fits in `sun_path`: the path itself when it fits; for a longer
+/// absolute path, the shorter of it and its form relative to the current directory, or else
+/// `/proc/self/fd/N/NAME` through a descriptor of its directory (kept open, returned, until the
+/// bind is done). Cluster workers resolve relative paths against their own directory, so the
+/// primary gets absolute paths that can be longer than the path the user wrote.
+fn bindable_unix_path(path: &Path) -> io::Result<(std::borrow::Cow<'_, Path>, Option<OwnedFd>)> {
+    use std::borrow::Cow;
+    if path.as_os_str().len() <= MAX_UNIX_PATH || !path.is_absolute() {
+        check_unix_path(path)?;
+        return Ok((Cow::Borrowed(path), None));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        if let Ok(rel) = path.strip_prefix(&cwd) {
+            if !rel.as_os_str().is_empty() && rel.as_os_str().len() <= MAX_UNIX_PATH {
+                return Ok((Cow::Owned(rel.to_path_buf()), None));
+            }
+        }
+    }
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+        use nix::fcntl::{OFlag, open};
+        let dirfd = open(
+            dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(io::Error::from)?;
+        let via = Path::new("/proc/self/fd")
+            .join(std::os::fd::AsRawFd::as_raw_fd(&dirfd).to_string())
+            .join(name);
+        if via.as_os_str().len() <= MAX_UNIX_PATH {
+            return Ok((Cow::Owned(via), Some(dirfd)));
+        }
+    }
     check_unix_path(path)?;
+    Ok((Cow::Borrowed(path), None))
+}
+
+fn bind_unix(path: &Path, params: &ListenParams) -> io::Result<(OwnedFd, BoundAddress)> {
+    let (bind_path, _dirfd) = bindable_unix_path(path)?;
     let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
-    socket.bind(&SockAddr::unix(path)?)?;
+    socket.bind(&SockAddr::unix(&*bind_path)?)?;
     if params.readable_all || params.writable_all {
         let mut bits = 0;
         if params.readable_all {
@@ -299,6 +336,24 @@ mod tests {
             err.to_string().contains("125 bytes long; at most 107"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_long_absolute_path_is_bound_through_a_shorter_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut deep = dir.path().to_path_buf();
+        while deep.as_os_str().len() < 150 {
+            deep.push("a-directory-with-a-long-name");
+        }
+        std::fs::create_dir_all(&deep).expect("mkdir");
+        let path = deep.join("s.sock");
+        assert!(path.as_os_str().len() > MAX_UNIX_PATH);
+        let (_fd, bound) =
+            bind_listener(&ListenTarget::Unix(path.clone()), &params()).expect("bind");
+        assert_eq!(bound, BoundAddress::Unix(path.clone()));
+        assert!(path.exists(), "the socket file is at the long path");
+        let err = bind_listener(&ListenTarget::Unix(path.clone()), &params()).expect_err("in use");
+        assert_eq!(err.errno(), Some(libc::EADDRINUSE));
     }
 
     #[test]

@@ -187,6 +187,16 @@ pub enum ToPrimary {
         /// The key of the closed server.
         key: ListenKey,
     },
+    /// A user message (`process.send(value)`): the postcard encoding of the user's value. User
+    /// messages have their own variant, so no user value can be taken for an internal message
+    /// (Node needs a `NODE_` prefix rule for that).
+    Message {
+        /// The encoded value.
+        data: Vec<u8>,
+    },
+    /// The worker is disconnecting by itself (`cluster.worker.disconnect()`): it closes its
+    /// servers, finishes its connections and exits.
+    Disconnect,
 }
 
 #[cfg(test)]
@@ -215,7 +225,7 @@ mod tests {
 
 impl Frame for ToPrimary {
     const NAME: &'static str = "ToPrimary";
-    const VARIANTS: u32 = 3;
+    const VARIANTS: u32 = 5;
     fn fd_count(&self) -> usize {
         0
     }
@@ -249,16 +259,22 @@ pub enum ToWorker {
         /// What went wrong (used when there is no errno).
         message: String,
     },
-    /// Stop accepting, finish open connections within the deadline, exit.
+    /// Stop accepting, finish open connections within the deadline, exit
+    /// (`worker.disconnect()` in the primary).
     Shutdown {
         /// Deadline for open connections, in milliseconds.
         drain_timeout_ms: u64,
+    },
+    /// A user message (`worker.send(value)`): the postcard encoding of the user's value.
+    Message {
+        /// The encoded value.
+        data: Vec<u8>,
     },
 }
 
 impl Frame for ToWorker {
     const NAME: &'static str = "ToWorker";
-    const VARIANTS: u32 = 4;
+    const VARIANTS: u32 = 5;
     fn fd_count(&self) -> usize {
         match self {
             ToWorker::ListenOk { .. } => 1,

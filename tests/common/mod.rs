@@ -5,7 +5,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -31,6 +31,7 @@ pub fn example_bin(name: &str) -> PathBuf {
 /// A started process group: the primary and its workers. Dropping it kills them all.
 pub struct Running {
     child: Option<Child>,
+    stdin: Option<std::process::ChildStdin>,
     pub pid: u32,
     stdout: mpsc::Receiver<String>,
     stderr: mpsc::Receiver<String>,
@@ -46,11 +47,31 @@ impl Running {
         Running::from_command(cmd)
     }
 
+    /// Starts `program args` with a pipe to its stdin (see [`Running::send_line`]).
+    pub fn start_interactive(program: &Path, args: &[&str]) -> Running {
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::piped());
+        let mut r = Running::spawn(cmd);
+        r.stdin = r.child.as_mut().and_then(|c| c.stdin.take());
+        r
+    }
+
+    /// Writes one line to the process's stdin.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("started with start_interactive");
+        writeln!(stdin, "{line}").expect("write to stdin");
+        stdin.flush().expect("flush");
+    }
+
     /// Starts a prepared command in a new process group with piped output.
     pub fn from_command(mut cmd: Command) -> Running {
+        cmd.stdin(Stdio::null());
+        Running::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Running {
         let mut child = cmd
             .env("NETCLUSTER_LOG", "info")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -60,6 +81,7 @@ impl Running {
         let stderr = lines(child.stderr.take().expect("stderr"));
         Running {
             pid: child.id(),
+            stdin: None,
             child: Some(child),
             stdout,
             stderr,

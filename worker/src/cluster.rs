@@ -23,7 +23,9 @@ use netcluster_protocol::message::{
     BoundAddress, ListenKey, ListenParams, PROTOCOL_VERSION, ToPrimary, ToWorker,
 };
 use netcluster_protocol::{Channel, env};
-use tokio::sync::{OnceCell, oneshot, watch};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{OnceCell, mpsc, oneshot, watch};
 
 /// Which side of a cluster this process is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +85,9 @@ pub struct Worker {
     pending: Mutex<Pending>,
     drain_timeout_ms: AtomicU64,
     stop: watch::Sender<Option<StopReason>>,
+    /// Dropped when the channel closes, so `recv` then returns `None`.
+    messages_tx: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
 }
 
 static WORKER: OnceCell<Arc<Worker>> = OnceCell::const_new();
@@ -160,6 +165,7 @@ impl Worker {
             Err(e) => return Err(io::Error::other(format!("worker {id}: handshake: {e}"))),
         };
         let (stop, _) = watch::channel(None);
+        let (messages_tx, messages) = mpsc::unbounded_channel();
         let worker = Arc::new(Worker {
             id,
             channel: Arc::new(channel),
@@ -168,6 +174,8 @@ impl Worker {
             pending: Mutex::new(HashMap::new()),
             drain_timeout_ms: AtomicU64::new(drain),
             stop,
+            messages_tx: Mutex::new(Some(messages_tx)),
+            messages: tokio::sync::Mutex::new(messages),
         });
         tokio::spawn(Worker::read_loop(worker.clone()));
         tokio::spawn(Worker::watch_signals(worker.clone()));
@@ -197,6 +205,52 @@ impl Worker {
                 return StopReason::PrimaryGone;
             }
         }
+    }
+
+    /// Sends a message to the primary (Node's `process.send(message)`); it arrives there as a
+    /// [`Event::Message`](../../netcluster_primary/cluster/enum.Event.html) from this worker.
+    ///
+    /// # Errors
+    /// `InvalidData` when the value cannot be serialized, or its encoding is larger than a
+    /// frame allows (64 KiB); the channel's error when the primary is gone.
+    pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> io::Result<()> {
+        let data = postcard::to_allocvec(message)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("message: {e}")))?;
+        self.channel
+            .send(&ToPrimary::Message { data }, &[])
+            .await
+            .map_err(|e| io::Error::other(format!("worker {}: send: {e}", self.id)))
+    }
+
+    /// The next message from the primary (Node's `process.on('message')`), decoded as `T`;
+    /// `Ok(None)` once the primary is gone.
+    ///
+    /// # Errors
+    /// `InvalidData` naming the type when the message does not decode as `T` (the message is
+    /// consumed).
+    pub async fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<T>> {
+        let Some(data) = self.messages.lock().await.recv().await else {
+            return Ok(None);
+        };
+        postcard::from_bytes(&data).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "message from the primary is not a {}: {e}",
+                    std::any::type_name::<T>()
+                ),
+            )
+        })
+    }
+
+    /// Disconnects from the primary by itself (`cluster.worker.disconnect()`): every server of
+    /// this process closes, open connections finish (within the drain deadline), and the
+    /// primary records that the worker exited after a disconnect.
+    pub async fn disconnect(&self) {
+        if let Err(e) = self.channel.send(&ToPrimary::Disconnect, &[]).await {
+            tracing::debug!(worker = self.id, "cannot announce the disconnect: {e}");
+        }
+        self.request_stop(StopReason::Requested, None);
     }
 
     /// A receiver that changes once the worker is asked to stop (for servers to watch).
@@ -283,8 +337,9 @@ impl Worker {
                 }
             }
         }
-        // Nobody will answer outstanding listens now.
+        // Nobody will answer outstanding listens now, nor send more messages.
         lock(&self.pending).clear();
+        lock(&self.messages_tx).take();
         self.request_stop(StopReason::PrimaryGone, None);
     }
 
@@ -318,6 +373,12 @@ impl Worker {
             ToWorker::Shutdown { drain_timeout_ms } => {
                 tracing::info!(worker = self.id, "asked to stop by the primary");
                 self.request_stop(StopReason::Requested, Some(drain_timeout_ms));
+            }
+            ToWorker::Message { data } => {
+                // Nobody receiving is fine: messages wait until someone calls `recv`.
+                if let Some(tx) = lock(&self.messages_tx).as_ref() {
+                    let _ = tx.send(data);
+                }
             }
             ToWorker::Welcome { .. } => {
                 tracing::warn!(worker = self.id, "unexpected second Welcome ignored");

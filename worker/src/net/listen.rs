@@ -244,6 +244,13 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
     let params = options.params();
     if !options.exclusive && !options.reuse_port {
         if let Some(worker) = cluster::worker().await? {
+            // The primary may run in another directory: a relative path means the worker's.
+            let target = match target {
+                ListenTarget::Unix(path) if path.is_relative() => {
+                    ListenTarget::Unix(std::env::current_dir()?.join(path))
+                }
+                other => other,
+            };
             let ordinal = match &target {
                 ListenTarget::Tcp(a) if a.port() == 0 => worker.next_port0_ordinal(),
                 ListenTarget::TcpAny(0) => worker.next_port0_ordinal(),

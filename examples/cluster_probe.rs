@@ -1,0 +1,254 @@
+//! A scriptable cluster, for trying the cluster API by hand and for the integration tests.
+//!
+//! The primary prints every worker event as a line (`online 1 4242`, `listening 1 127.0.0.1:80`,
+//! `message 1 Text("hi")`, `exit 1 code=Some(0) signal=None after_disconnect=true`) and reads
+//! commands on stdin:
+//!
+//! | command | does |
+//! |---|---|
+//! | `send ID TEXT` | `worker.send(Text(TEXT))`; the worker answers `Text("echo TEXT")` |
+//! | `disconnect ID` | `worker.disconnect()` |
+//! | `kill ID SIGNAL` | `worker.kill(SIGNAL)` (`TERM`, `KILL`, …) |
+//! | `state ID` | prints `state ID <state> after_disconnect=<bool>` |
+//! | `stop` | `cluster.disconnect()`, then exit |
+//!
+//! Every worker sends `Cmd { cmd: "NODE_CLUSTER" }` when it starts (a message that would be an
+//! internal one under Node's `NODE_` prefix rule) and listens on each `--listen` value:
+//! `HOST:PORT`, a Unix socket path or `fd:N` (the primary's descriptor N), `exclusive` with
+//! `--exclusive`, and `--readable-all`/`--writable-all` for Unix sockets. With
+//! `--primary-listener` the primary binds `127.0.0.1:0` itself, prints `primary-fd N ADDRESS`,
+//! and its workers listen on `fd:N`.
+//!
+//! ```text
+//! cargo run --example cluster_probe -- --workers 2 --listen 127.0.0.1:0
+//! ```
+
+use std::os::fd::AsRawFd;
+use std::process::ExitCode;
+
+use netcluster::cluster::{self, Cluster, Event, Role, Settings};
+use netcluster::net::{ListenOptions, Server};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The user messages of this program.
+#[derive(Debug, Serialize, Deserialize)]
+enum Msg {
+    /// Free text.
+    Text(String),
+    /// A message shaped like one of Node's internal ones.
+    Cmd { cmd: String },
+}
+
+#[derive(Debug, Default, Clone)]
+struct Args {
+    workers: usize,
+    listen: Vec<String>,
+    exclusive: bool,
+    readable_all: bool,
+    writable_all: bool,
+    primary_listener: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        workers: 2,
+        ..Args::default()
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--workers" => {
+                let v = it.next().ok_or("--workers needs a value")?;
+                args.workers = v.parse().map_err(|_| format!("--workers {v:?}"))?;
+            }
+            "--listen" => args.listen.push(it.next().ok_or("--listen needs a value")?),
+            "--exclusive" => args.exclusive = true,
+            "--readable-all" => args.readable_all = true,
+            "--writable-all" => args.writable_all = true,
+            "--primary-listener" => args.primary_listener = true,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    netcluster::init_tracing();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("cluster_probe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cluster::role() {
+        Role::Primary => primary(args).await,
+        Role::Worker { id } => worker(id, args).await,
+    };
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cluster_probe: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    // Exit now: tokio's stdin reader is a blocking thread that would hold up the runtime's
+    // shutdown until stdin closes.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 })
+}
+
+async fn primary(args: Args) -> std::io::Result<ExitCode> {
+    let mut settings = Settings::from_current_exe()?;
+    settings.workers = args.workers;
+    settings.drain_timeout = std::time::Duration::from_secs(5);
+    // Kept open for the cluster's lifetime: workers listen on the primary's descriptor.
+    let _listener = if args.primary_listener {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let fd = l.as_raw_fd();
+        println!("primary-fd {fd} {}", l.local_addr()?);
+        settings.args.push("--listen".into());
+        settings.args.push(format!("fd:{fd}").into());
+        Some(l)
+    } else {
+        None
+    };
+    let mut cluster = Cluster::new(settings);
+    cluster.start()?;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if stdin_open => match line? {
+                Some(line) => {
+                    if command(&mut cluster, line.trim()).await? {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+                None => stdin_open = false,
+            },
+            Some(event) = cluster.next_event() => {
+                print_event(&event);
+                if matches!(event, Event::Exit { .. }) && cluster.workers().is_empty() {
+                    println!("all-dead");
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+    }
+}
+
+/// Runs one stdin command; true means "exit now".
+async fn command(cluster: &mut Cluster, line: &str) -> std::io::Result<bool> {
+    let mut words = line.splitn(3, ' ');
+    let verb = words.next().unwrap_or("");
+    let id: Option<u32> = words.next().and_then(|w| w.parse().ok());
+    let rest = words.next().unwrap_or("");
+    let handle = id.and_then(|id| cluster.worker(id));
+    match (verb, handle) {
+        ("stop", _) => {
+            for exit in cluster.disconnect().await {
+                print_event(&exit);
+            }
+            println!("stopped");
+            return Ok(true);
+        }
+        ("send", Some(w)) => {
+            if let Err(e) = w.send(&Msg::Text(rest.to_string())).await {
+                println!("error send {}: {e}", w.id());
+            }
+        }
+        ("disconnect", Some(w)) => match w.disconnect().await {
+            Ok(()) => println!("disconnecting {} state={:?}", w.id(), w.state()),
+            Err(e) => println!("error disconnect {}: {e}", w.id()),
+        },
+        ("kill", Some(w)) => {
+            let signal = format!("SIG{rest}")
+                .parse::<nix::sys::signal::Signal>()
+                .unwrap_or(nix::sys::signal::Signal::SIGTERM);
+            if let Err(e) = w.kill(signal) {
+                println!("error kill {}: {e}", w.id());
+            }
+        }
+        ("state", Some(w)) => println!(
+            "state {} {:?} after_disconnect={}",
+            w.id(),
+            w.state(),
+            w.exited_after_disconnect()
+        ),
+        _ => println!("error unknown command {line:?}"),
+    }
+    Ok(false)
+}
+
+fn print_event(event: &Event) {
+    match event {
+        Event::Fork { id, pid } => println!("fork {id} {pid}"),
+        Event::Online { id, pid } => println!("online {id} {pid}"),
+        Event::Listening { id, address, fd } => println!("listening {id} {address} fd={fd:?}"),
+        Event::Message { id, message } => match message.decode::<Msg>() {
+            Ok(msg) => println!("message {id} {msg:?}"),
+            Err(e) => println!("message {id} undecodable: {e}"),
+        },
+        Event::Disconnect { id } => println!("disconnect {id}"),
+        Event::Exit {
+            id,
+            code,
+            signal,
+            exited_after_disconnect,
+            ..
+        } => println!(
+            "exit {id} code={code:?} signal={signal:?} after_disconnect={exited_after_disconnect}"
+        ),
+    }
+}
+
+async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
+    let me = cluster::worker()
+        .await?
+        .ok_or_else(|| std::io::Error::other("no channel to the primary"))?;
+    let pid = std::process::id();
+    me.send(&Msg::Cmd {
+        cmd: "NODE_CLUSTER".into(),
+    })
+    .await?;
+    let mut servers = Vec::new();
+    for value in &args.listen {
+        let options = match value.strip_prefix("fd:") {
+            Some(n) => ListenOptions::fd(n.parse().map_err(|_| std::io::Error::other("fd:N"))?),
+            None => match value.parse::<std::net::SocketAddr>() {
+                Ok(addr) => ListenOptions::from(addr),
+                Err(_) => ListenOptions::path(value),
+            },
+        }
+        .exclusive(args.exclusive)
+        .readable_all(args.readable_all)
+        .writable_all(args.writable_all);
+        let server: Server = netcluster::apps::echo::server();
+        match server.listen(options).await {
+            Ok(address) => println!("worker {id} pid {pid} listening {address}"),
+            Err(e) => {
+                println!("worker {id} pid {pid} listen-error {e}");
+                return Ok(ExitCode::from(3));
+            }
+        }
+        servers.push(server);
+    }
+    loop {
+        tokio::select! {
+            msg = me.recv::<Msg>() => match msg? {
+                Some(Msg::Text(text)) => me.send(&Msg::Text(format!("echo {text}"))).await?,
+                Some(other) => println!("worker {id} got {other:?}"),
+                None => break,
+            },
+            _ = me.shutdown_requested() => break,
+        }
+    }
+    for server in &servers {
+        server.closed().await;
+    }
+    println!("worker {id} pid {pid} done");
+    Ok(ExitCode::SUCCESS)
+}

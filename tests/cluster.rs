@@ -1,0 +1,249 @@
+//! Cluster semantics with real processes, driven through `examples/cluster_probe.rs`: Node's
+//! cluster tests (test-cluster-*) as cases for our implementation.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn probe(args: &[&str]) -> Running {
+    Running::start_interactive(&example_bin("cluster_probe"), args)
+}
+
+/// Waits for `n` "worker I pid P listening ADDRESS" lines; returns the addresses by worker.
+fn listening(r: &mut Running, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let line = r.wait_stdout(T, |l| l.contains(" listening ") && l.starts_with("worker "));
+            line.rsplit(' ').next().expect("address").to_string()
+        })
+        .collect()
+}
+
+fn echo_once(addr: SocketAddr) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    s.write_all(b"x").expect("write");
+    let mut buf = [0u8; 8];
+    s.read_exact(&mut buf).expect("hello + echo");
+    assert_eq!(&buf, b"hello\r\nx");
+}
+
+#[test]
+fn cluster_basic_lifecycle_events_and_states() {
+    // test-cluster-basic: fork → online → listening → disconnect → exit, in order.
+    let mut r = probe(&["--workers", "1", "--listen", "127.0.0.1:0"]);
+    r.wait_stdout(T, |l| l.starts_with("fork 1 "));
+    r.wait_stdout(T, |l| l.starts_with("online 1 "));
+    r.wait_stdout(T, |l| l.starts_with("listening 1 127.0.0.1:"));
+    r.send_line("state 1");
+    r.wait_stdout(T, |l| l == "state 1 Listening after_disconnect=false");
+    r.send_line("disconnect 1");
+    r.wait_stdout(T, |l| l == "disconnecting 1 state=Disconnecting");
+    r.wait_stdout(T, |l| l == "disconnect 1");
+    r.wait_stdout(T, |l| {
+        l == "exit 1 code=Some(0) signal=None after_disconnect=true"
+    });
+    r.wait_stdout(T, |l| l == "all-dead");
+    assert_eq!(r.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn worker_kill_reports_the_signal_and_no_disconnect() {
+    // test-cluster-worker-kill
+    let mut r = probe(&["--workers", "1", "--listen", "127.0.0.1:0"]);
+    r.wait_stdout(T, |l| l.starts_with("listening 1 "));
+    r.send_line("kill 1 KILL");
+    r.wait_stdout(T, |l| {
+        l == "exit 1 code=None signal=Some(9) after_disconnect=false"
+    });
+    r.wait_stdout(T, |l| l == "all-dead");
+    assert_eq!(r.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn messages_both_ways_and_node_prefixed_user_messages_are_delivered() {
+    // test-cluster-message, test-cluster-invalid-message: a user message that looks internal
+    // is still a user message.
+    let mut r = probe(&["--workers", "2"]);
+    for id in 1..=2 {
+        r.wait_stdout(T, |l| {
+            l == format!("message {id} Cmd {{ cmd: \"NODE_CLUSTER\" }}")
+        });
+    }
+    r.send_line("send 1 ping");
+    r.send_line("send 2 pong");
+    r.wait_stdout(T, |l| l == "message 1 Text(\"echo ping\")");
+    r.wait_stdout(T, |l| l == "message 2 Text(\"echo pong\")");
+    r.send_line("stop");
+    r.wait_stdout(T, |l| l == "stopped");
+    assert_eq!(r.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn many_messages_in_both_directions_do_not_deadlock() {
+    // test-cluster-send-deadlock: a burst of messages while the other side also sends.
+    let mut r = probe(&["--workers", "1"]);
+    r.wait_stdout(T, |l| l.starts_with("online 1 "));
+    for i in 0..300 {
+        r.send_line(&format!("send 1 m{i}"));
+    }
+    r.wait_stdout(T, |l| l == "message 1 Text(\"echo m299\")");
+    let echoed = r
+        .stdout_seen
+        .iter()
+        .filter(|l| l.starts_with("message 1 Text(\"echo m"))
+        .count();
+    assert_eq!(echoed, 300, "every message answered, in order");
+}
+
+#[test]
+fn a_disconnected_worker_lives_until_its_connections_end() {
+    // test-cluster-worker-no-exit: disconnect waits for open connections.
+    let mut r = probe(&["--workers", "1", "--listen", "127.0.0.1:0"]);
+    let addr: SocketAddr = listening(&mut r, 1)[0].parse().expect("addr");
+    let pid: u32 = r
+        .stdout_seen
+        .iter()
+        .find_map(|l| l.strip_prefix("online 1 "))
+        .and_then(|p| p.parse().ok())
+        .expect("pid");
+    let mut held = TcpStream::connect(addr).expect("connect");
+    held.set_read_timeout(Some(T)).expect("timeout");
+    let mut hello = [0u8; 7];
+    held.read_exact(&mut hello).expect("hello");
+    r.send_line("disconnect 1");
+    r.wait_stdout(T, |l| l == "disconnecting 1 state=Disconnecting");
+    // The listener is closed, the connection still works, the process is alive.
+    eventually(T, "the worker to stop accepting", || {
+        TcpStream::connect(addr).is_err().then_some(())
+    });
+    held.write_all(b"still").expect("write");
+    let mut back = [0u8; 5];
+    held.read_exact(&mut back)
+        .expect("echo while disconnecting");
+    assert!(alive(pid));
+    drop(held);
+    r.wait_stdout(T, |l| {
+        l == "exit 1 code=Some(0) signal=None after_disconnect=true"
+    });
+    assert!(!alive(pid));
+}
+
+#[test]
+fn exclusive_listen_on_port_0_gives_each_worker_its_own_port() {
+    // test-net-listen-exclusive-random-ports
+    let mut r = probe(&["--workers", "3", "--listen", "127.0.0.1:0", "--exclusive"]);
+    let ports: BTreeSet<String> = listening(&mut r, 3).into_iter().collect();
+    assert_eq!(ports.len(), 3, "{ports:?}");
+}
+
+#[test]
+fn exclusive_listen_on_a_taken_port_fails_with_eaddrinuse() {
+    // test-cluster-eaddrinuse / bind-twice with exclusive: the second bind fails.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let mut r = probe(&["--workers", "1", "--listen", &addr, "--exclusive"]);
+    let line = r.wait_stdout(T, |l| l.contains("listen-error"));
+    assert!(
+        line.contains(&format!("listen {addr}: Address already in use")),
+        "{line}"
+    );
+}
+
+#[test]
+fn shared_listen_in_every_worker_shares_one_socket() {
+    // test-net-listen-shared-ports
+    let mut r = probe(&["--workers", "3", "--listen", "127.0.0.1:0"]);
+    let addresses: BTreeSet<String> = listening(&mut r, 3).into_iter().collect();
+    assert_eq!(addresses.len(), 1, "{addresses:?}");
+    let addr: SocketAddr = addresses.first().expect("one").parse().expect("addr");
+    echo_once(addr);
+}
+
+#[test]
+fn two_clusters_on_one_port_the_second_fails() {
+    let mut first = probe(&["--workers", "1", "--listen", "127.0.0.1:0"]);
+    let addr = listening(&mut first, 1).remove(0);
+    let mut second = probe(&["--workers", "1", "--listen", &addr]);
+    let line = second.wait_stdout(T, |l| l.contains("listen-error"));
+    assert!(line.contains("Address already in use"), "{line}");
+}
+
+#[test]
+fn listen_fd_in_a_worker_uses_the_primarys_descriptor() {
+    // test-listen-fd-cluster
+    let mut r = probe(&["--workers", "2", "--primary-listener"]);
+    let line = r.wait_stdout(T, |l| l.starts_with("primary-fd "));
+    let mut words = line.split(' ').skip(1);
+    let fd = words.next().expect("fd").to_string();
+    let addr: SocketAddr = words.next().expect("addr").parse().expect("addr");
+    let addresses: BTreeSet<String> = listening(&mut r, 2).into_iter().collect();
+    assert_eq!(addresses, BTreeSet::from([addr.to_string()]));
+    let is_fd_event =
+        |l: &str| l.starts_with("listening ") && l.ends_with(&format!("fd=Some({fd})"));
+    let mut fd_events = r.stdout_seen.iter().filter(|l| is_fd_event(l)).count();
+    while fd_events < 2 {
+        r.wait_stdout(T, is_fd_event);
+        fd_events += 1;
+    }
+    echo_once(addr);
+}
+
+#[test]
+fn a_relative_unix_path_resolves_against_the_workers_cwd_even_when_long() {
+    // test-cluster-net-listen-relative-path: the absolute path is longer than sun_path.
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut deep = dir.path().to_path_buf();
+    while deep.as_os_str().len() < 120 {
+        deep.push("long-directory-name");
+    }
+    std::fs::create_dir_all(&deep).expect("mkdir");
+    let mut cmd = std::process::Command::new(example_bin("cluster_probe"));
+    cmd.args(["--workers", "2", "--listen", "rel.sock"])
+        .current_dir(&deep);
+    let mut r = Running::from_command(cmd);
+    let addresses: BTreeSet<String> = listening(&mut r, 2).into_iter().collect();
+    let expected = format!("unix:{}", deep.join("rel.sock").display());
+    assert_eq!(addresses, BTreeSet::from([expected]));
+    assert!(deep.join("rel.sock").exists());
+    // A client in that directory reaches it by the relative name.
+    let mut c = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import socket;s=socket.socket(socket.AF_UNIX);s.connect('rel.sock');print(s.recv(7))",
+        ])
+        .current_dir(&deep)
+        .output()
+        .expect("python3");
+    assert_eq!(String::from_utf8_lossy(&c.stdout).trim(), "b'hello\\r\\n'");
+    c.stdout.clear();
+    r.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = r.wait_exit(T);
+}
+
+#[test]
+fn pipe_readable_and_writable_all_set_the_socket_file_mode() {
+    // test-cluster-listen-pipe-readable-writable
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("rw.sock");
+    let path_s = path.to_str().expect("utf-8");
+    let mut r = probe(&[
+        "--workers",
+        "1",
+        "--listen",
+        path_s,
+        "--readable-all",
+        "--writable-all",
+    ]);
+    listening(&mut r, 1);
+    let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777 & 0o666, 0o666, "mode {mode:o}");
+}
