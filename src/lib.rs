@@ -10,6 +10,11 @@
 //! - [`protocol`]: the wire protocol (crate `netcluster-protocol`).
 //! - [`apps`]: the applications `netcluster serve` runs.
 
+// The README's Rust examples are compiled (not run) as doc tests of this crate.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub mod apps;
 
 pub use netcluster_protocol as protocol;
