@@ -10,7 +10,10 @@
 //! | `disconnect ID` | `worker.disconnect()` |
 //! | `kill ID SIGNAL` | `worker.kill(SIGNAL)` (`TERM`, `KILL`, …) |
 //! | `state ID` | prints `state ID <state> after_disconnect=<bool>` |
+//! | `count ADDRESS` | `cluster.get_connections(ADDRESS)`: prints `count N` or `count-error E` |
 //! | `stop` | `cluster.disconnect()`, then exit |
+//!
+//! A worker sent `count` answers `cluster-count N` with its servers' cluster-wide counts.
 //!
 //! Every worker sends `Cmd { cmd: "NODE_CLUSTER" }` when it starts (a message that would be an
 //! internal one under Node's `NODE_` prefix rule) and listens on each `--listen` value:
@@ -27,7 +30,7 @@ use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
 use netcluster::cluster::{self, Cluster, Event, Role, Settings};
-use netcluster::net::{ListenOptions, Server};
+use netcluster::net::{BoundAddress, ListenOptions, Server};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -142,6 +145,17 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
 
 /// Runs one stdin command; true means "exit now".
 async fn command(cluster: &mut Cluster, line: &str) -> std::io::Result<bool> {
+    if let Some(address) = line.strip_prefix("count ") {
+        let address = match address.parse::<std::net::SocketAddr>() {
+            Ok(a) => BoundAddress::Tcp(a),
+            Err(_) => BoundAddress::Unix(address.into()),
+        };
+        match cluster.get_connections(&address).await {
+            Ok(n) => println!("count {n}"),
+            Err(e) => println!("count-error {e}"),
+        }
+        return Ok(false);
+    }
     let mut words = line.splitn(3, ' ');
     let verb = words.next().unwrap_or("");
     let id: Option<u32> = words.next().and_then(|w| w.parse().ok());
@@ -239,6 +253,16 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
     loop {
         tokio::select! {
             msg = me.recv::<Msg>() => match msg? {
+                Some(Msg::Text(text)) if text == "count" => {
+                    let mut counts = Vec::new();
+                    for server in &servers {
+                        counts.push(match server.get_cluster_connections().await {
+                            Ok(n) => n.to_string(),
+                            Err(e) => format!("error {e}"),
+                        });
+                    }
+                    me.send(&Msg::Text(format!("cluster-count {}", counts.join(" ")))).await?;
+                }
                 Some(Msg::Text(text)) => me.send(&Msg::Text(format!("echo {text}"))).await?,
                 Some(other) => println!("worker {id} got {other:?}"),
                 None => break,

@@ -247,3 +247,83 @@ fn pipe_readable_and_writable_all_set_the_socket_file_mode() {
     let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
     assert_eq!(mode & 0o777 & 0o666, 0o666, "mode {mode:o}");
 }
+
+#[test]
+fn get_connections_sums_every_workers_connections() {
+    // child-process-fork-getconnections, for a cluster: Node has no such total (#48333).
+    let mut r = probe(&["--workers", "4", "--listen", "127.0.0.1:0"]);
+    let addr: SocketAddr = listening(&mut r, 4)[0].parse().expect("addr");
+    let mut online: Vec<String> = r
+        .stdout_seen
+        .iter()
+        .filter(|l| l.starts_with("online "))
+        .cloned()
+        .collect();
+    while online.len() < 4 {
+        online.push(r.wait_stdout(T, |l| l.starts_with("online ")));
+    }
+    let pids: std::collections::BTreeMap<u32, u32> = online
+        .iter()
+        .map(|line| {
+            let mut w = line.split(' ').skip(1);
+            let id: u32 = w.next().and_then(|x| x.parse().ok()).expect("id");
+            let pid: u32 = w.next().and_then(|x| x.parse().ok()).expect("pid");
+            (pid, id)
+        })
+        .collect();
+    let count = |r: &mut Running| -> usize {
+        r.send_line(&format!("count {addr}"));
+        let line = r.wait_stdout(T, |l| l.starts_with("count"));
+        line.strip_prefix("count ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"))
+    };
+    let mut conns: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(T)).expect("timeout");
+            let mut hello = [0u8; 7];
+            s.read_exact(&mut hello).expect("hello");
+            s
+        })
+        .collect();
+    assert_eq!(count(&mut r), 100);
+
+    // A worker asks for the cluster-wide total of its own server.
+    r.send_line("send 1 count");
+    r.wait_stdout(T, |l| l == "message 1 Text(\"cluster-count 100\")");
+
+    conns.truncate(70);
+    let mut n = 0;
+    for _ in 0..200 {
+        n = count(&mut r);
+        if n == 70 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(n, 70, "closing 30 connections");
+
+    // Kill the worker holding the most connections: the total falls by what it held.
+    let server_side: std::collections::HashSet<u64> = tcp_table()
+        .into_iter()
+        .filter(|row| row.state == TCP_ESTABLISHED && row.local_port == addr.port())
+        .map(|row| row.inode)
+        .collect();
+    let worker_pids: Vec<u32> = pids.keys().copied().collect();
+    let held = holders(&worker_pids, &server_side);
+    let (&victim, &k) = held.iter().max_by_key(|(_, n)| **n).expect("a worker");
+    assert!(k > 0);
+    r.send_line(&format!("kill {} KILL", pids[&victim]));
+    r.wait_stdout(T, |l| l.starts_with(&format!("exit {} ", pids[&victim])));
+    let mut after = 0;
+    for _ in 0..200 {
+        after = count(&mut r);
+        if after == 70 - k {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(after, 70 - k, "killing a worker holding {k}");
+    drop(conns);
+}

@@ -1,11 +1,12 @@
 //! The [`Cluster`]: starts worker processes, answers their listen requests from the shared
 //! [`Registry`], reports their lifecycle as [`Event`]s, and stops them gracefully.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use netcluster_protocol::message::{
 use nix::sys::signal::Signal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::registry::{Member, Registry};
 
@@ -182,6 +183,115 @@ struct Slot {
 struct State {
     registry: Mutex<Registry>,
     workers: Mutex<BTreeMap<u32, Slot>>,
+    queries: Mutex<HashMap<u64, CountQuery>>,
+    next_query: AtomicU64,
+}
+
+/// A connection count being gathered from the workers that share a socket.
+#[derive(Debug)]
+struct CountQuery {
+    remaining: HashSet<u32>,
+    total: u64,
+    done: Option<oneshot::Sender<Result<u64, String>>>,
+}
+
+/// How long workers get to answer a connection count.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sums the open connections on `key` over the workers sharing it, by asking each one.
+async fn count_connections(state: &State, key: &ListenKey) -> Result<u64, String> {
+    let members = lock(&state.registry).worker_members(key);
+    if members.is_empty() {
+        return Ok(0);
+    }
+    let seq = state.next_query.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = oneshot::channel();
+    lock(&state.queries).insert(
+        seq,
+        CountQuery {
+            remaining: members.iter().copied().collect(),
+            total: 0,
+            done: Some(tx),
+        },
+    );
+    for id in members {
+        let channel = lock(&state.workers).get(&id).map(|s| s.channel.clone());
+        let sent = match channel {
+            Some(c) => c
+                .send(
+                    &ToWorker::CountQuery {
+                        seq,
+                        key: key.clone(),
+                    },
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("gone".into()),
+        };
+        if let Err(e) = sent {
+            fail_query(state, seq, format!("worker {id} cannot be asked: {e}"));
+        }
+    }
+    match tokio::time::timeout(COUNT_TIMEOUT, rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err("the count was abandoned".into()),
+        Err(_) => {
+            let waiting = lock(&state.queries)
+                .remove(&seq)
+                .map(|q| q.remaining)
+                .unwrap_or_default();
+            Err(format!(
+                "workers {waiting:?} did not answer within {COUNT_TIMEOUT:?}"
+            ))
+        }
+    }
+}
+
+fn fail_query(state: &State, seq: u64, why: String) {
+    if let Some(mut q) = lock(&state.queries).remove(&seq) {
+        if let Some(done) = q.done.take() {
+            let _ = done.send(Err(why));
+        }
+    }
+}
+
+/// Worker `id` answered count query `seq`.
+fn count_reply(state: &State, id: u32, seq: u64, count: u64) {
+    let mut queries = lock(&state.queries);
+    let finished = match queries.get_mut(&seq) {
+        Some(q) => {
+            if q.remaining.remove(&id) {
+                q.total += count;
+            }
+            q.remaining.is_empty()
+        }
+        None => false,
+    };
+    if finished {
+        if let Some(mut q) = queries.remove(&seq) {
+            if let Some(done) = q.done.take() {
+                let _ = done.send(Ok(q.total));
+            }
+        }
+    }
+}
+
+/// Worker `id` is gone: every count still waiting for it fails, as Node's
+/// `ERR_CHILD_CLOSED_BEFORE_REPLY`.
+fn fail_queries_of(state: &State, id: u32) {
+    let waiting: Vec<u64> = lock(&state.queries)
+        .iter()
+        .filter(|(_, q)| q.remaining.contains(&id))
+        .map(|(&seq, _)| seq)
+        .collect();
+    for seq in waiting {
+        fail_query(
+            state,
+            seq,
+            format!("worker {id} exited before replying (ERR_CHILD_CLOSED_BEFORE_REPLY)"),
+        );
+    }
 }
 
 /// A primary and its workers.
@@ -279,6 +389,32 @@ impl Cluster {
                 state: self.state.clone(),
                 drain: self.settings.drain_timeout,
             })
+    }
+
+    /// `server.getConnections()` for the whole cluster: the open connections on the socket
+    /// bound to `address`, summed over every worker that shares it (Node cannot do this:
+    /// nodejs/node#48333). The primary asks each worker when called rather than having workers
+    /// push a message on every accept and close, so the connection hot path carries no extra
+    /// traffic.
+    ///
+    /// # Errors
+    /// When a worker exits before replying (Node's `ERR_CHILD_CLOSED_BEFORE_REPLY`) or does
+    /// not answer within 5 s; `NotFound` when no shared socket has that address.
+    pub async fn get_connections(&self, address: &BoundAddress) -> io::Result<usize> {
+        let keys = lock(&self.state.registry).keys_at(address);
+        if keys.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("getConnections: no shared socket is bound to {address}"),
+            ));
+        }
+        let mut total = 0u64;
+        for key in keys {
+            total += count_connections(&self.state, &key)
+                .await
+                .map_err(|e| io::Error::other(format!("getConnections {address}: {e}")))?;
+        }
+        Ok(usize::try_from(total).unwrap_or(usize::MAX))
     }
 
     fn live(&self) -> usize {
@@ -574,6 +710,7 @@ async fn supervise(
                     tracing::debug!(worker = id, "channel closed");
                     lock(&state.registry).leave_all(Member::Worker(id));
                     set_state(&state, id, WorkerState::Disconnected);
+                    fail_queries_of(&state, id);
                     let _ = events.send(Event::Disconnect { id });
                 }
                 Err(e) if e.is_bad_frame() => {
@@ -592,6 +729,7 @@ async fn supervise(
         }
     };
     lock(&state.registry).leave_all(Member::Worker(id));
+    fail_queries_of(&state, id);
     if open {
         // The process is gone, so is its end of the channel.
         let _ = events.send(Event::Disconnect { id });
@@ -631,10 +769,10 @@ async fn supervise(
 }
 
 async fn handle(
-    state: &State,
+    state: &Arc<State>,
     id: u32,
     pid: u32,
-    channel: &Channel,
+    channel: &Arc<Channel>,
     msg: ToPrimary,
     events: &mpsc::UnboundedSender<Event>,
     drain: Duration,
@@ -717,6 +855,22 @@ async fn handle(
                 message: UserMessage(data),
             });
         }
+        ToPrimary::CountReply { seq, count } => count_reply(state, id, seq, count),
+        ToPrimary::CountRequest { seq, key } => {
+            // Gathered in its own task: this worker's own reply arrives through this very
+            // loop, which must keep reading.
+            let state = state.clone();
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                let result = count_connections(&state, &key).await;
+                if let Err(e) = channel
+                    .send(&ToWorker::CountResult { seq, result }, &[])
+                    .await
+                {
+                    tracing::debug!(worker = id, "cannot answer a count request: {e}");
+                }
+            });
+        }
         ToPrimary::Disconnect => {
             if let Some(slot) = lock(&state.workers).get_mut(&id) {
                 slot.exited_after_disconnect = true;
@@ -746,4 +900,52 @@ fn set_state(state: &State, id: u32, to: WorkerState) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(state: &State, seq: u64, workers: &[u32]) -> oneshot::Receiver<Result<u64, String>> {
+        let (tx, rx) = oneshot::channel();
+        lock(&state.queries).insert(
+            seq,
+            CountQuery {
+                remaining: workers.iter().copied().collect(),
+                total: 0,
+                done: Some(tx),
+            },
+        );
+        rx
+    }
+
+    #[tokio::test]
+    async fn counts_add_up_over_the_workers_that_answer() {
+        let state = State::default();
+        let rx = query(&state, 1, &[1, 2, 3]);
+        count_reply(&state, 1, 1, 10);
+        count_reply(&state, 1, 1, 10); // a duplicate answer counts once
+        count_reply(&state, 2, 1, 5);
+        count_reply(&state, 9, 1, 100); // not asked
+        count_reply(&state, 3, 1, 0);
+        assert_eq!(rx.await.expect("done"), Ok(15));
+        assert!(lock(&state.queries).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_exits_before_replying_fails_the_count() {
+        let state = State::default();
+        let rx = query(&state, 7, &[1, 2]);
+        let other = query(&state, 8, &[1]);
+        count_reply(&state, 1, 7, 3);
+        fail_queries_of(&state, 2);
+        let err = rx.await.expect("done").expect_err("worker 2 died");
+        assert_eq!(
+            err,
+            "worker 2 exited before replying (ERR_CHILD_CLOSED_BEFORE_REPLY)"
+        );
+        // Queries that did not wait for worker 2 go on.
+        count_reply(&state, 1, 8, 4);
+        assert_eq!(other.await.expect("done"), Ok(4));
+    }
 }

@@ -122,6 +122,34 @@ impl Registry {
             .collect()
     }
 
+    /// The workers that hold the socket for `key`.
+    pub fn worker_members(&self, key: &ListenKey) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .handles
+            .get(key)
+            .map(|s| {
+                s.members
+                    .iter()
+                    .filter_map(|m| match m {
+                        Member::Worker(id) => Some(*id),
+                        Member::Primary => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The keys whose socket is bound to `address`.
+    pub fn keys_at(&self, address: &BoundAddress) -> Vec<ListenKey> {
+        self.handles
+            .iter()
+            .filter(|(_, s)| &s.address == address)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// The socket for `key`, if held (for inspection).
     pub fn get(&self, key: &ListenKey) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.handles.get(key).map(|s| s.fd.as_fd())

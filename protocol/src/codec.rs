@@ -198,6 +198,14 @@ mod tests {
                     data: vec![1, 2, 3],
                 },
                 ToPrimary::Disconnect,
+                ToPrimary::CountReply { seq: 1, count: 2 },
+                ToPrimary::CountRequest {
+                    seq: 3,
+                    key: ListenKey {
+                        target: ListenTarget::Fd(3),
+                        ordinal: 0,
+                    },
+                },
             ],
             vec![
                 ToWorker::Welcome {
@@ -218,6 +226,17 @@ mod tests {
                     drain_timeout_ms: 1,
                 },
                 ToWorker::Message { data: Vec::new() },
+                ToWorker::CountQuery {
+                    seq: 4,
+                    key: ListenKey {
+                        target: ListenTarget::TcpAny(80),
+                        ordinal: 0,
+                    },
+                },
+                ToWorker::CountResult {
+                    seq: 4,
+                    result: Err("worker 2 exited before replying".into()),
+                },
             ],
         )
     }
@@ -287,7 +306,7 @@ mod tests {
         let err = decode::<ToWorker>(&frame, MAX).expect_err("unknown");
         assert_eq!(
             err.to_string(),
-            "unknown ToWorker variant 9 (this side knows 5)"
+            "unknown ToWorker variant 9 (this side knows 7)"
         );
     }
 

@@ -197,6 +197,21 @@ pub enum ToPrimary {
     /// The worker is disconnecting by itself (`cluster.worker.disconnect()`): it closes its
     /// servers, finishes its connections and exits.
     Disconnect,
+    /// Answer to `CountQuery`: this worker's open connections on the key.
+    CountReply {
+        /// The query this answers.
+        seq: u64,
+        /// Open connections.
+        count: u64,
+    },
+    /// Please count the open connections on `key` across the whole cluster (answered by
+    /// `CountResult` with the same `seq`).
+    CountRequest {
+        /// Request number.
+        seq: u64,
+        /// The listener.
+        key: ListenKey,
+    },
 }
 
 #[cfg(test)]
@@ -225,7 +240,7 @@ mod tests {
 
 impl Frame for ToPrimary {
     const NAME: &'static str = "ToPrimary";
-    const VARIANTS: u32 = 5;
+    const VARIANTS: u32 = 7;
     fn fd_count(&self) -> usize {
         0
     }
@@ -270,11 +285,25 @@ pub enum ToWorker {
         /// The encoded value.
         data: Vec<u8>,
     },
+    /// How many connections are open on `key` in this worker? (answered by `CountReply`)
+    CountQuery {
+        /// Query number.
+        seq: u64,
+        /// The listener.
+        key: ListenKey,
+    },
+    /// Answer to `CountRequest`: the cluster-wide count, or why there is none.
+    CountResult {
+        /// The request this answers.
+        seq: u64,
+        /// The sum over every worker, or the error (a worker exited before replying).
+        result: Result<u64, String>,
+    },
 }
 
 impl Frame for ToWorker {
     const NAME: &'static str = "ToWorker";
-    const VARIANTS: u32 = 5;
+    const VARIANTS: u32 = 7;
     fn fd_count(&self) -> usize {
         match self {
             ToWorker::ListenOk { .. } => 1,

@@ -85,6 +85,10 @@ pub struct Worker {
     pending: Mutex<Pending>,
     drain_timeout_ms: AtomicU64,
     stop: watch::Sender<Option<StopReason>>,
+    /// Connection counters of the servers sharing a primary's socket, by key.
+    counters: Mutex<Vec<(ListenKey, watch::Receiver<usize>)>>,
+    /// Cluster-wide count requests waiting for the primary's answer.
+    counts: Mutex<HashMap<u64, oneshot::Sender<Result<u64, String>>>>,
     /// Dropped when the channel closes, so `recv` then returns `None`.
     messages_tx: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
     messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
@@ -174,6 +178,8 @@ impl Worker {
             pending: Mutex::new(HashMap::new()),
             drain_timeout_ms: AtomicU64::new(drain),
             stop,
+            counters: Mutex::new(Vec::new()),
+            counts: Mutex::new(HashMap::new()),
             messages_tx: Mutex::new(Some(messages_tx)),
             messages: tokio::sync::Mutex::new(messages),
         });
@@ -253,6 +259,51 @@ impl Worker {
         self.request_stop(StopReason::Requested, None);
     }
 
+    /// Counts a server's connections under `key` when the primary asks.
+    pub(crate) fn register_counter(&self, key: ListenKey, connections: watch::Receiver<usize>) {
+        lock(&self.counters).push((key, connections));
+    }
+
+    /// This worker's open connections on `key` (servers that are gone are forgotten).
+    fn local_count(&self, key: &ListenKey) -> u64 {
+        let mut counters = lock(&self.counters);
+        // A closed sender means the server and all its connections are gone.
+        counters.retain(|(_, rx)| rx.has_changed().is_ok());
+        counters
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, rx)| *rx.borrow() as u64)
+            .sum()
+    }
+
+    /// The open connections on `key` summed over every worker of the cluster (what Node
+    /// cannot tell: nodejs/node#48333). The primary asks each worker sharing the key.
+    ///
+    /// # Errors
+    /// When a worker exits before replying (Node's `ERR_CHILD_CLOSED_BEFORE_REPLY`), a worker
+    /// does not answer in time, or the primary is gone.
+    pub(crate) async fn cluster_connections(&self, key: &ListenKey) -> io::Result<usize> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.counts).insert(seq, tx);
+        let request = ToPrimary::CountRequest {
+            seq,
+            key: key.clone(),
+        };
+        if let Err(e) = self.channel.send(&request, &[]).await {
+            lock(&self.counts).remove(&seq);
+            return Err(io::Error::other(format!("getConnections {key}: {e}")));
+        }
+        match rx.await {
+            Ok(Ok(n)) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+            Ok(Err(e)) => Err(io::Error::other(format!("getConnections {key}: {e}"))),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("getConnections {key}: the primary closed the channel before replying"),
+            )),
+        }
+    }
+
     /// A receiver that changes once the worker is asked to stop (for servers to watch).
     pub(crate) fn stop_signal(&self) -> watch::Receiver<Option<StopReason>> {
         self.stop.subscribe()
@@ -320,7 +371,7 @@ impl Worker {
     async fn read_loop(self: Arc<Self>) {
         loop {
             match self.channel.recv::<ToWorker>().await {
-                Ok(Some((msg, fds))) => self.dispatch(msg, fds),
+                Ok(Some((msg, fds))) => self.dispatch(msg, fds).await,
                 Ok(None) => {
                     tracing::info!(worker = self.id, "the primary closed the channel; stopping");
                     break;
@@ -339,11 +390,12 @@ impl Worker {
         }
         // Nobody will answer outstanding listens now, nor send more messages.
         lock(&self.pending).clear();
+        lock(&self.counts).clear();
         lock(&self.messages_tx).take();
         self.request_stop(StopReason::PrimaryGone, None);
     }
 
-    fn dispatch(&self, msg: ToWorker, fds: Vec<OwnedFd>) {
+    async fn dispatch(&self, msg: ToWorker, fds: Vec<OwnedFd>) {
         match msg {
             ToWorker::ListenOk { seq, address } => {
                 let Some(tx) = lock(&self.pending).remove(&seq) else {
@@ -378,6 +430,21 @@ impl Worker {
                 // Nobody receiving is fine: messages wait until someone calls `recv`.
                 if let Some(tx) = lock(&self.messages_tx).as_ref() {
                     let _ = tx.send(data);
+                }
+            }
+            ToWorker::CountQuery { seq, key } => {
+                let count = self.local_count(&key);
+                if let Err(e) = self
+                    .channel
+                    .send(&ToPrimary::CountReply { seq, count }, &[])
+                    .await
+                {
+                    tracing::debug!(worker = self.id, "cannot answer a count query: {e}");
+                }
+            }
+            ToWorker::CountResult { seq, result } => {
+                if let Some(tx) = lock(&self.counts).remove(&seq) {
+                    let _ = tx.send(result);
                 }
             }
             ToWorker::Welcome { .. } => {

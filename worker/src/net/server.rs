@@ -129,6 +129,8 @@ struct Inner {
 
 struct Listening {
     address: BoundAddress,
+    /// The key under which the primary shares this socket, in a cluster worker.
+    shared_key: Option<ListenKey>,
     /// The listening socket's descriptor number, open for as long as this state exists (the
     /// accept loop closes it only after the state is taken).
     fd: RawFd,
@@ -252,6 +254,7 @@ impl Server {
             }
             *state = Some(Listening {
                 address: address.clone(),
+                shared_key: acquired.shared_key.clone(),
                 fd,
                 stop: Some(stop_tx),
             });
@@ -263,6 +266,11 @@ impl Server {
                 return Err(e);
             }
         };
+        if let Some(key) = &acquired.shared_key {
+            if let Some(worker) = cluster::worker().await? {
+                worker.register_counter(key.clone(), self.inner.connections.subscribe());
+            }
+        }
         self.inner.active.send_modify(|n| *n += 1);
         tokio::spawn(accept_loop(
             self.inner.clone(),
@@ -301,6 +309,24 @@ impl Server {
     /// None today; the signature leaves room for counts that must be asked for.
     pub async fn get_connections(&self) -> io::Result<usize> {
         Ok(self.connections())
+    }
+
+    /// The open connections on this server's socket summed over every process of the cluster
+    /// that shares it — Node has no such call (nodejs/node#48333). The primary asks each worker
+    /// sharing the socket and adds up their answers. Outside a cluster, or for an exclusive
+    /// listen, it is [`Server::connections`].
+    ///
+    /// # Errors
+    /// When a worker exits before replying (Node's `ERR_CHILD_CLOSED_BEFORE_REPLY`) or does not
+    /// answer in time, or the primary is gone.
+    pub async fn get_cluster_connections(&self) -> io::Result<usize> {
+        let key = lock(&self.inner.state)
+            .as_ref()
+            .and_then(|l| l.shared_key.clone());
+        match (key, cluster::worker().await?) {
+            (Some(key), Some(worker)) => worker.cluster_connections(&key).await,
+            _ => Ok(self.connections()),
+        }
     }
 
     /// `server.maxConnections`: at the limit, new connections are closed at once and the
