@@ -133,3 +133,32 @@ fn listen_fd_under_systemd_socket_activate() {
     expect_hello_and_echo(&s);
     r.wait_stdout(T, |l| l.contains("(fd 3)"));
 }
+
+#[test]
+fn echo_client_talks_to_echo_server() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("echo.sock");
+    let path_s = path.to_str().expect("utf-8");
+    let mut server = Running::start(&example_bin("echo_server"), &[path_s]);
+    server.wait_stdout(T, |l| l.starts_with("server bound on unix:"));
+    let (status, out, err) = run_to_end(&example_bin("echo_client"), &[path_s], T);
+    assert_eq!(status.code(), Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"connected to server!"), "{out}");
+    assert!(out.contains("hello"), "{out}");
+    assert_eq!(lines.last(), Some(&"disconnected from server"), "{out}");
+    server.wait_stdout(T, |l| l == "client disconnected");
+}
+
+#[test]
+fn echo_client_names_the_address_it_cannot_reach() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("nobody.sock");
+    let (status, _out, err) = run_to_end(
+        &example_bin("echo_client"),
+        &[path.to_str().expect("utf-8")],
+        T,
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("nobody.sock"), "{err}");
+}

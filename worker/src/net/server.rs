@@ -765,6 +765,122 @@ mod tests {
         assert_eq!(idle, Duration::from_secs(7));
     }
 
+    /// A server whose handler reads to EOF, then (a little later) writes "late".
+    fn late_writer(allow_half_open: bool) -> Server {
+        let options = ServerOptions {
+            allow_half_open,
+            ..ServerOptions::default()
+        };
+        Server::with_options(options, |mut socket| async move {
+            let mut sink = Vec::new();
+            let _ = socket.read_to_end(&mut sink).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = socket.write_all(b"late").await;
+            let _ = socket.shutdown().await;
+        })
+    }
+
+    async fn after_our_fin(addr: SocketAddr) -> Vec<u8> {
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        c.shutdown().await.expect("fin");
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got))
+            .await
+            .expect("the server ends its side");
+        got
+    }
+
+    #[tokio::test]
+    async fn allow_half_open_false_ends_our_side_when_the_peer_ends() {
+        let server = late_writer(false);
+        let addr = tcp_addr(server.listen(local()).await.expect("listen"));
+        assert_eq!(
+            after_our_fin(addr).await,
+            b"",
+            "no byte after the peer's FIN"
+        );
+    }
+
+    #[tokio::test]
+    async fn allow_half_open_true_keeps_our_side_writable() {
+        let server = late_writer(true);
+        let addr = tcp_addr(server.listen(local()).await.expect("listen"));
+        assert_eq!(after_our_fin(addr).await, b"late");
+    }
+
+    #[tokio::test]
+    async fn pause_on_connect_reads_nothing_until_resumed() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let options = ServerOptions {
+            pause_on_connect: true,
+            ..ServerOptions::default()
+        };
+        let server = Server::with_options(options, move |mut socket| {
+            let tx = tx.clone();
+            async move {
+                let paused = socket.is_paused();
+                let mut byte = [0u8; 1];
+                let early =
+                    tokio::time::timeout(Duration::from_millis(100), socket.read(&mut byte))
+                        .await
+                        .is_ok();
+                socket.resume();
+                let n = socket.read(&mut byte).await.unwrap_or(0);
+                let _ = tx.send((paused, early, n, byte[0]));
+            }
+        });
+        let addr = tcp_addr(server.listen(local()).await.expect("listen"));
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"x").await.expect("write");
+        let (paused, early, n, byte) = rx.recv().await.expect("handler ran");
+        assert!(paused, "handed over paused");
+        assert!(!early, "no byte was read while paused");
+        assert_eq!((n, byte), (1, b'x'), "resume() delivers it");
+    }
+
+    #[tokio::test]
+    async fn ipv6_only_refuses_ipv4_clients() {
+        let server = echo();
+        let bound = server
+            .listen(ListenOptions::port(0).host("::").ipv6_only(true))
+            .await;
+        let Ok(bound) = bound else {
+            return; // no IPv6 on this machine
+        };
+        let port = tcp_addr(bound).port();
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+        );
+        let dual = echo();
+        let port = tcp_addr(
+            dual.listen(ListenOptions::port(0).host("::"))
+                .await
+                .expect("dual stack"),
+        )
+        .port();
+        let _v4 = hello(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    }
+
+    #[tokio::test]
+    async fn readable_all_and_writable_all_set_the_socket_files_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("rw.sock");
+        let server = echo();
+        server
+            .listen(
+                ListenOptions::path(&path)
+                    .readable_all(true)
+                    .writable_all(true),
+            )
+            .await
+            .expect("listen");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o666, 0o666, "mode {mode:o}");
+    }
+
     #[tokio::test]
     async fn listen_on_another_servers_handle() {
         let first = echo();
