@@ -7,8 +7,7 @@
 //! telnet localhost 8124
 //! ```
 
-use netcluster::net::{ListenOptions, Server};
-use tokio::io::AsyncWriteExt;
+use netcluster::net::ListenOptions;
 
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const FIRST_FD: i32 = 3;
@@ -25,16 +24,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> std::io::Result<()> {
-    let server = Server::new(|mut c| async move {
-        println!("client connected");
-        if c.write_all(b"hello\r\n").await.is_err() {
-            return;
-        }
-        let (mut reader, mut writer) = tokio::io::split(c);
-        let _ = tokio::io::copy(&mut reader, &mut writer).await;
-        println!("client disconnected");
-        let _ = writer.shutdown().await;
-    });
+    // The seeds' echo server (see examples/echo_server.rs for it written out).
+    let server = netcluster::apps::echo::server();
     let address = server.listen(ListenOptions::fd(FIRST_FD)).await?;
     println!("server bound on {address} (fd {FIRST_FD})");
     tokio::signal::ctrl_c().await?;
