@@ -19,7 +19,9 @@
 //! internal one under Node's `NODE_` prefix rule) and listens on each `--listen` value:
 //! `HOST:PORT`, a Unix socket path or `fd:N` (the primary's descriptor N), `exclusive` with
 //! `--exclusive`, and `--readable-all`/`--writable-all` for Unix sockets. With
-//! `--primary-listener` the primary binds `127.0.0.1:0` itself, prints `primary-fd N ADDRESS`,
+//! `--policy round-robin|shared|reuseport` picks the scheduling policy; `--max-connections N`
+//! sets each worker server's `maxConnections` (with `--drop-max`, `dropMaxConnection`), and a
+//! dropped connection prints `worker ID drop …`. With `--primary-listener` the primary binds `127.0.0.1:0` itself, prints `primary-fd N ADDRESS`,
 //! and its workers listen on `fd:N`.
 //!
 //! ```text
@@ -29,8 +31,8 @@
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
-use netcluster::cluster::{self, Cluster, Event, Role, Settings};
-use netcluster::net::{BoundAddress, ListenOptions, Server};
+use netcluster::cluster::{self, Cluster, Event, Role, SchedulingPolicy, Settings};
+use netcluster::net::{BoundAddress, ListenOptions, Server, ServerOptions};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -51,6 +53,9 @@ struct Args {
     readable_all: bool,
     writable_all: bool,
     primary_listener: bool,
+    policy: Option<SchedulingPolicy>,
+    max_connections: Option<usize>,
+    drop_max: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -70,6 +75,16 @@ fn parse_args() -> Result<Args, String> {
             "--readable-all" => args.readable_all = true,
             "--writable-all" => args.writable_all = true,
             "--primary-listener" => args.primary_listener = true,
+            "--policy" => {
+                let v = it.next().ok_or("--policy needs a value")?;
+                args.policy = Some(v.parse()?);
+            }
+            "--max-connections" => {
+                let v = it.next().ok_or("--max-connections needs a value")?;
+                args.max_connections =
+                    Some(v.parse().map_err(|_| format!("--max-connections {v:?}"))?);
+            }
+            "--drop-max" => args.drop_max = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -107,6 +122,9 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
     let mut settings = Settings::from_current_exe()?;
     settings.workers = args.workers;
     settings.drain_timeout = std::time::Duration::from_secs(5);
+    if let Some(policy) = args.policy {
+        settings.policy = policy;
+    }
     // Kept open for the cluster's lifetime: workers listen on the primary's descriptor.
     let _listener = if args.primary_listener {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -240,7 +258,15 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
         .exclusive(args.exclusive)
         .readable_all(args.readable_all)
         .writable_all(args.writable_all);
-        let server: Server = netcluster::apps::echo::server();
+        let server = Server::with_options(
+            ServerOptions {
+                drop_max_connection: args.drop_max,
+                ..ServerOptions::default()
+            },
+            netcluster::apps::echo::serve_connection,
+        );
+        server.set_max_connections(args.max_connections);
+        server.on_drop(move |info| println!("worker {id} drop {info:?}"));
         match server.listen(options).await {
             Ok(address) => println!("worker {id} pid {pid} listening {address}"),
             Err(e) => {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use netcluster::cluster::{self, Cluster, Event, Role, Settings};
+use netcluster::cluster::{self, Cluster, Event, Role, SchedulingPolicy, Settings};
 use netcluster::net::ListenOptions;
 use netcluster::protocol::handle::check_unix_path;
 use netcluster::protocol::message::{ListenParams, ListenTarget};
@@ -41,6 +41,13 @@ struct ServeArgs {
     /// Port 0 picks a free port. May be given more than once.
     #[arg(long, value_name = "ADDR", value_parser = parse_listen, default_value = "127.0.0.1:8124")]
     listen: Vec<ListenTarget>,
+
+    /// How connections reach the workers: round-robin (the primary accepts and hands each
+    /// connection to the next idle worker; Node's default on Linux), shared (every worker
+    /// accepts on the primary's socket) or reuseport (each worker binds its own socket with
+    /// SO_REUSEPORT). Default: $NETCLUSTER_SCHED_POLICY, else round-robin.
+    #[arg(long, value_name = "POLICY")]
+    policy: Option<SchedulingPolicy>,
 
     /// Seconds a stopping worker may spend finishing its open connections.
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
@@ -143,6 +150,9 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
         settings.workers = n as usize;
     }
     settings.drain_timeout = args.drain_timeout;
+    if let Some(policy) = args.policy {
+        settings.policy = policy;
+    }
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
 
@@ -155,7 +165,11 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
         }
         out.flush()?;
     }
-    tracing::info!(workers = cluster.settings().workers, "starting workers");
+    tracing::info!(
+        workers = cluster.settings().workers,
+        policy = %cluster.settings().policy,
+        "starting workers"
+    );
     cluster.start()?;
 
     let mut failure = None;

@@ -40,6 +40,10 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn start(listen: &str, workers: &str) -> (Running, String) {
+    start_with(listen, workers, "shared")
+}
+
+fn start_with(listen: &str, workers: &str, policy: &str) -> (Running, String) {
     let mut r = Running::start(
         &netcluster_bin(),
         &[
@@ -50,6 +54,8 @@ fn start(listen: &str, workers: &str) -> (Running, String) {
             listen,
             "--drain-timeout",
             "5",
+            "--policy",
+            policy,
         ],
     );
     let line = r.wait_stdout(T, |l| l.starts_with("listening on "));
@@ -258,6 +264,108 @@ fn workers_stop_when_the_primary_is_killed() {
     });
 }
 
+/// Runs `CLIENTS` echo clients against `addr` at once; returns their open connections.
+fn many_clients(addr: SocketAddr) -> Vec<tokio::net::TcpStream> {
+    runtime().block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..CLIENTS {
+            set.spawn(async move {
+                let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                client(s, i).await
+            });
+        }
+        set.join_all().await
+    })
+}
+
+/// How many of the server-side sockets on `port` each of `pids` holds.
+fn connections_per_process(pids: &[u32], port: u16) -> std::collections::BTreeMap<u32, usize> {
+    let server_side: HashSet<u64> = tcp_table()
+        .into_iter()
+        .filter(|row| row.state == TCP_ESTABLISHED && row.local_port == port)
+        .map(|row| row.inode)
+        .collect();
+    holders(pids, &server_side)
+}
+
+#[test]
+fn round_robin_hands_connections_to_every_worker_and_keeps_the_listener() {
+    let (mut r, address) = start_with("127.0.0.1:0", "2", "round-robin");
+    let addr: SocketAddr = address.parse().expect("addr");
+    let listener = tcp_table()
+        .into_iter()
+        .find(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .expect("listener");
+    let workers = eventually(T, "two workers", || {
+        let w = children_of(r.pid);
+        (w.len() == 2).then_some(w)
+    });
+    r.wait_stderr(T, |l| l.contains("worker listening"));
+    r.wait_stderr(T, |l| l.contains("worker listening"));
+    let streams = many_clients(addr);
+    let per_worker = connections_per_process(&workers, addr.port());
+    eprintln!("round robin, connections per worker pid: {per_worker:?}");
+    assert_eq!(
+        per_worker.values().sum::<usize>(),
+        CLIENTS,
+        "{per_worker:?}"
+    );
+    // Round robin: each worker had at most one hand-off in flight, so both got a fair share.
+    assert!(
+        per_worker.values().all(|&n| n >= CLIENTS / 4),
+        "unbalanced: {per_worker:?}"
+    );
+    // Only the primary holds the listening socket.
+    assert!(socket_inodes(r.pid).contains(&listener.inode));
+    for &w in &workers {
+        assert!(
+            !socket_inodes(w).contains(&listener.inode),
+            "worker {w} holds the listener"
+        );
+    }
+    drop(streams);
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn reuseport_gives_every_worker_its_own_socket_on_one_port() {
+    let (mut r, address) = start_with("127.0.0.1:0", "2", "reuseport");
+    let addr: SocketAddr = address.parse().expect("addr");
+    let workers = eventually(T, "two workers listening", || {
+        let w = children_of(r.pid);
+        let listeners: Vec<u64> = tcp_table()
+            .into_iter()
+            .filter(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+            .map(|row| row.inode)
+            .collect();
+        (w.len() == 2 && listeners.len() == 2).then_some(w)
+    });
+    let listeners: HashSet<u64> = tcp_table()
+        .into_iter()
+        .filter(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .map(|row| row.inode)
+        .collect();
+    for &w in &workers {
+        assert_eq!(
+            socket_inodes(w).intersection(&listeners).count(),
+            1,
+            "worker {w} listens on its own socket"
+        );
+    }
+    assert_eq!(socket_inodes(r.pid).intersection(&listeners).count(), 0);
+    let streams = many_clients(addr);
+    let per_worker = connections_per_process(&workers, addr.port());
+    assert_eq!(
+        per_worker.values().sum::<usize>(),
+        CLIENTS,
+        "{per_worker:?}"
+    );
+    drop(streams);
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait_exit(T).code(), Some(0));
+}
+
 #[test]
 fn a_port_the_primary_cannot_bind_is_an_error_naming_the_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -277,7 +385,7 @@ fn a_port_the_primary_cannot_bind_is_an_error_naming_the_address() {
 #[test]
 fn bad_arguments_exit_2_with_a_clear_message() {
     let long = format!("/tmp/{}.sock", "x".repeat(120));
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["serve", "--listen", "127.0.0.1:70000"],
             "invalid port \"70000\"",
@@ -289,6 +397,10 @@ fn bad_arguments_exit_2_with_a_clear_message() {
         (
             &["serve", "--drain-timeout", "soon"],
             "not a number of seconds",
+        ),
+        (
+            &["serve", "--policy", "fastest"],
+            "unknown scheduling policy",
         ),
     ];
     for (args, expected) in cases {

@@ -22,7 +22,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::registry::{Member, Registry};
+use crate::registry::{Member, Registry, SchedulingPolicy};
+use crate::round_robin::ChannelLookup;
 
 /// Default time workers get to finish open connections when they are stopped.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +43,12 @@ pub struct Settings {
     pub workers: usize,
     /// How long a stopping worker may finish its connections.
     pub drain_timeout: Duration,
+    /// How listening sockets are shared (default round robin, as Node on Linux; overridden by
+    /// the `NETCLUSTER_SCHED_POLICY` environment variable).
+    pub policy: SchedulingPolicy,
+    /// Node's `silent`: workers' stdin, stdout and stderr go to `/dev/null` instead of the
+    /// primary's.
+    pub silent: bool,
 }
 
 impl Settings {
@@ -57,6 +64,8 @@ impl Settings {
             cwd: None,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            policy: SchedulingPolicy::from_env().unwrap_or_default(),
+            silent: false,
         })
     }
 }
@@ -185,6 +194,28 @@ struct State {
     workers: Mutex<BTreeMap<u32, Slot>>,
     queries: Mutex<HashMap<u64, CountQuery>>,
     next_query: AtomicU64,
+}
+
+impl State {
+    /// The state of a cluster with `policy`; its round-robin listeners reach the workers'
+    /// channels through a weak reference back to it.
+    fn new(policy: SchedulingPolicy) -> Arc<State> {
+        Arc::new_cyclic(|weak: &std::sync::Weak<State>| {
+            let weak = weak.clone();
+            let lookup: ChannelLookup = Arc::new(move |id| {
+                let state = weak.upgrade()?;
+                let workers = lock(&state.workers);
+                workers
+                    .get(&id)
+                    .filter(|s| s.state != WorkerState::Dead)
+                    .map(|s| s.channel.clone())
+            });
+            State {
+                registry: Mutex::new(Registry::new(policy, Some(lookup))),
+                ..State::default()
+            }
+        })
+    }
 }
 
 /// A connection count being gathered from the workers that share a socket.
@@ -321,10 +352,11 @@ pub struct Cluster {
 impl Cluster {
     /// A cluster with these settings and no workers yet.
     pub fn new(settings: Settings) -> Cluster {
+        let policy = settings.policy;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Cluster {
             settings,
-            state: Arc::new(State::default()),
+            state: State::new(policy),
             next_id: 1,
             port0_shares: 0,
             events_tx,
@@ -357,7 +389,9 @@ impl Cluster {
             _ => 0,
         };
         let key = ListenKey { target, ordinal };
-        let (_dup, address) = lock(&self.state.registry).acquire(&key, params, Member::Primary)?;
+        let address = lock(&self.state.registry)
+            .acquire(&key, params, Member::Primary)?
+            .address;
         if matches!(&key.target, ListenTarget::Tcp(a) if a.port() == 0)
             || key.target == ListenTarget::TcpAny(0)
         {
@@ -447,6 +481,11 @@ impl Cluster {
             .env(env::WORKER_ID, id.to_string())
             .env(env::CHANNEL_FD, env::DEFAULT_CHANNEL_FD.to_string())
             .kill_on_drop(true);
+        if self.settings.silent {
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+        }
         if let Some(cwd) = &self.settings.cwd {
             cmd.current_dir(cwd);
         }
@@ -811,14 +850,21 @@ async fn handle(
         ToPrimary::Listen { seq, key, params } => {
             let result = lock(&state.registry).acquire(&key, &params, Member::Worker(id));
             match result {
-                Ok((fd, address)) => {
+                Ok(granted) => {
+                    let address = granted.address.clone();
                     let reply = ToWorker::ListenOk {
                         seq,
                         address: address.clone(),
+                        grant: granted.grant,
                     };
-                    match channel.send(&reply, &[std::os::fd::AsFd::as_fd(&fd)]).await {
+                    let fds: Vec<std::os::fd::BorrowedFd<'_>> =
+                        granted.fd.iter().map(std::os::fd::AsFd::as_fd).collect();
+                    match channel.send(&reply, &fds).await {
                         Ok(()) => {
-                            tracing::debug!(worker = id, %address, "shared listener sent");
+                            tracing::info!(worker = id, %address, grant = ?granted.grant, "worker listening");
+                            if let Some(rr) = &granted.round_robin {
+                                rr.add(id);
+                            }
                             set_state(state, id, WorkerState::Listening);
                             let fd = match key.target {
                                 ListenTarget::Fd(fd) => Some(fd),
@@ -856,6 +902,17 @@ async fn handle(
             });
         }
         ToPrimary::CountReply { seq, count } => count_reply(state, id, seq, count),
+        ToPrimary::Accepted {
+            handle,
+            seq,
+            accepted,
+        } => {
+            let rr = lock(&state.registry).round_robin(handle);
+            match rr {
+                Some(rr) => rr.ack(id, seq, accepted),
+                None => tracing::debug!(worker = id, handle, "answer for a closed listener"),
+            }
+        }
         ToPrimary::CountRequest { seq, key } => {
             // Gathered in its own task: this worker's own reply arrives through this very
             // loop, which must keep reading.

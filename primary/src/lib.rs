@@ -3,12 +3,16 @@
 //! (`SCM_RIGHTS`), reports their lifecycle and stops them gracefully.
 //!
 //! - [`cluster`]: [`Cluster`], [`Settings`], [`Event`].
-//! - [`registry`]: the shared listening sockets, one per listen key.
+//! - [`registry`]: the shared listening sockets, one per listen key, and the
+//!   [`SchedulingPolicy`].
+//! - [`round_robin`]: the primary-side accept loop that hands connections to workers in turn.
 
 pub mod cluster;
 pub mod registry;
+pub mod round_robin;
 
 pub use cluster::{
     Cluster, DEFAULT_DRAIN_TIMEOUT, Event, Settings, UserMessage, WorkerHandle, WorkerInfo,
     WorkerState,
 };
+pub use registry::SchedulingPolicy;

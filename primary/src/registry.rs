@@ -1,4 +1,5 @@
-//! The primary's table of shared listening sockets, one per [`ListenKey`].
+//! The primary's table of shared listening sockets, one per [`ListenKey`], and the scheduling
+//! policy that decides how each is shared.
 //!
 //! The first request for a key binds the socket (with that request's backlog and mode
 //! options); later requests for the same key get the same socket. A failed bind is not
@@ -10,8 +11,85 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use netcluster_protocol::handle::{self, ListenError};
-use netcluster_protocol::message::{BoundAddress, ListenKey, ListenParams, ListenTarget};
+use netcluster_protocol::message::{BoundAddress, Grant, ListenKey, ListenParams, ListenTarget};
+
+use crate::round_robin::{ChannelLookup, RoundRobin};
+
+/// How a cluster shares a listening socket among its workers (Node's `cluster.schedulingPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SchedulingPolicy {
+    /// The primary binds and sends the listening socket; every worker accepts on it (Node's
+    /// `SCHED_NONE`). Fast, but the kernel may favour some workers.
+    Shared,
+    /// The primary accepts and hands each connection to the next idle worker (Node's
+    /// `SCHED_RR`, its default on Linux).
+    #[default]
+    RoundRobin,
+    /// Each worker binds its own socket with `SO_REUSEPORT` and the kernel balances (Node ≥
+    /// 22.12's `reusePort`). Applies to TCP; Unix sockets and `{fd}` listens are shared.
+    ReusePort,
+}
+
+impl SchedulingPolicy {
+    /// The environment variable that overrides a cluster's policy (like Node's
+    /// `NODE_CLUSTER_SCHED_POLICY`): `rr`/`round-robin`, `none`/`shared`, `reuseport`.
+    pub const ENV: &'static str = "NETCLUSTER_SCHED_POLICY";
+
+    /// The policy named by [`SchedulingPolicy::ENV`], if set to a known name.
+    pub fn from_env() -> Option<SchedulingPolicy> {
+        std::env::var(Self::ENV).ok()?.parse().ok()
+    }
+}
+
+impl std::str::FromStr for SchedulingPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "rr" | "round-robin" | "roundrobin" => Ok(SchedulingPolicy::RoundRobin),
+            "none" | "shared" => Ok(SchedulingPolicy::Shared),
+            "reuseport" | "reuse-port" => Ok(SchedulingPolicy::ReusePort),
+            other => Err(format!(
+                "unknown scheduling policy {other:?} (expected round-robin, shared or reuseport)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SchedulingPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SchedulingPolicy::Shared => "shared",
+            SchedulingPolicy::RoundRobin => "round-robin",
+            SchedulingPolicy::ReusePort => "reuseport",
+        })
+    }
+}
+
+/// What a listen request was granted.
+#[derive(Debug)]
+pub struct Granted {
+    /// The listening socket to send (only with [`Grant::Shared`]).
+    pub fd: Option<OwnedFd>,
+    /// The bound address.
+    pub address: BoundAddress,
+    /// How the socket is shared.
+    pub grant: Grant,
+    /// With [`Grant::RoundRobin`], the hand-off loop: add the worker to its rotation with
+    /// [`RoundRobin::add`] once the grant has reached the worker, so no connection arrives
+    /// before the worker knows the handle.
+    pub round_robin: Option<Arc<RoundRobin>>,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Shared,
+    RoundRobin(Arc<RoundRobin>),
+    /// The socket is a bound, never listening reservation of the port.
+    ReusePort,
+}
 
 /// Who holds a shared socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,17 +106,84 @@ struct Shared {
     address: BoundAddress,
     members: HashSet<Member>,
     unlink: Option<PathBuf>,
+    mode: Mode,
+}
+
+impl Shared {
+    fn grant(&self, key: &ListenKey) -> Result<Granted, ListenError> {
+        let (fd, grant, round_robin) = match &self.mode {
+            Mode::Shared => (
+                Some(
+                    self.fd
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(|e| ListenError::new(&key.target, e))?,
+                ),
+                Grant::Shared,
+                None,
+            ),
+            Mode::RoundRobin(rr) => (
+                None,
+                Grant::RoundRobin {
+                    handle: rr.handle(),
+                },
+                Some(rr.clone()),
+            ),
+            Mode::ReusePort => (None, Grant::ReusePort, None),
+        };
+        Ok(Granted {
+            fd,
+            address: self.address.clone(),
+            grant,
+            round_robin,
+        })
+    }
 }
 
 /// Shared listening sockets by key.
-#[derive(Debug, Default)]
 pub struct Registry {
     handles: HashMap<ListenKey, Shared>,
+    policy: SchedulingPolicy,
+    lookup: Option<ChannelLookup>,
+    next_handle: u64,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("handles", &self.handles)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl Default for Registry {
+    /// A registry that shares sockets ([`SchedulingPolicy::Shared`]).
+    fn default() -> Self {
+        Registry::new(SchedulingPolicy::Shared, None)
+    }
 }
 
 impl Registry {
+    /// A registry sharing sockets by `policy`; round robin needs `lookup` to reach the workers
+    /// (without it, round robin falls back to shared sockets).
+    pub fn new(policy: SchedulingPolicy, lookup: Option<ChannelLookup>) -> Registry {
+        Registry {
+            handles: HashMap::new(),
+            policy,
+            lookup,
+            next_handle: 1,
+        }
+    }
+
+    /// The scheduling policy.
+    pub fn policy(&self) -> SchedulingPolicy {
+        self.policy
+    }
+
     /// Joins `member` to the socket for `key`, binding it first if nobody holds it, and returns
-    /// a duplicate of the socket (to send) with its address.
+    /// what the member was granted: the socket itself (shared), a round-robin handle, or the
+    /// address to bind with `SO_REUSEPORT`.
     ///
     /// # Errors
     /// The bind error naming the address; nothing is remembered for the key.
@@ -47,35 +192,61 @@ impl Registry {
         key: &ListenKey,
         params: &ListenParams,
         member: Member,
-    ) -> Result<(OwnedFd, BoundAddress), ListenError> {
+    ) -> Result<Granted, ListenError> {
         if let Some(shared) = self.handles.get_mut(key) {
-            let dup = shared
-                .fd
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| ListenError::new(&key.target, e))?;
+            let granted = shared.grant(key)?;
             shared.members.insert(member);
-            return Ok((dup, shared.address.clone()));
+            return Ok(granted);
         }
-        let (fd, address) = handle::bind_listener(&key.target, params)?;
-        let dup = fd
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| ListenError::new(&key.target, e))?;
+        let tcp = matches!(key.target, ListenTarget::Tcp(_) | ListenTarget::TcpAny(_));
+        let (fd, address, mode) = match (self.policy, &self.lookup) {
+            (SchedulingPolicy::ReusePort, _) if tcp => {
+                let (fd, address) = handle::reserve_reuse_port(&key.target, params)?;
+                (fd, address, Mode::ReusePort)
+            }
+            (SchedulingPolicy::RoundRobin, Some(lookup)) => {
+                let (fd, address) = handle::bind_listener(&key.target, params)?;
+                let dup = fd
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| ListenError::new(&key.target, e))?;
+                let handle = self.next_handle;
+                self.next_handle += 1;
+                let rr = RoundRobin::start(handle, dup, address.clone(), lookup.clone())
+                    .map_err(|e| ListenError::new(&key.target, e))?;
+                (fd, address, Mode::RoundRobin(rr))
+            }
+            _ => {
+                let (fd, address) = handle::bind_listener(&key.target, params)?;
+                (fd, address, Mode::Shared)
+            }
+        };
         let unlink = match &key.target {
             ListenTarget::Unix(path) => Some(path.clone()),
             _ => None,
         };
-        self.handles.insert(
-            key.clone(),
-            Shared {
-                fd,
-                address: address.clone(),
-                members: HashSet::from([member]),
-                unlink,
-            },
-        );
-        Ok((dup, address))
+        let shared = Shared {
+            fd,
+            address,
+            members: HashSet::from([member]),
+            unlink,
+            mode,
+        };
+        let granted = shared.grant(key);
+        if granted.is_err() {
+            close(shared);
+            return granted;
+        }
+        self.handles.insert(key.clone(), shared);
+        granted
+    }
+
+    /// The round-robin listener with this handle id.
+    pub fn round_robin(&self, handle: u64) -> Option<Arc<RoundRobin>> {
+        self.handles.values().find_map(|s| match &s.mode {
+            Mode::RoundRobin(rr) if rr.handle() == handle => Some(rr.clone()),
+            _ => None,
+        })
     }
 
     /// `member` no longer uses `key`; the socket closes when nobody does.
@@ -83,6 +254,9 @@ impl Registry {
         let empty = match self.handles.get_mut(key) {
             Some(shared) => {
                 shared.members.remove(&member);
+                if let (Mode::RoundRobin(rr), Member::Worker(id)) = (&shared.mode, member) {
+                    rr.remove(id);
+                }
                 shared.members.is_empty()
             }
             None => false,
@@ -163,6 +337,9 @@ impl Drop for Registry {
 }
 
 fn close(shared: Shared) {
+    if let Mode::RoundRobin(rr) = &shared.mode {
+        rr.close();
+    }
     drop(shared.fd);
     if let Some(path) = shared.unlink {
         match std::fs::remove_file(&path) {
@@ -195,15 +372,17 @@ mod tests {
     fn same_key_same_socket_other_ordinal_other_port() {
         let mut r = Registry::default();
         let p = ListenParams::default();
-        let (a, addr_a) = r.acquire(&tcp0(0), &p, Member::Worker(1)).expect("bind");
-        let (b, addr_b) = r.acquire(&tcp0(0), &p, Member::Worker(2)).expect("share");
-        assert_eq!(addr_a, addr_b);
-        assert_eq!(inode(&a), inode(&b));
-        let (c, addr_c) = r
+        let a = r.acquire(&tcp0(0), &p, Member::Worker(1)).expect("bind");
+        let b = r.acquire(&tcp0(0), &p, Member::Worker(2)).expect("share");
+        assert_eq!(a.address, b.address);
+        assert_eq!((a.grant, b.grant), (Grant::Shared, Grant::Shared));
+        let (a_fd, b_fd) = (a.fd.expect("fd"), b.fd.expect("fd"));
+        assert_eq!(inode(&a_fd), inode(&b_fd));
+        let c = r
             .acquire(&tcp0(1), &p, Member::Worker(1))
             .expect("second port");
-        assert_ne!(addr_a, addr_c);
-        assert_ne!(inode(&a), inode(&c));
+        assert_ne!(a.address, c.address);
+        assert_ne!(inode(&a_fd), inode(&c.fd.expect("fd")));
     }
 
     #[test]
@@ -243,6 +422,35 @@ mod tests {
         drop(taken);
         r.acquire(&key, &ListenParams::default(), Member::Worker(1))
             .expect("retry succeeds once the port is free");
+    }
+
+    #[test]
+    fn reuse_port_policy_grants_an_address_and_keeps_a_reservation() {
+        let mut r = Registry::new(SchedulingPolicy::ReusePort, None);
+        let p = ListenParams::default();
+        let a = r.acquire(&tcp0(0), &p, Member::Worker(1)).expect("reserve");
+        let b = r.acquire(&tcp0(0), &p, Member::Worker(2)).expect("same");
+        assert_eq!((a.grant, b.grant), (Grant::ReusePort, Grant::ReusePort));
+        assert!(a.fd.is_none());
+        assert_eq!(a.address, b.address);
+        assert_ne!(a.address.port(), Some(0));
+        // Unix sockets cannot reuse ports: they are shared.
+        let dir = tempfile::tempdir().expect("tmp");
+        let unix = ListenKey {
+            target: ListenTarget::Unix(dir.path().join("u.sock")),
+            ordinal: 0,
+        };
+        let u = r.acquire(&unix, &p, Member::Worker(1)).expect("unix");
+        assert_eq!(u.grant, Grant::Shared);
+    }
+
+    #[test]
+    fn policy_names() {
+        assert_eq!("rr".parse(), Ok(SchedulingPolicy::RoundRobin));
+        assert_eq!("none".parse(), Ok(SchedulingPolicy::Shared));
+        assert_eq!("ReusePort".parse(), Ok(SchedulingPolicy::ReusePort));
+        assert!("fastest".parse::<SchedulingPolicy>().is_err());
+        assert_eq!(SchedulingPolicy::default(), SchedulingPolicy::RoundRobin);
     }
 
     fn libc_eaddrinuse() -> i32 {

@@ -27,7 +27,7 @@ use criterion::{Criterion, Throughput};
 use netcluster_protocol::Channel;
 use netcluster_protocol::codec::{self, DEFAULT_MAX_FRAME};
 use netcluster_protocol::fd::{recv_with_fds, send_with_fds};
-use netcluster_protocol::message::{BoundAddress, ToWorker};
+use netcluster_protocol::message::{BoundAddress, Grant, ToWorker};
 use nix::fcntl::OFlag;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 
@@ -39,6 +39,7 @@ fn message() -> ToWorker {
     ToWorker::ListenOk {
         seq: 7,
         address: BoundAddress::Tcp("127.0.0.1:8124".parse().expect("address")),
+        grant: Grant::Shared,
     }
 }
 

@@ -282,7 +282,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{BoundAddress, PROTOCOL_VERSION, ToPrimary, ToWorker};
+    use crate::message::{BoundAddress, Grant, PROTOCOL_VERSION, ToPrimary, ToWorker};
     use std::io::{Read, Write};
 
     fn pipe() -> (std::fs::File, std::fs::File) {
@@ -303,6 +303,7 @@ mod tests {
         let msg = ToWorker::ListenOk {
             seq: 3,
             address: BoundAddress::Tcp("127.0.0.1:80".parse().expect("addr")),
+            grant: Grant::Shared,
         };
         a.send(&msg, &[r.as_fd()]).await.expect("send");
         let (got, fds) = b.recv::<ToWorker>().await.expect("recv").expect("open");
@@ -324,6 +325,7 @@ mod tests {
                 &ToWorker::ListenOk {
                     seq: 1,
                     address: BoundAddress::Unix("/x".into()),
+                    grant: Grant::Shared,
                 },
                 &[],
             )
@@ -440,6 +442,7 @@ mod tests {
                 let msg = ToWorker::ListenOk {
                     seq,
                     address: BoundAddress::Unix(format!("/tmp/{seq}").into()),
+                    grant: Grant::Shared,
                 };
                 a.send(&msg, &[r.as_fd()]).await.expect("send");
             }

@@ -171,7 +171,7 @@ fn read_varint(bytes: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::message::{
-        BoundAddress, ListenKey, ListenParams, ListenTarget, ToPrimary, ToWorker,
+        BoundAddress, Grant, ListenKey, ListenParams, ListenTarget, ToPrimary, ToWorker,
     };
 
     const MAX: usize = DEFAULT_MAX_FRAME;
@@ -199,6 +199,11 @@ mod tests {
                 },
                 ToPrimary::Disconnect,
                 ToPrimary::CountReply { seq: 1, count: 2 },
+                ToPrimary::Accepted {
+                    handle: 2,
+                    seq: 5,
+                    accepted: false,
+                },
                 ToPrimary::CountRequest {
                     seq: 3,
                     key: ListenKey {
@@ -215,6 +220,7 @@ mod tests {
                 ToWorker::ListenOk {
                     seq: 9,
                     address: BoundAddress::Unix("/tmp/x.sock".into()),
+                    grant: Grant::RoundRobin { handle: 2 },
                 },
                 ToWorker::ListenErr {
                     seq: 9,
@@ -226,6 +232,7 @@ mod tests {
                     drain_timeout_ms: 1,
                 },
                 ToWorker::Message { data: Vec::new() },
+                ToWorker::Connection { handle: 2, seq: 5 },
                 ToWorker::CountQuery {
                     seq: 4,
                     key: ListenKey {
@@ -306,7 +313,7 @@ mod tests {
         let err = decode::<ToWorker>(&frame, MAX).expect_err("unknown");
         assert_eq!(
             err.to_string(),
-            "unknown ToWorker variant 9 (this side knows 7)"
+            "unknown ToWorker variant 9 (this side knows 8)"
         );
     }
 

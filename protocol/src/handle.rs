@@ -111,6 +111,51 @@ pub fn bind_listener(
     }
 }
 
+/// Reserves `target`'s port for a reusePort group: a TCP socket with `SO_REUSEADDR` and
+/// `SO_REUSEPORT`, bound but never listening, so it holds the port (port 0 becomes a real one)
+/// without taking any of the group's connections. Workers then bind the returned address with
+/// `SO_REUSEPORT` and listen.
+///
+/// # Errors
+/// A [`ListenError`] naming the target; `InvalidInput` for targets that are not TCP.
+pub fn reserve_reuse_port(
+    target: &ListenTarget,
+    params: &ListenParams,
+) -> Result<(OwnedFd, BoundAddress), ListenError> {
+    let reserve = |addr: SocketAddr| -> io::Result<(OwnedFd, BoundAddress)> {
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(params.ipv6_only)?;
+        }
+        socket.bind(&addr.into())?;
+        let bound = local_address(&socket)?;
+        Ok((socket.into(), bound))
+    };
+    let named = |e: io::Error| ListenError::new(target, e);
+    match target {
+        ListenTarget::Tcp(addr) => reserve(*addr).map_err(named),
+        ListenTarget::TcpAny(port) => {
+            match reserve(SocketAddr::from((Ipv6Addr::UNSPECIFIED, *port))) {
+                Err(e) if ipv6_unavailable(&e) => {
+                    reserve(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port)))
+                }
+                other => other,
+            }
+            .map_err(named)
+        }
+        ListenTarget::Unix(_) | ListenTarget::Fd(_) => Err(named(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "reusePort applies to TCP addresses only",
+        ))),
+    }
+}
+
 fn ipv6_unavailable(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -312,6 +357,28 @@ mod tests {
         assert!(socket2::SockRef::from(&b).reuse_port().expect("opt"));
         let err = bind_listener(&ListenTarget::Tcp(addr), &params()).expect_err("without it");
         assert_eq!(err.errno(), Some(libc::EADDRINUSE));
+    }
+
+    #[test]
+    fn a_reservation_holds_the_port_without_taking_connections() {
+        let p = ListenParams {
+            reuse_port: true,
+            ..params()
+        };
+        let (_reserved, bound) =
+            reserve_reuse_port(&ListenTarget::Tcp("127.0.0.1:0".parse().expect("addr")), &p)
+                .expect("reserve");
+        let BoundAddress::Tcp(addr) = bound else {
+            panic!("not tcp")
+        };
+        assert_ne!(addr.port(), 0);
+        // Nobody listens yet: connecting is refused, not queued in the reservation.
+        assert!(std::net::TcpStream::connect(addr).is_err());
+        let (_l, _) = bind_listener(&ListenTarget::Tcp(addr), &p).expect("join the group");
+        std::net::TcpStream::connect(addr).expect("the listener takes it");
+        let err = bind_listener(&ListenTarget::Tcp(addr), &params()).expect_err("outsider");
+        assert_eq!(err.errno(), Some(libc::EADDRINUSE));
+        assert!(reserve_reuse_port(&ListenTarget::Fd(3), &p).is_err());
     }
 
     #[test]

@@ -159,6 +159,23 @@ impl std::fmt::Display for BoundAddress {
     }
 }
 
+/// How the primary shares a listening socket with a worker (the scheduling policy).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Grant {
+    /// The listening socket itself rides with the reply; the worker accepts on it (Node's
+    /// `SCHED_NONE`).
+    Shared,
+    /// The primary accepts and hands each connection to a worker in turn, as
+    /// `ToWorker::Connection` messages for this handle (Node's `SCHED_RR`).
+    RoundRobin {
+        /// The primary's id for the listener.
+        handle: u64,
+    },
+    /// The worker binds the granted address itself with `SO_REUSEPORT` and the kernel
+    /// balances connections.
+    ReusePort,
+}
+
 /// Worker → primary.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum ToPrimary {
@@ -212,6 +229,16 @@ pub enum ToPrimary {
         /// The listener.
         key: ListenKey,
     },
+    /// Answer to `ToWorker::Connection`: `accepted: false` (the server is closing, or at its
+    /// `maxConnections`) sends the connection to another worker.
+    Accepted {
+        /// The listener.
+        handle: u64,
+        /// The hand-off answered.
+        seq: u64,
+        /// Whether the worker took the connection.
+        accepted: bool,
+    },
 }
 
 #[cfg(test)]
@@ -240,7 +267,7 @@ mod tests {
 
 impl Frame for ToPrimary {
     const NAME: &'static str = "ToPrimary";
-    const VARIANTS: u32 = 7;
+    const VARIANTS: u32 = 8;
     fn fd_count(&self) -> usize {
         0
     }
@@ -256,12 +283,15 @@ pub enum ToWorker {
         /// How long a draining worker may keep open connections before it exits anyway.
         drain_timeout_ms: u64,
     },
-    /// The listening socket for request `seq`; carries exactly one descriptor.
+    /// The listen of request `seq` succeeded; with [`Grant::Shared`] the listening socket
+    /// rides with it (one descriptor), otherwise none.
     ListenOk {
         /// The request this answers.
         seq: u64,
         /// The address the socket is bound to.
         address: BoundAddress,
+        /// How the socket is shared.
+        grant: Grant,
     },
     /// Request `seq` failed in the primary.
     ListenErr {
@@ -285,6 +315,14 @@ pub enum ToWorker {
         /// The encoded value.
         data: Vec<u8>,
     },
+    /// A connection the primary accepted on round-robin listener `handle`; carries its
+    /// descriptor. Answered by `ToPrimary::Accepted`.
+    Connection {
+        /// The listener.
+        handle: u64,
+        /// Hand-off number, echoed in the answer.
+        seq: u64,
+    },
     /// How many connections are open on `key` in this worker? (answered by `CountReply`)
     CountQuery {
         /// Query number.
@@ -303,10 +341,14 @@ pub enum ToWorker {
 
 impl Frame for ToWorker {
     const NAME: &'static str = "ToWorker";
-    const VARIANTS: u32 = 7;
+    const VARIANTS: u32 = 8;
     fn fd_count(&self) -> usize {
         match self {
-            ToWorker::ListenOk { .. } => 1,
+            ToWorker::ListenOk {
+                grant: Grant::Shared,
+                ..
+            } => 1,
+            ToWorker::Connection { .. } => 1,
             _ => 0,
         }
     }

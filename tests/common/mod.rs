@@ -113,6 +113,24 @@ impl Running {
         }
     }
 
+    /// The first stdout line so far matching `pred`, or else the next one that arrives.
+    pub fn seen_or_wait(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(line) = self.stdout_seen.iter().find(|l| pred(l)) {
+            return line.clone();
+        }
+        self.wait_stdout(timeout, pred)
+    }
+
+    /// Waits until every line of `lines` has appeared on stdout (in any order, before or after
+    /// this call).
+    pub fn wait_lines(&mut self, timeout: Duration, lines: &[&str]) {
+        for line in lines {
+            if !self.stdout_seen.iter().any(|l| l == line) {
+                self.wait_stdout(timeout, |l| l == *line);
+            }
+        }
+    }
+
     /// Collects the stderr lines that have arrived so far.
     pub fn drain_stderr(&mut self) -> &[String] {
         while let Ok(line) = self.stderr.try_recv() {

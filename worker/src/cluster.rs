@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use netcluster_protocol::handle::ListenError;
 use netcluster_protocol::message::{
-    BoundAddress, ListenKey, ListenParams, PROTOCOL_VERSION, ToPrimary, ToWorker,
+    BoundAddress, Grant, ListenKey, ListenParams, PROTOCOL_VERSION, ToPrimary, ToWorker,
 };
 use netcluster_protocol::{Channel, env};
 use serde::Serialize;
@@ -73,7 +73,22 @@ pub enum StopReason {
     Signal,
 }
 
-type Pending = HashMap<u64, oneshot::Sender<Result<(OwnedFd, BoundAddress), io::Error>>>;
+/// What the primary granted a listen: the socket itself (shared), a round-robin handle, or an
+/// address to bind with `SO_REUSEPORT`.
+#[derive(Debug)]
+pub(crate) struct Granted {
+    pub fd: Option<OwnedFd>,
+    pub address: BoundAddress,
+    pub grant: Grant,
+    /// With a round-robin grant: the hand-offs, registered as the grant arrived so that no
+    /// connection sent right after it finds nobody to take it.
+    pub handoffs: Option<Handoffs>,
+}
+
+type Pending = HashMap<u64, (ListenKey, oneshot::Sender<io::Result<Granted>>)>;
+
+/// Connections handed over on one round-robin listener: (hand-off number, descriptor).
+pub(crate) type Handoffs = mpsc::UnboundedReceiver<(u64, OwnedFd)>;
 
 /// This process's connection to its primary.
 #[derive(Debug)]
@@ -85,6 +100,8 @@ pub struct Worker {
     pending: Mutex<Pending>,
     drain_timeout_ms: AtomicU64,
     stop: watch::Sender<Option<StopReason>>,
+    /// Round-robin listeners of this process's servers, by the primary's handle id.
+    round_robin: Mutex<HashMap<u64, mpsc::UnboundedSender<(u64, OwnedFd)>>>,
     /// Connection counters of the servers sharing a primary's socket, by key.
     counters: Mutex<Vec<(ListenKey, watch::Receiver<usize>)>>,
     /// Cluster-wide count requests waiting for the primary's answer.
@@ -178,6 +195,7 @@ impl Worker {
             pending: Mutex::new(HashMap::new()),
             drain_timeout_ms: AtomicU64::new(drain),
             stop,
+            round_robin: Mutex::new(HashMap::new()),
             counters: Mutex::new(Vec::new()),
             counts: Mutex::new(HashMap::new()),
             messages_tx: Mutex::new(Some(messages_tx)),
@@ -259,6 +277,30 @@ impl Worker {
         self.request_stop(StopReason::Requested, None);
     }
 
+    /// Receives the connections the primary hands over on round-robin listener `handle`.
+    pub(crate) fn register_round_robin(&self, handle: u64) -> Handoffs {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.round_robin).insert(handle, tx);
+        rx
+    }
+
+    /// No more connections for `handle` here (answered "not accepted" from now on).
+    pub(crate) fn unregister_round_robin(&self, handle: u64) {
+        lock(&self.round_robin).remove(&handle);
+    }
+
+    /// Answers a round-robin hand-off.
+    pub(crate) async fn ack_connection(&self, handle: u64, seq: u64, accepted: bool) {
+        let reply = ToPrimary::Accepted {
+            handle,
+            seq,
+            accepted,
+        };
+        if let Err(e) = self.channel.send(&reply, &[]).await {
+            tracing::debug!(worker = self.id, "cannot answer a hand-off: {e}");
+        }
+    }
+
     /// Counts a server's connections under `key` when the primary asks.
     pub(crate) fn register_counter(&self, key: ListenKey, connections: watch::Receiver<usize>) {
         lock(&self.counters).push((key, connections));
@@ -333,10 +375,10 @@ impl Worker {
         &self,
         key: ListenKey,
         params: ListenParams,
-    ) -> io::Result<(OwnedFd, BoundAddress)> {
+    ) -> io::Result<Granted> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(seq, tx);
+        lock(&self.pending).insert(seq, (key.clone(), tx));
         let target = key.target.clone();
         let sent = self
             .channel
@@ -397,14 +439,50 @@ impl Worker {
 
     async fn dispatch(&self, msg: ToWorker, fds: Vec<OwnedFd>) {
         match msg {
-            ToWorker::ListenOk { seq, address } => {
-                let Some(tx) = lock(&self.pending).remove(&seq) else {
-                    tracing::debug!(worker = self.id, seq, "late listen reply dropped");
+            ToWorker::ListenOk {
+                seq,
+                address,
+                grant,
+            } => {
+                let Some((key, tx)) = lock(&self.pending).remove(&seq) else {
+                    tracing::debug!(worker = self.id, seq, "reply to an unknown listen dropped");
                     return;
                 };
-                // fd_count() of ListenOk is 1 and the channel checked it.
-                if let Some(fd) = fds.into_iter().next() {
-                    let _ = tx.send(Ok((fd, address)));
+                // The channel checked that a Shared grant brought exactly one descriptor.
+                let handoffs = match grant {
+                    Grant::RoundRobin { handle } => Some(self.register_round_robin(handle)),
+                    _ => None,
+                };
+                let granted = Granted {
+                    fd: fds.into_iter().next(),
+                    address,
+                    grant,
+                    handoffs,
+                };
+                if let Err(Ok(granted)) = tx.send(Ok(granted)) {
+                    if let Grant::RoundRobin { handle } = granted.grant {
+                        self.unregister_round_robin(handle);
+                    }
+                    // The listen was abandoned (the server closed) before the answer came
+                    // (test-net-server-close-before-ipc-response): the descriptor was closed
+                    // with the dropped answer; give the membership back too.
+                    tracing::debug!(
+                        worker = self.id,
+                        seq,
+                        "late listen reply closed and dropped"
+                    );
+                    self.leave(key).await;
+                }
+            }
+            ToWorker::Connection { handle, seq } => {
+                let fd = fds.into_iter().next();
+                let delivered = match (fd, lock(&self.round_robin).get(&handle)) {
+                    (Some(fd), Some(tx)) => tx.send((seq, fd)).is_ok(),
+                    _ => false,
+                };
+                if !delivered {
+                    // No server takes it (it closed): the primary gives it to another worker.
+                    self.ack_connection(handle, seq, false).await;
                 }
             }
             ToWorker::ListenErr {
@@ -413,7 +491,7 @@ impl Worker {
                 errno,
                 message,
             } => {
-                if let Some(tx) = lock(&self.pending).remove(&seq) {
+                if let Some((_, tx)) = lock(&self.pending).remove(&seq) {
                     let source = if errno != 0 {
                         io::Error::from_raw_os_error(errno)
                     } else {

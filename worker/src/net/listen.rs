@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use netcluster_protocol::handle;
 use netcluster_protocol::message::{
-    BoundAddress, DEFAULT_BACKLOG, ListenKey, ListenParams, ListenTarget,
+    BoundAddress, DEFAULT_BACKLOG, Grant, ListenKey, ListenParams, ListenTarget,
 };
 
 use crate::cluster;
@@ -226,10 +226,19 @@ impl From<PathBuf> for ListenOptions {
     }
 }
 
+/// Where a server's connections come from.
+#[derive(Debug)]
+pub(crate) enum Source {
+    /// A listening socket this process accepts on (its own, or the primary's shared one).
+    Socket(OwnedFd),
+    /// The primary accepts and hands connections over on this round-robin handle.
+    RoundRobin(u64, cluster::Handoffs),
+}
+
 /// A listening socket and how it was obtained.
 #[derive(Debug)]
 pub(crate) struct Acquired {
-    pub fd: OwnedFd,
+    pub source: Source,
     pub address: BoundAddress,
     /// Set when the primary shares this socket: the key to leave on close.
     pub shared_key: Option<ListenKey>,
@@ -257,10 +266,43 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
                 _ => 0,
             };
             let key = ListenKey { target, ordinal };
-            let (fd, address) = worker.query_listen(key.clone(), params).await?;
+            let granted = worker.query_listen(key.clone(), params.clone()).await?;
+            let source = match (granted.grant, granted.fd, granted.handoffs) {
+                (Grant::Shared, Some(fd), _) => Source::Socket(fd),
+                (Grant::RoundRobin { handle }, _, Some(handoffs)) => {
+                    Source::RoundRobin(handle, handoffs)
+                }
+                (Grant::ReusePort, _, _) => {
+                    // The primary reserved the port; this worker joins the group on it.
+                    let BoundAddress::Tcp(addr) = granted.address else {
+                        worker.leave(key.clone()).await;
+                        return Err(io::Error::other(format!(
+                            "listen {}: the primary granted reusePort for a Unix socket",
+                            key.target
+                        )));
+                    };
+                    let params = ListenParams {
+                        reuse_port: true,
+                        ..params
+                    };
+                    match handle::bind_listener(&ListenTarget::Tcp(addr), &params) {
+                        Ok((fd, _)) => Source::Socket(fd),
+                        Err(e) => {
+                            worker.leave(key.clone()).await;
+                            return Err(e.into());
+                        }
+                    }
+                }
+                (Grant::Shared | Grant::RoundRobin { .. }, _, _) => {
+                    return Err(io::Error::other(format!(
+                        "listen {}: the primary's answer was incomplete",
+                        key.target
+                    )));
+                }
+            };
             return Ok(Acquired {
-                fd,
-                address,
+                source,
+                address: granted.address,
                 shared_key: Some(key),
                 unlink: None,
             });
@@ -272,7 +314,7 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
         _ => None,
     };
     Ok(Acquired {
-        fd,
+        source: Source::Socket(fd),
         address,
         shared_key: None,
         unlink,

@@ -20,7 +20,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::listen::{self, ListenOptions};
 use super::socket::Socket;
-use crate::cluster::{self, StopReason};
+use crate::cluster::{self, Handoffs, StopReason, Worker};
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 type Handler = Arc<dyn Fn(Socket) -> BoxFuture + Send + Sync>;
@@ -40,6 +40,10 @@ pub struct ServerOptions {
     pub keep_alive: bool,
     /// Idle time before the first keep-alive probe (with `keep_alive`).
     pub keep_alive_initial_delay: Duration,
+    /// Node's `server.dropMaxConnection`, for round-robin cluster workers: at
+    /// `maxConnections`, accept a handed-over connection and drop it (with a `'drop'` event)
+    /// instead of sending it back to the primary for another worker.
+    pub drop_max_connection: bool,
 }
 
 /// What Node's `'drop'` event carries: the addresses of a connection refused because the
@@ -125,6 +129,7 @@ struct Inner {
     /// Accept loops plus open connections; `closed()` waits for zero.
     active: watch::Sender<usize>,
     connections: watch::Sender<usize>,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 struct Listening {
@@ -132,8 +137,12 @@ struct Listening {
     /// The key under which the primary shares this socket, in a cluster worker.
     shared_key: Option<ListenKey>,
     /// The listening socket's descriptor number, open for as long as this state exists (the
-    /// accept loop closes it only after the state is taken).
-    fd: RawFd,
+    /// accept loop closes it only after the state is taken); `None` for a round-robin listener,
+    /// whose socket stays in the primary.
+    fd: Option<RawFd>,
+    /// Which listen of this server this is, so a late stop of an old accept loop cannot end a
+    /// newer listen.
+    generation: u64,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -163,6 +172,7 @@ impl Server {
                 state: Mutex::new(None),
                 active: watch::Sender::new(0),
                 connections: watch::Sender::new(0),
+                generation: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -210,7 +220,7 @@ impl Server {
         .map_err(named)?;
         let stop_signal = cluster::worker().await?.map(|w| w.stop_signal());
         let acquired = listen::Acquired {
-            fd,
+            source: listen::Source::Socket(fd),
             address,
             shared_key: None,
             unlink: None,
@@ -231,7 +241,16 @@ impl Server {
                 "server is not running",
             ));
         };
-        netcluster_protocol::fd::dup_raw(l.fd)
+        let Some(fd) = l.fd else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "server on {} is served round-robin by the primary: this process holds no listening socket",
+                    l.address
+                ),
+            ));
+        };
+        netcluster_protocol::fd::dup_raw(fd)
     }
 
     async fn start(
@@ -242,27 +261,40 @@ impl Server {
     ) -> io::Result<BoundAddress> {
         let (stop_tx, stop_rx) = oneshot::channel();
         let address = acquired.address.clone();
-        let fd = acquired.fd.as_raw_fd();
-        {
+        let fd = match &acquired.source {
+            listen::Source::Socket(fd) => Some(fd.as_raw_fd()),
+            listen::Source::RoundRobin(..) => None,
+        };
+        let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed);
+        let raced = {
             let mut state = lock(&self.inner.state);
-            if let Some(l) = state.as_ref() {
+            match state.as_ref() {
                 // A concurrent listen won the race; ours is closed by dropping it.
-                return Err(io::Error::new(
+                Some(l) => Some(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     format!("server is already listening on {}", l.address),
-                ));
+                )),
+                None => {
+                    *state = Some(Listening {
+                        address: address.clone(),
+                        shared_key: acquired.shared_key.clone(),
+                        fd,
+                        generation,
+                        stop: Some(stop_tx),
+                    });
+                    None
+                }
             }
-            *state = Some(Listening {
-                address: address.clone(),
-                shared_key: acquired.shared_key.clone(),
-                fd,
-                stop: Some(stop_tx),
-            });
+        };
+        if let Some(err) = raced {
+            leave_shared(acquired.shared_key).await;
+            return Err(err);
         }
-        let listener = match Listener::from_fd(acquired.fd, &address) {
+        let listener = match Listener::new(acquired.source, &address).await {
             Ok(l) => l,
             Err(e) => {
                 *lock(&self.inner.state) = None;
+                leave_shared(acquired.shared_key).await;
                 return Err(e);
             }
         };
@@ -280,6 +312,7 @@ impl Server {
                 worker: stop_signal,
                 cancel,
             },
+            generation,
             acquired.shared_key,
             acquired.unlink,
         ));
@@ -389,49 +422,141 @@ impl Server {
 enum Listener {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
+    /// Connections handed over by the primary (round robin).
+    RoundRobin {
+        handle: u64,
+        handoffs: Handoffs,
+        unix: bool,
+        worker: Arc<Worker>,
+    },
+}
+
+/// An accepted connection, and for a round-robin hand-off the (handle, seq) to answer.
+struct Incoming {
+    socket: Socket,
+    handoff: Option<(u64, u64)>,
 }
 
 impl Listener {
-    fn from_fd(fd: std::os::fd::OwnedFd, address: &BoundAddress) -> io::Result<Listener> {
-        match address {
-            BoundAddress::Tcp(_) => {
+    async fn new(source: listen::Source, address: &BoundAddress) -> io::Result<Listener> {
+        match (source, address) {
+            (listen::Source::Socket(fd), BoundAddress::Tcp(_)) => {
                 let std = std::net::TcpListener::from(fd);
                 std.set_nonblocking(true)?;
                 Ok(Listener::Tcp(tokio::net::TcpListener::from_std(std)?))
             }
-            BoundAddress::Unix(_) => {
+            (listen::Source::Socket(fd), BoundAddress::Unix(_)) => {
                 let std = std::os::unix::net::UnixListener::from(fd);
                 std.set_nonblocking(true)?;
                 Ok(Listener::Unix(tokio::net::UnixListener::from_std(std)?))
             }
+            (listen::Source::RoundRobin(handle, handoffs), address) => {
+                let worker = cluster::worker().await?.ok_or_else(|| {
+                    io::Error::other("a round-robin grant outside a cluster worker")
+                })?;
+                Ok(Listener::RoundRobin {
+                    handle,
+                    handoffs,
+                    unix: matches!(address, BoundAddress::Unix(_)),
+                    worker,
+                })
+            }
         }
     }
 
-    fn raw_fd(&self) -> RawFd {
-        match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix(l) => l.as_raw_fd(),
-        }
-    }
-
-    async fn accept(&self) -> io::Result<Socket> {
+    async fn accept(&mut self) -> io::Result<Incoming> {
         match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept().await?;
-                Ok(Socket::tcp(s))
+                Ok(Incoming {
+                    socket: Socket::tcp(s),
+                    handoff: None,
+                })
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                Ok(Socket::unix(s))
+                Ok(Incoming {
+                    socket: Socket::unix(s),
+                    handoff: None,
+                })
             }
+            Listener::RoundRobin {
+                handle,
+                handoffs,
+                unix,
+                worker,
+            } => loop {
+                let Some((seq, fd)) = handoffs.recv().await else {
+                    return std::future::pending().await;
+                };
+                match handoff_socket(fd, *unix) {
+                    Ok(socket) => {
+                        return Ok(Incoming {
+                            socket,
+                            handoff: Some((*handle, seq)),
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!("a handed-over connection is unusable: {e}");
+                        worker.ack_connection(*handle, seq, false).await;
+                    }
+                }
+            },
+        }
+    }
+
+    /// Answers a hand-off (round robin only).
+    async fn ack(&self, handoff: Option<(u64, u64)>, accepted: bool) {
+        if let (Listener::RoundRobin { worker, .. }, Some((handle, seq))) = (self, handoff) {
+            worker.ack_connection(handle, seq, accepted).await;
+        }
+    }
+
+    /// Stops round-robin intake: later hand-offs are answered "not accepted" by the worker,
+    /// and those already queued here are answered now.
+    async fn shut(self) {
+        if let Listener::RoundRobin {
+            handle,
+            mut handoffs,
+            worker,
+            ..
+        } = self
+        {
+            worker.unregister_round_robin(handle);
+            handoffs.close();
+            while let Some((seq, fd)) = handoffs.recv().await {
+                drop(fd);
+                worker.ack_connection(handle, seq, false).await;
+            }
+        }
+    }
+}
+
+fn handoff_socket(fd: OwnedFd, unix: bool) -> io::Result<Socket> {
+    if unix {
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(Socket::unix(tokio::net::UnixStream::from_std(std)?))
+    } else {
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(Socket::tcp(tokio::net::TcpStream::from_std(std)?))
+    }
+}
+
+/// Tells the primary this process no longer uses the shared socket of `key`.
+async fn leave_shared(key: Option<ListenKey>) {
+    if let Some(key) = key {
+        if let Ok(Some(worker)) = cluster::worker().await {
+            worker.leave(key).await;
         }
     }
 }
 
 /// Ends the listening state if it is still this accept loop's (not a later listen's).
-fn take_if_ours(inner: &Inner, fd: RawFd) {
+fn take_if_ours(inner: &Inner, generation: u64) {
     let mut state = lock(&inner.state);
-    if state.as_ref().is_some_and(|l| l.fd == fd) {
+    if state.as_ref().is_some_and(|l| l.generation == generation) {
         state.take();
     }
 }
@@ -478,8 +603,9 @@ struct Stops {
 
 async fn accept_loop(
     inner: Arc<Inner>,
-    listener: Listener,
+    mut listener: Listener,
     stops: Stops,
+    generation: u64,
     shared_key: Option<ListenKey>,
     unlink: Option<PathBuf>,
 ) {
@@ -508,18 +634,24 @@ async fn accept_loop(
             _ = &mut stop => break,
             () = &mut worker_stopping => {
                 // The worker is stopping: this server closes like server.close().
-                take_if_ours(&inner, listener.raw_fd());
+                take_if_ours(&inner, generation);
                 break;
             }
             () = &mut cancelled => {
                 // The listen's signal was aborted: close like server.close().
-                take_if_ours(&inner, listener.raw_fd());
+                take_if_ours(&inner, generation);
                 break;
             }
             accepted = listener.accept() => match accepted {
-                Ok(mut socket) => {
+                Ok(Incoming { mut socket, handoff }) => {
                     let max = inner.max_connections.load(Ordering::Relaxed);
                     if *inner.connections.borrow() >= max {
+                        if handoff.is_some() && !inner.options.drop_max_connection {
+                            // Round robin: at the limit, another worker takes it.
+                            listener.ack(handoff, false).await;
+                            continue;
+                        }
+                        listener.ack(handoff, true).await;
                         let info = match (socket.local_address(), socket.remote_address()) {
                             (Some(local), Some(remote)) => Some(DropInfo::new(local, remote)),
                             _ => None,
@@ -531,6 +663,7 @@ async fn accept_loop(
                         }
                         continue;
                     }
+                    listener.ack(handoff, true).await;
                     apply_options(&inner.options, &mut socket);
                     inner.connections.send_modify(|n| *n += 1);
                     inner.active.send_modify(|n| *n += 1);
@@ -555,17 +688,13 @@ async fn accept_loop(
             }
         }
     }
-    drop(listener);
+    listener.shut().await;
     if let Some(path) = unlink {
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::debug!("cannot remove {}: {e}", path.display());
         }
     }
-    if let Some(key) = shared_key {
-        if let Ok(Some(worker)) = cluster::worker().await {
-            worker.leave(key).await;
-        }
-    }
+    leave_shared(shared_key).await;
     inner.active.send_modify(|n| *n -= 1);
 }
 
