@@ -31,7 +31,7 @@
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
-use netcluster::cluster::{self, Cluster, Event, Role, SchedulingPolicy, Settings};
+use netcluster::cluster::{self, Cluster, Event, Role, SchedulingPolicy};
 use netcluster::net::{BoundAddress, ListenOptions, Server, ServerOptions};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -119,24 +119,26 @@ async fn main() -> ExitCode {
 }
 
 async fn primary(args: Args) -> std::io::Result<ExitCode> {
-    let mut settings = Settings::from_current_exe()?;
-    settings.workers = args.workers;
-    settings.drain_timeout = std::time::Duration::from_secs(5);
+    let mut builder = Cluster::builder()?
+        .workers(args.workers)
+        .drain_timeout(std::time::Duration::from_secs(5));
     if let Some(policy) = args.policy {
-        settings.policy = policy;
+        builder = builder.policy(policy);
     }
     // Kept open for the cluster's lifetime: workers listen on the primary's descriptor.
     let _listener = if args.primary_listener {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         let fd = l.as_raw_fd();
         println!("primary-fd {fd} {}", l.local_addr()?);
-        settings.args.push("--listen".into());
-        settings.args.push(format!("fd:{fd}").into());
+        let worker_args = std::env::args()
+            .skip(1)
+            .chain(["--listen".to_string(), format!("fd:{fd}")]);
+        builder = builder.args(worker_args);
         Some(l)
     } else {
         None
     };
-    let mut cluster = Cluster::new(settings);
+    let mut cluster = builder.build();
     cluster.start()?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;

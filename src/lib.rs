@@ -24,8 +24,8 @@ pub use netcluster_worker::net;
 pub mod cluster {
     pub use netcluster_primary::registry;
     pub use netcluster_primary::{
-        Cluster, DEFAULT_DRAIN_TIMEOUT, Event, SchedulingPolicy, Settings, UserMessage,
-        WorkerHandle, WorkerInfo, WorkerState,
+        Cluster, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Event, SchedulingPolicy, Settings,
+        UserMessage, WorkerHandle, WorkerInfo, WorkerState,
     };
     pub use netcluster_worker::cluster::{Role, StopReason, Worker, is_worker, role, worker};
 }

@@ -113,6 +113,92 @@ impl UserMessage {
     }
 }
 
+/// Builds a [`Cluster`] (Node's `cluster.setupPrimary(settings)`).
+///
+/// ```no_run
+/// use netcluster_primary::{Cluster, SchedulingPolicy};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// let mut cluster = Cluster::builder()?
+///     .workers(4)
+///     .policy(SchedulingPolicy::RoundRobin)
+///     .env("APP_MODE", "worker")
+///     .build();
+/// cluster.start()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    settings: Settings,
+}
+
+impl ClusterBuilder {
+    /// The program each worker runs (Node's `exec`).
+    #[must_use]
+    pub fn exec(mut self, program: impl Into<PathBuf>) -> Self {
+        self.settings.exec = program.into();
+        self
+    }
+
+    /// The workers' arguments (Node's `args`), replacing this process's.
+    #[must_use]
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.settings.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// One more environment variable for the workers (Node's `env`).
+    #[must_use]
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.settings.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The workers' working directory (Node's `cwd`).
+    #[must_use]
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.settings.cwd = Some(dir.into());
+        self
+    }
+
+    /// Node's `silent`: the workers' stdio goes to `/dev/null`.
+    #[must_use]
+    pub fn silent(mut self, silent: bool) -> Self {
+        self.settings.silent = silent;
+        self
+    }
+
+    /// How many workers [`Cluster::start`] forks.
+    #[must_use]
+    pub fn workers(mut self, n: usize) -> Self {
+        self.settings.workers = n;
+        self
+    }
+
+    /// The scheduling policy (Node's `cluster.schedulingPolicy`).
+    #[must_use]
+    pub fn policy(mut self, policy: SchedulingPolicy) -> Self {
+        self.settings.policy = policy;
+        self
+    }
+
+    /// How long a stopping worker may finish its connections.
+    #[must_use]
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.drain_timeout = timeout;
+        self
+    }
+
+    /// The cluster, with no worker started yet.
+    pub fn build(self) -> Cluster {
+        Cluster::new(self.settings)
+    }
+}
+
 /// Something that happened to a worker (Node's cluster events).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -362,6 +448,17 @@ impl Cluster {
             events_tx,
             events_rx,
         }
+    }
+
+    /// A builder whose defaults re-execute this program with its own arguments, one worker
+    /// per core, round robin (or `NETCLUSTER_SCHED_POLICY`).
+    ///
+    /// # Errors
+    /// When the path of the running executable cannot be found.
+    pub fn builder() -> io::Result<ClusterBuilder> {
+        Ok(ClusterBuilder {
+            settings: Settings::from_current_exe()?,
+        })
     }
 
     /// The settings.
