@@ -13,6 +13,10 @@
 //! | `count ADDRESS` | `cluster.get_connections(ADDRESS)`: prints `count N` or `count-error E` |
 //! | `stop` | `cluster.disconnect()`, then exit |
 //!
+//! `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
+//! rest (`worker ID churn ok PORTS`); `--spawn-child` makes it start this program with
+//! `--whoami` and print what the child thinks it is (`worker ID child says Primary`).
+//!
 //! A worker sent `count` answers `cluster-count N` with its servers' cluster-wide counts.
 //!
 //! Every worker sends `Cmd { cmd: "NODE_CLUSTER" }` when it starts (a message that would be an
@@ -56,6 +60,9 @@ struct Args {
     policy: Option<SchedulingPolicy>,
     max_connections: Option<usize>,
     drop_max: bool,
+    churn: bool,
+    spawn_child: bool,
+    whoami: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -85,6 +92,9 @@ fn parse_args() -> Result<Args, String> {
                     Some(v.parse().map_err(|_| format!("--max-connections {v:?}"))?);
             }
             "--drop-max" => args.drop_max = true,
+            "--churn" => args.churn = true,
+            "--spawn-child" => args.spawn_child = true,
+            "--whoami" => args.whoami = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -101,6 +111,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.whoami {
+        println!("{:?}", cluster::role());
+        return ExitCode::SUCCESS;
+    }
     let result = match cluster::role() {
         Role::Primary => primary(args).await,
         Role::Worker { id } => worker(id, args).await,
@@ -239,6 +253,24 @@ fn print_event(event: &Event) {
     }
 }
 
+/// test-cluster-child-index-net: listen(0), close, listen(0) again, twice over, in a worker;
+/// every listen succeeds.
+async fn churn(id: u32) -> std::io::Result<()> {
+    let mut ports = Vec::new();
+    for _ in 0..2 {
+        let server = Server::new(|_socket| async {});
+        ports.push(server.listen(ListenOptions::port(0)).await?.to_string());
+        server.close()?;
+        let server2 = Server::new(|_socket| async {});
+        ports.push(server2.listen(ListenOptions::port(0)).await?.to_string());
+        server2.close()?;
+        server.closed().await;
+        server2.closed().await;
+    }
+    println!("worker {id} churn ok {}", ports.join(" "));
+    Ok(())
+}
+
 async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
     let me = cluster::worker()
         .await?
@@ -248,6 +280,20 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
         cmd: "NODE_CLUSTER".into(),
     })
     .await?;
+    if args.churn {
+        churn(id).await?;
+    }
+    if args.spawn_child {
+        // The child inherits this worker's environment, but it is not a worker.
+        let out = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("--whoami")
+            .output()
+            .await?;
+        println!(
+            "worker {id} child says {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
     let mut servers = Vec::new();
     for value in &args.listen {
         let options = match value.strip_prefix("fd:") {

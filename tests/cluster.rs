@@ -419,3 +419,48 @@ fn drop_max_connection_drops_in_the_worker_with_a_drop_event() {
         "{line}"
     );
 }
+
+#[test]
+fn listen_0_close_and_listen_0_again_in_a_worker() {
+    // test-cluster-child-index-net
+    let mut r = probe(&["--workers", "1", "--churn"]);
+    let line = r.wait_stdout(T, |l| l.starts_with("worker 1 churn ok "));
+    let ports: Vec<&str> = line.split(' ').skip(4).collect();
+    assert_eq!(ports.len(), 4, "{line}");
+    assert!(ports.iter().all(|p| !p.ends_with(":0")), "{line}");
+}
+
+#[test]
+fn a_program_started_by_a_worker_is_not_a_worker() {
+    let mut r = probe(&["--workers", "1", "--spawn-child"]);
+    r.wait_stdout(T, |l| l == "worker 1 child says Primary");
+}
+
+#[test]
+fn binding_a_privileged_port_fails_in_the_worker_with_eacces() {
+    // test-cluster-bind-privileged-port: the primary's EACCES reaches the worker's listen.
+    let unprivileged_start: u32 =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1024);
+    if unprivileged_start <= 42 {
+        eprintln!(
+            "skipped: ip_unprivileged_port_start is {unprivileged_start}, so port 42 is not privileged here"
+        );
+        return;
+    }
+    let mut cmd = std::process::Command::new(example_bin("cluster_probe"));
+    cmd.args(["--workers", "1", "--listen", "127.0.0.1:42"]);
+    if nix::unistd::Uid::effective().is_root() {
+        // Run the cluster as nobody: root may bind anything.
+        use std::os::unix::process::CommandExt;
+        cmd.uid(65534).gid(65534);
+    }
+    let mut r = Running::from_command(cmd);
+    let line = r.wait_stdout(T, |l| l.contains("listen-error"));
+    assert!(
+        line.ends_with("listen-error listen 127.0.0.1:42: Permission denied (os error 13)"),
+        "{line}"
+    );
+}

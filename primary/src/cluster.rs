@@ -577,6 +577,7 @@ impl Cluster {
             .envs(self.settings.env.iter().map(|(k, v)| (k, v)))
             .env(env::WORKER_ID, id.to_string())
             .env(env::CHANNEL_FD, env::DEFAULT_CHANNEL_FD.to_string())
+            .env(env::PRIMARY_PID, std::process::id().to_string())
             .kill_on_drop(true);
         if self.settings.silent {
             cmd.stdin(std::process::Stdio::null())

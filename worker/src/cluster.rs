@@ -47,14 +47,23 @@ pub enum Role {
 ///     println!("worker {id}");
 /// }
 /// ```
+///
+/// A process is a worker when its environment names a worker id and its parent is the primary
+/// named there; a program a worker starts inherits the environment but not the parent, so it
+/// is not a worker. The answer is decided on the first call and kept, so a worker whose primary
+/// has died (and that was re-parented) does not turn into a primary.
 pub fn role() -> Role {
-    match std::env::var(env::WORKER_ID)
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-    {
-        Some(id) => Role::Worker { id },
-        None => Role::Primary,
-    }
+    static ROLE: std::sync::OnceLock<Role> = std::sync::OnceLock::new();
+    *ROLE.get_or_init(|| {
+        let var = |name| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+        match (var(env::WORKER_ID), var(env::PRIMARY_PID)) {
+            (Some(id), Some(primary)) if std::os::unix::process::parent_id() == primary => {
+                Role::Worker { id }
+            }
+            (Some(id), None) => Role::Worker { id },
+            _ => Role::Primary,
+        }
+    })
 }
 
 /// True when this process was started by a netcluster primary.
