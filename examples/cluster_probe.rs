@@ -10,10 +10,14 @@
 //! | `disconnect ID` | `worker.disconnect()` |
 //! | `kill ID SIGNAL` | `worker.kill(SIGNAL)` (`TERM`, `KILL`, …) |
 //! | `state ID` | prints `state ID <state> after_disconnect=<bool>` |
+//! | `relay` | starts a server in the primary whose connections are sent to the workers in turn with `send_handle` (`relay listening ADDRESS`); a worker greets them with `hello from worker ID` and echoes |
+//! | `relay-count` | that server's `getConnections()` (`relay-count N`), which counts the sockets the workers still hold |
+//! | `send-server ID` | sends a listening server to worker ID, which serves the echo app on it (`worker ID serving sent server ADDRESS`) |
 //! | `count ADDRESS` | `cluster.get_connections(ADDRESS)`: prints `count N` or `count-error E` |
 //! | `stop` | `cluster.disconnect()`, then exit |
 //!
-//! `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
+//! `--abandon HOST:PORT` makes each worker start a listen and give it up before the answer
+//! (`worker ID abandoned=true listening=false`). `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
 //! rest (`worker ID churn ok PORTS`); `--spawn-child` makes it start this program with
 //! `--whoami` and print what the child thinks it is (`worker ID child says Primary`).
 //!
@@ -35,7 +39,12 @@
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
-use netcluster::cluster::{self, Cluster, Event, Role, SchedulingPolicy};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use netcluster::cluster::{
+    self, Cluster, Event, ReceivedHandle, Role, SchedulingPolicy, SendHandle, WorkerHandle,
+};
 use netcluster::net::{BoundAddress, ListenOptions, Server, ServerOptions};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -61,6 +70,7 @@ struct Args {
     max_connections: Option<usize>,
     drop_max: bool,
     churn: bool,
+    abandon: Option<String>,
     spawn_child: bool,
     whoami: bool,
 }
@@ -93,6 +103,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--drop-max" => args.drop_max = true,
             "--churn" => args.churn = true,
+            "--abandon" => args.abandon = Some(it.next().ok_or("--abandon needs a value")?),
             "--spawn-child" => args.spawn_child = true,
             "--whoami" => args.whoami = true,
             other => return Err(format!("unknown argument {other:?}")),
@@ -156,11 +167,12 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
     cluster.start()?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
+    let mut relay = None;
     loop {
         tokio::select! {
             line = lines.next_line(), if stdin_open => match line? {
                 Some(line) => {
-                    if command(&mut cluster, line.trim()).await? {
+                    if command(&mut cluster, &mut relay, line.trim()).await? {
                         return Ok(ExitCode::SUCCESS);
                     }
                 }
@@ -178,7 +190,72 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
 }
 
 /// Runs one stdin command; true means "exit now".
-async fn command(cluster: &mut Cluster, line: &str) -> std::io::Result<bool> {
+async fn command(
+    cluster: &mut Cluster,
+    relay: &mut Option<Server>,
+    line: &str,
+) -> std::io::Result<bool> {
+    if line == "relay" {
+        // A server in the primary whose connections are sent to the workers in turn.
+        let workers: Vec<WorkerHandle> = cluster
+            .workers()
+            .iter()
+            .filter_map(|w| cluster.worker(w.id))
+            .collect();
+        let workers = Arc::new(workers);
+        let turn = Arc::new(AtomicUsize::new(0));
+        let server = Server::new(move |socket| {
+            let workers = workers.clone();
+            let turn = turn.clone();
+            async move {
+                let w = &workers[turn.fetch_add(1, Ordering::Relaxed) % workers.len()];
+                if let Err(e) = w
+                    .send_handle(
+                        &Msg::Text("relay".into()),
+                        SendHandle::Socket(Box::new(socket)),
+                        false,
+                    )
+                    .await
+                {
+                    println!("error send_handle {}: {e}", w.id());
+                }
+            }
+        });
+        let address = server
+            .listen(ListenOptions::port(0).host("127.0.0.1"))
+            .await?;
+        println!("relay listening {address}");
+        *relay = Some(server);
+        return Ok(false);
+    }
+    if line == "relay-count" {
+        if let Some(server) = relay {
+            match server.get_connections().await {
+                Ok(n) => println!("relay-count {n}"),
+                Err(e) => println!("relay-count-error {e}"),
+            }
+        }
+        return Ok(false);
+    }
+    if let Some(id) = line.strip_prefix("send-server ") {
+        let Some(w) = id.parse().ok().and_then(|id| cluster.worker(id)) else {
+            println!("error no worker {id}");
+            return Ok(false);
+        };
+        let server = Server::new(|_socket| async {});
+        let address = server
+            .listen(ListenOptions::port(0).host("127.0.0.1"))
+            .await?;
+        w.send_handle(
+            &Msg::Text("server".into()),
+            SendHandle::Server(server.clone()),
+            false,
+        )
+        .await?;
+        server.close()?;
+        println!("sent server {address}");
+        return Ok(false);
+    }
     if let Some(address) = line.strip_prefix("count ") {
         let address = match address.parse::<std::net::SocketAddr>() {
             Ok(a) => BoundAddress::Tcp(a),
@@ -283,6 +360,24 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
     if args.churn {
         churn(id).await?;
     }
+    if let Some(addr) = &args.abandon {
+        // test-net-server-close-before-ipc-response: the listen is given up before the
+        // primary answers; the late answer must be closed and the membership given back.
+        let addr: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|_| std::io::Error::other("--abandon HOST:PORT"))?;
+        let server = Server::new(|_socket| async {});
+        // Poll the listen once (it sends the query), then drop it unanswered.
+        let mut listen = Box::pin(server.listen(addr));
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(listen.as_mut().poll(cx))).await;
+        let gave_up = first.is_pending();
+        drop(listen);
+        println!(
+            "worker {id} abandoned={gave_up} listening={}",
+            server.listening()
+        );
+    }
     if args.spawn_child {
         // The child inherits this worker's environment, but it is not a worker.
         let out = tokio::process::Command::new(std::env::current_exe()?)
@@ -326,8 +421,24 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
     }
     loop {
         tokio::select! {
-            msg = me.recv::<Msg>() => match msg? {
-                Some(Msg::Text(text)) if text == "count" => {
+            msg = me.recv_with_handle::<Msg>() => match msg? {
+                Some((_, Some(ReceivedHandle::Socket(socket)))) => {
+                    // A connection the primary's relay server accepted.
+                    tokio::spawn(async move {
+                        let mut socket = *socket;
+                        let greeting = format!("hello from worker {id}\r\n");
+                        if socket.write(greeting.as_bytes()).is_ok() {
+                            netcluster::apps::echo::pipe_back(socket).await;
+                        }
+                    });
+                }
+                Some((_, Some(ReceivedHandle::Server(sent)))) => {
+                    let address = sent.address().clone();
+                    let server = sent.serve(netcluster::apps::echo::serve_connection).await?;
+                    println!("worker {id} serving sent server {address}");
+                    servers.push(server);
+                }
+                Some((Msg::Text(text), None)) if text == "count" => {
                     let mut counts = Vec::new();
                     for server in &servers {
                         counts.push(match server.get_cluster_connections().await {
@@ -337,8 +448,8 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
                     }
                     me.send(&Msg::Text(format!("cluster-count {}", counts.join(" ")))).await?;
                 }
-                Some(Msg::Text(text)) => me.send(&Msg::Text(format!("echo {text}"))).await?,
-                Some(other) => println!("worker {id} got {other:?}"),
+                Some((Msg::Text(text), None)) => me.send(&Msg::Text(format!("echo {text}"))).await?,
+                Some((other, None)) => println!("worker {id} got {other:?}"),
                 None => break,
             },
             _ = me.shutdown_requested() => break,

@@ -24,10 +24,12 @@ pub use netcluster_worker::net;
 pub mod cluster {
     pub use netcluster_primary::registry;
     pub use netcluster_primary::{
-        Cluster, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Event, SchedulingPolicy, Settings,
-        UserMessage, WorkerHandle, WorkerInfo, WorkerState,
+        Cluster, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Event, SchedulingPolicy, SendHandle,
+        Settings, UserMessage, WorkerHandle, WorkerInfo, WorkerState,
     };
-    pub use netcluster_worker::cluster::{Role, StopReason, Worker, is_worker, role, worker};
+    pub use netcluster_worker::cluster::{
+        ReceivedHandle, ReceivedServer, Role, StopReason, Worker, is_worker, role, worker,
+    };
 }
 
 /// Sends `tracing` output to stderr, filtered by `NETCLUSTER_LOG` (default `info`), with colours

@@ -464,3 +464,102 @@ fn binding_a_privileged_port_fails_in_the_worker_with_eacces() {
         "{line}"
     );
 }
+
+#[test]
+fn sockets_sent_to_workers_are_counted_by_the_sending_server() {
+    // child-process-fork-getconnections: the primary's server sends each connection to a
+    // worker; its getConnections counts them while the workers hold them open.
+    let mut r = probe(&["--workers", "2"]);
+    r.wait_lines(
+        T,
+        &[
+            "message 1 Cmd { cmd: \"NODE_CLUSTER\" }",
+            "message 2 Cmd { cmd: \"NODE_CLUSTER\" }",
+        ],
+    );
+    r.send_line("relay");
+    let line = r.wait_stdout(T, |l| l.starts_with("relay listening "));
+    let addr: SocketAddr = line
+        .trim_start_matches("relay listening ")
+        .parse()
+        .expect("addr");
+    let mut conns: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(T)).expect("timeout");
+            let mut greeting = [0u8; 21];
+            s.read_exact(&mut greeting).expect("greeting");
+            assert!(greeting.starts_with(b"hello from worker "), "{greeting:?}");
+            s
+        })
+        .collect();
+    let count = |r: &mut Running| -> usize {
+        r.send_line("relay-count");
+        let line = r.wait_stdout(T, |l| l.starts_with("relay-count"));
+        line.strip_prefix("relay-count ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"))
+    };
+    assert_eq!(count(&mut r), 10, "sent sockets still open in the workers");
+    // The worker echoes on the socket it received.
+    conns[0].write_all(b"ping").expect("write");
+    let mut back = [0u8; 4];
+    conns[0].read_exact(&mut back).expect("echo");
+    assert_eq!(&back, b"ping");
+    conns.truncate(6);
+    let mut n = 0;
+    for _ in 0..200 {
+        n = count(&mut r);
+        if n == 6 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(n, 6, "closed sockets are no longer counted");
+}
+
+#[test]
+fn a_server_sent_to_a_worker_is_served_there() {
+    let mut r = probe(&["--workers", "1"]);
+    r.wait_stdout(T, |l| l.starts_with("online 1 "));
+    r.send_line("send-server 1");
+    let line = r.wait_stdout(T, |l| l.starts_with("worker 1 serving sent server "));
+    let addr: SocketAddr = line
+        .trim_start_matches("worker 1 serving sent server ")
+        .parse()
+        .expect("addr");
+    r.seen_or_wait(T, |l| l == format!("sent server {addr}"));
+    // The primary closed its copy; the worker's serves.
+    echo_once(addr);
+}
+
+fn a_late_listen_reply_is_closed_and_dropped(policy: &str) {
+    // test-net-server-close-before-ipc-response
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let addr = format!("127.0.0.1:{port}");
+    let mut r = probe(&["--workers", "1", "--abandon", &addr, "--policy", policy]);
+    r.wait_stdout(T, |l| l == "worker 1 abandoned=true listening=false");
+    // The primary bound the port for the abandoned listen; once the late answer is dropped
+    // and the worker gives the membership back, the primary closes it.
+    eventually(T, "the abandoned socket to be closed", || {
+        TcpStream::connect(("127.0.0.1", port))
+            .is_err()
+            .then_some(())
+    });
+    // And the key can be listened on again.
+    let again = std::net::TcpListener::bind(("127.0.0.1", port));
+    assert!(again.is_ok(), "{again:?}");
+}
+
+#[test]
+fn a_late_listen_reply_is_closed_and_dropped_shared() {
+    a_late_listen_reply_is_closed_and_dropped("shared");
+}
+
+#[test]
+fn a_late_listen_reply_is_closed_and_dropped_round_robin() {
+    a_late_listen_reply_is_closed_and_dropped("round-robin");
+}

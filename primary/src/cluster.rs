@@ -15,11 +15,14 @@ use netcluster_protocol::channel::{self, Channel};
 use netcluster_protocol::env;
 use netcluster_protocol::handle::ListenError;
 use netcluster_protocol::message::{
-    BoundAddress, ListenKey, ListenParams, ListenTarget, PROTOCOL_VERSION, ToPrimary, ToWorker,
+    BoundAddress, HandleKind, ListenKey, ListenParams, ListenTarget, PROTOCOL_VERSION, ToPrimary,
+    ToWorker,
 };
+use netcluster_worker::net::{RemoteCount, Server, Socket, register_remote_count};
 use nix::sys::signal::Signal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::os::fd::AsFd;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::registry::{Member, Registry, SchedulingPolicy};
@@ -373,6 +376,47 @@ fn fail_query(state: &State, seq: u64, why: String) {
     }
 }
 
+/// How many sockets sent to worker `id` from the primary's server `origin` are still open
+/// there; 0 once the worker is gone (its sockets went with it).
+async fn count_sent(state: &State, id: u32, origin: u64) -> io::Result<usize> {
+    let channel = lock(&state.workers)
+        .get(&id)
+        .filter(|s| !matches!(s.state, WorkerState::Dead | WorkerState::Disconnected))
+        .map(|s| s.channel.clone());
+    let Some(channel) = channel else {
+        return Ok(0);
+    };
+    let seq = state.next_query.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = oneshot::channel();
+    lock(&state.queries).insert(
+        seq,
+        CountQuery {
+            remaining: HashSet::from([id]),
+            total: 0,
+            done: Some(tx),
+        },
+    );
+    if let Err(e) = channel
+        .send(&ToWorker::CountSent { seq, origin }, &[])
+        .await
+    {
+        fail_query(state, seq, format!("worker {id} cannot be asked: {e}"));
+    }
+    let result = match tokio::time::timeout(COUNT_TIMEOUT, rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err("the count was abandoned".into()),
+        Err(_) => {
+            lock(&state.queries).remove(&seq);
+            Err(format!(
+                "worker {id} did not answer within {COUNT_TIMEOUT:?}"
+            ))
+        }
+    };
+    result
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+        .map_err(|e| io::Error::other(format!("getConnections: {e}")))
+}
+
 /// Worker `id` answered count query `seq`.
 fn count_reply(state: &State, id: u32, seq: u64, count: u64) {
     let mut queries = lock(&state.queries);
@@ -703,6 +747,15 @@ impl Cluster {
     }
 }
 
+/// A handle to send to a worker with [`WorkerHandle::send_handle`].
+#[derive(Debug)]
+pub enum SendHandle {
+    /// A listening server (its socket is duplicated; the server goes on here).
+    Server(Server),
+    /// A connected socket (boxed: a `Socket` is much larger than a server handle).
+    Socket(Box<Socket>),
+}
+
 /// A worker, as the primary sees it (Node's `cluster.workers[id]`). Cheap to clone; stays
 /// valid after the worker died.
 #[derive(Debug, Clone)]
@@ -764,6 +817,82 @@ impl WorkerHandle {
             .send(&ToWorker::Message { data }, &[])
             .await
             .map_err(|e| io::Error::other(format!("worker {}: send: {e}", self.id)))
+    }
+
+    /// `worker.send(message, handle)`: sends a user message with a listening socket or a
+    /// connected socket, which the worker receives with `Worker::recv_with_handle` as a
+    /// `ReceivedHandle::Server` or `ReceivedHandle::Socket`.
+    ///
+    /// A socket follows Node's rule: with `keep_open` false it is closed here once sent (the
+    /// sender stops counting it), the worker counts it until it closes, and the
+    /// `getConnections()` of the server that accepted it here ([`Socket::origin`]) includes
+    /// it for as long as the worker keeps it open. A server handle stays open here.
+    ///
+    /// # Errors
+    /// `NotConnected` when the worker is disconnected; `InvalidInput` when the server is not
+    /// listening or the socket has no connection; the message's encoding errors.
+    pub async fn send_handle<T: Serialize + ?Sized>(
+        &self,
+        message: &T,
+        handle: SendHandle,
+        keep_open: bool,
+    ) -> io::Result<()> {
+        let data = postcard::to_allocvec(message)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("message: {e}")))?;
+        let channel = self.channel()?;
+        match handle {
+            SendHandle::Server(server) => {
+                let address = server.address().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "send_handle: the server is not listening",
+                    )
+                })?;
+                let fd = server.handle()?;
+                let msg = ToWorker::Handle {
+                    data,
+                    kind: HandleKind::Server { address },
+                };
+                channel
+                    .send(&msg, &[fd.as_fd()])
+                    .await
+                    .map_err(|e| io::Error::other(format!("worker {}: send_handle: {e}", self.id)))
+            }
+            SendHandle::Socket(mut socket) => {
+                let origin = socket.origin();
+                let Some(fd) = socket.fd() else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "send_handle: the socket has no connection",
+                    ));
+                };
+                let msg = ToWorker::Handle {
+                    data,
+                    kind: HandleKind::Socket { origin },
+                };
+                channel.send(&msg, &[fd]).await.map_err(|e| {
+                    io::Error::other(format!("worker {}: send_handle: {e}", self.id))
+                })?;
+                if let Some(origin) = origin {
+                    let state = Arc::downgrade(&self.state);
+                    let id = self.id;
+                    let count: RemoteCount = Arc::new(move || {
+                        let state = state.clone();
+                        Box::pin(async move {
+                            match state.upgrade() {
+                                Some(state) => count_sent(&state, id, origin).await,
+                                None => Ok(0),
+                            }
+                        })
+                    });
+                    register_remote_count(origin, u64::from(id), count);
+                }
+                if !keep_open {
+                    socket.destroy(None);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// `worker.disconnect()`: the worker closes its servers, waits for its connections to end

@@ -12,7 +12,7 @@ pub mod registry;
 pub mod round_robin;
 
 pub use cluster::{
-    Cluster, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Event, Settings, UserMessage, WorkerHandle,
-    WorkerInfo, WorkerState,
+    Cluster, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Event, SendHandle, Settings, UserMessage,
+    WorkerHandle, WorkerInfo, WorkerState,
 };
 pub use registry::SchedulingPolicy;

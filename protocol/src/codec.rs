@@ -171,7 +171,7 @@ fn read_varint(bytes: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::message::{
-        BoundAddress, Grant, ListenKey, ListenParams, ListenTarget, ToPrimary, ToWorker,
+        BoundAddress, Grant, HandleKind, ListenKey, ListenParams, ListenTarget, ToPrimary, ToWorker,
     };
 
     const MAX: usize = DEFAULT_MAX_FRAME;
@@ -232,6 +232,11 @@ mod tests {
                     drain_timeout_ms: 1,
                 },
                 ToWorker::Message { data: Vec::new() },
+                ToWorker::Handle {
+                    data: vec![7],
+                    kind: HandleKind::Socket { origin: Some(3) },
+                },
+                ToWorker::CountSent { seq: 8, origin: 3 },
                 ToWorker::Connection { handle: 2, seq: 5 },
                 ToWorker::CountQuery {
                     seq: 4,
@@ -309,11 +314,11 @@ mod tests {
 
     #[test]
     fn unknown_variant_is_named() {
-        let frame = [PROTOCOL_VERSION, 9, 0, 0];
+        let frame = [PROTOCOL_VERSION, 19, 0, 0];
         let err = decode::<ToWorker>(&frame, MAX).expect_err("unknown");
         assert_eq!(
             err.to_string(),
-            "unknown ToWorker variant 9 (this side knows 8)"
+            "unknown ToWorker variant 19 (this side knows 10)"
         );
     }
 

@@ -18,6 +18,6 @@ pub use channel::{Channel, ChannelError};
 pub use codec::CodecError;
 pub use handle::ListenError;
 pub use message::{
-    BoundAddress, Frame, Grant, ListenKey, ListenParams, ListenTarget, PROTOCOL_VERSION, ToPrimary,
-    ToWorker,
+    BoundAddress, Frame, Grant, HandleKind, ListenKey, ListenParams, ListenTarget,
+    PROTOCOL_VERSION, ToPrimary, ToWorker,
 };

@@ -176,6 +176,22 @@ pub enum Grant {
     ReusePort,
 }
 
+/// What kind of handle rides with a `ToWorker::Handle` message.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum HandleKind {
+    /// A listening socket (a `net.Server`), bound to this address.
+    Server {
+        /// Where it is bound.
+        address: BoundAddress,
+    },
+    /// A connected socket (a `net.Socket`).
+    Socket {
+        /// The sender's server that accepted it, if any: that server's `getConnections` goes
+        /// on counting the socket while the receiver keeps it open.
+        origin: Option<u64>,
+    },
+}
+
 /// Worker → primary.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum ToPrimary {
@@ -315,6 +331,22 @@ pub enum ToWorker {
         /// The encoded value.
         data: Vec<u8>,
     },
+    /// A user message with a handle (`worker.send(message, handle)`); carries the handle's
+    /// descriptor.
+    Handle {
+        /// The encoded value.
+        data: Vec<u8>,
+        /// What the descriptor is.
+        kind: HandleKind,
+    },
+    /// How many sockets sent to this worker from the primary's server `origin` are still
+    /// open? (answered by `ToPrimary::CountReply`)
+    CountSent {
+        /// Query number.
+        seq: u64,
+        /// The sender's server.
+        origin: u64,
+    },
     /// A connection the primary accepted on round-robin listener `handle`; carries its
     /// descriptor. Answered by `ToPrimary::Accepted`.
     Connection {
@@ -341,14 +373,14 @@ pub enum ToWorker {
 
 impl Frame for ToWorker {
     const NAME: &'static str = "ToWorker";
-    const VARIANTS: u32 = 8;
+    const VARIANTS: u32 = 10;
     fn fd_count(&self) -> usize {
         match self {
             ToWorker::ListenOk {
                 grant: Grant::Shared,
                 ..
             } => 1,
-            ToWorker::Connection { .. } => 1,
+            ToWorker::Connection { .. } | ToWorker::Handle { .. } => 1,
             _ => 0,
         }
     }

@@ -7,11 +7,16 @@ use crate::net::{Server, Socket};
 
 /// Serves one connection: `c.write('hello\r\n'); c.pipe(c);`.
 pub async fn serve_connection(mut socket: Socket) {
-    let peer = socket.remote_address();
-    tracing::debug!(?peer, "client connected");
+    tracing::debug!(peer = ?socket.remote_address(), "client connected");
     if socket.write_all(b"hello\r\n").await.is_err() {
         return;
     }
+    pipe_back(socket).await;
+}
+
+/// `c.pipe(c)`: sends back everything received until the peer ends, then ends.
+pub async fn pipe_back(socket: Socket) {
+    let peer = socket.remote_address();
     let (mut reader, mut writer) = tokio::io::split(socket);
     if let Err(e) = tokio::io::copy(&mut reader, &mut writer).await {
         tracing::debug!(?peer, "echo ended: {e}");

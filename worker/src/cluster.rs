@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use netcluster_protocol::handle::ListenError;
 use netcluster_protocol::message::{
-    BoundAddress, Grant, ListenKey, ListenParams, PROTOCOL_VERSION, ToPrimary, ToWorker,
+    BoundAddress, Grant, HandleKind, ListenKey, ListenParams, PROTOCOL_VERSION, ToPrimary, ToWorker,
 };
 use netcluster_protocol::{Channel, env};
 use serde::Serialize;
@@ -96,6 +96,51 @@ pub(crate) struct Granted {
 
 type Pending = HashMap<u64, (ListenKey, oneshot::Sender<io::Result<Granted>>)>;
 
+/// A handle the primary sent with a message (`worker.send(message, handle)` in Node).
+#[derive(Debug)]
+pub enum ReceivedHandle {
+    /// A listening socket: serve it with [`ReceivedServer::serve`].
+    Server(ReceivedServer),
+    /// A connected socket (boxed: a `Socket` is much larger than a listening handle).
+    Socket(Box<crate::net::Socket>),
+}
+
+/// A listening socket received from the primary.
+#[derive(Debug)]
+pub struct ReceivedServer {
+    fd: OwnedFd,
+    address: BoundAddress,
+}
+
+impl ReceivedServer {
+    /// Where the socket is bound.
+    pub fn address(&self) -> &BoundAddress {
+        &self.address
+    }
+
+    /// A [`Server`](crate::net::Server) running `handler` on this socket.
+    ///
+    /// # Errors
+    /// When the descriptor cannot listen (see [`Server::listen_handle`](crate::net::Server::listen_handle)).
+    pub async fn serve<F, Fut>(self, handler: F) -> io::Result<crate::net::Server>
+    where
+        F: Fn(crate::net::Socket) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let server = crate::net::Server::new(handler);
+        server.listen_handle(&self.fd).await?;
+        Ok(server)
+    }
+
+    /// The descriptor itself.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
+
+/// A user message as it arrived, with the handle sent along, if any.
+type Incoming = (Vec<u8>, Option<ReceivedHandle>);
+
 /// Connections handed over on one round-robin listener: (hand-off number, descriptor).
 pub(crate) type Handoffs = mpsc::UnboundedReceiver<(u64, OwnedFd)>;
 
@@ -115,9 +160,11 @@ pub struct Worker {
     counters: Mutex<Vec<(ListenKey, watch::Receiver<usize>)>>,
     /// Cluster-wide count requests waiting for the primary's answer.
     counts: Mutex<HashMap<u64, oneshot::Sender<Result<u64, String>>>>,
+    /// Sockets received from the primary that are still open, by the primary's server.
+    received: Arc<Mutex<HashMap<u64, usize>>>,
     /// Dropped when the channel closes, so `recv` then returns `None`.
-    messages_tx: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
-    messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
+    messages_tx: Mutex<Option<mpsc::UnboundedSender<Incoming>>>,
+    messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<Incoming>>,
 }
 
 static WORKER: OnceCell<Arc<Worker>> = OnceCell::const_new();
@@ -207,6 +254,7 @@ impl Worker {
             round_robin: Mutex::new(HashMap::new()),
             counters: Mutex::new(Vec::new()),
             counts: Mutex::new(HashMap::new()),
+            received: Arc::new(Mutex::new(HashMap::new())),
             messages_tx: Mutex::new(Some(messages_tx)),
             messages: tokio::sync::Mutex::new(messages),
         });
@@ -261,19 +309,38 @@ impl Worker {
     /// # Errors
     /// `InvalidData` naming the type when the message does not decode as `T` (the message is
     /// consumed).
+    /// A handle that came with the message is closed; use [`Worker::recv_with_handle`] to
+    /// keep it.
     pub async fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<T>> {
-        let Some(data) = self.messages.lock().await.recv().await else {
+        Ok(self
+            .recv_with_handle()
+            .await?
+            .map(|(message, _handle)| message))
+    }
+
+    /// The next message from the primary with the handle sent along (Node's
+    /// `process.on('message', (message, handle) => …)`); `Ok(None)` once the primary is gone.
+    ///
+    /// # Errors
+    /// `InvalidData` naming the type when the message does not decode as `T` (the message and
+    /// its handle are dropped).
+    pub async fn recv_with_handle<T: DeserializeOwned>(
+        &self,
+    ) -> io::Result<Option<(T, Option<ReceivedHandle>)>> {
+        let Some((data, handle)) = self.messages.lock().await.recv().await else {
             return Ok(None);
         };
-        postcard::from_bytes(&data).map(Some).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "message from the primary is not a {}: {e}",
-                    std::any::type_name::<T>()
-                ),
-            )
-        })
+        postcard::from_bytes(&data)
+            .map(|m| Some((m, handle)))
+            .map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "message from the primary is not a {}: {e}",
+                        std::any::type_name::<T>()
+                    ),
+                )
+            })
     }
 
     /// Disconnects from the primary by itself (`cluster.worker.disconnect()`): every server of
@@ -513,10 +580,46 @@ impl Worker {
                 tracing::info!(worker = self.id, "asked to stop by the primary");
                 self.request_stop(StopReason::Requested, Some(drain_timeout_ms));
             }
-            ToWorker::Message { data } => {
-                // Nobody receiving is fine: messages wait until someone calls `recv`.
-                if let Some(tx) = lock(&self.messages_tx).as_ref() {
-                    let _ = tx.send(data);
+            ToWorker::Message { data } => self.deliver(data, None),
+            ToWorker::Handle { data, kind } => {
+                // The channel checked that exactly one descriptor came with it.
+                let Some(fd) = fds.into_iter().next() else {
+                    return;
+                };
+                let handle = match kind {
+                    HandleKind::Server { address } => {
+                        ReceivedHandle::Server(ReceivedServer { fd, address })
+                    }
+                    HandleKind::Socket { origin } => match crate::net::Socket::from_received(fd) {
+                        Ok(mut socket) => {
+                            if let Some(origin) = origin {
+                                // Counted for the sender's getConnections until it closes.
+                                *lock(&self.received).entry(origin).or_default() += 1;
+                                let received = self.received.clone();
+                                socket.on_close(move || {
+                                    if let Some(n) = lock(&received).get_mut(&origin) {
+                                        *n = n.saturating_sub(1);
+                                    }
+                                });
+                            }
+                            ReceivedHandle::Socket(Box::new(socket))
+                        }
+                        Err(e) => {
+                            tracing::warn!(worker = self.id, "a received socket is unusable: {e}");
+                            return;
+                        }
+                    },
+                };
+                self.deliver(data, Some(handle));
+            }
+            ToWorker::CountSent { seq, origin } => {
+                let count = lock(&self.received).get(&origin).copied().unwrap_or(0) as u64;
+                if let Err(e) = self
+                    .channel
+                    .send(&ToPrimary::CountReply { seq, count }, &[])
+                    .await
+                {
+                    tracing::debug!(worker = self.id, "cannot answer a count query: {e}");
                 }
             }
             ToWorker::CountQuery { seq, key } => {
@@ -537,6 +640,13 @@ impl Worker {
             ToWorker::Welcome { .. } => {
                 tracing::warn!(worker = self.id, "unexpected second Welcome ignored");
             }
+        }
+    }
+
+    /// Queues a user message for `recv` (nobody receiving yet is fine: it waits).
+    fn deliver(&self, data: Vec<u8>, handle: Option<ReceivedHandle>) {
+        if let Some(tx) = lock(&self.messages_tx).as_ref() {
+            let _ = tx.send((data, handle));
         }
     }
 

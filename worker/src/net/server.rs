@@ -81,6 +81,29 @@ impl DropInfo {
 /// "No limit" in the `max_connections` atomic.
 const UNLIMITED: usize = usize::MAX;
 
+/// Asks another process how many of a server's sockets it still holds open.
+pub type RemoteCount =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send>> + Send + Sync>;
+
+/// Remote counters by server id, then by a tag naming the process asked (e.g. a worker id).
+type RemoteCounts = std::collections::HashMap<u64, std::collections::HashMap<u64, RemoteCount>>;
+
+static REMOTE_COUNTS: std::sync::LazyLock<Mutex<RemoteCounts>> =
+    std::sync::LazyLock::new(|| Mutex::new(RemoteCounts::new()));
+
+static NEXT_SERVER_ID: AtomicUsize = AtomicUsize::new(1);
+
+/// Makes [`Server::get_connections`] of server `server_id` also count the sockets it sent to
+/// another process (Node's rule for `subprocess.send(message, socket)`): `count` asks that
+/// process, named by `tag`, how many are still open. A second registration for the same tag
+/// replaces the first.
+pub fn register_remote_count(server_id: u64, tag: u64, count: RemoteCount) {
+    lock(&REMOTE_COUNTS)
+        .entry(server_id)
+        .or_default()
+        .insert(tag, count);
+}
+
 /// A stream server (`net.createServer(connectionListener)`).
 ///
 /// Cloning gives another handle to the same server.
@@ -121,6 +144,7 @@ impl std::fmt::Debug for Server {
 }
 
 struct Inner {
+    id: u64,
     handler: Handler,
     options: ServerOptions,
     max_connections: AtomicUsize,
@@ -165,6 +189,7 @@ impl Server {
         let handler: Handler = Arc::new(move |socket| Box::pin(handler(socket)));
         Server {
             inner: Arc::new(Inner {
+                id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed) as u64,
                 handler,
                 options,
                 max_connections: AtomicUsize::new(UNLIMITED),
@@ -335,13 +360,29 @@ impl Server {
         *self.inner.connections.borrow()
     }
 
-    /// `server.getConnections(callback)`: the number of open connections of this server in
-    /// this process.
+    /// This server's id, unique in this process (sockets it accepted carry it as their
+    /// [`Socket::origin`]).
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// `server.getConnections(callback)`: the open connections of this server in this process,
+    /// plus, as in Node, the sockets it accepted and sent to other processes that are still
+    /// open there (see [`register_remote_count`]; the cluster's `send_handle` registers them).
     ///
     /// # Errors
-    /// None today; the signature leaves room for counts that must be asked for.
+    /// When a process holding sent sockets exits before it replies (Node's
+    /// `ERR_CHILD_CLOSED_BEFORE_REPLY`).
     pub async fn get_connections(&self) -> io::Result<usize> {
-        Ok(self.connections())
+        let remote: Vec<RemoteCount> = lock(&REMOTE_COUNTS)
+            .get(&self.inner.id)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        let mut total = self.connections();
+        for count in remote {
+            total += count().await?;
+        }
+        Ok(total)
     }
 
     /// The open connections on this server's socket summed over every process of the cluster
@@ -664,6 +705,7 @@ async fn accept_loop(
                         continue;
                     }
                     listener.ack(handoff, true).await;
+                    socket.set_origin(Some(inner.id));
                     apply_options(&inner.options, &mut socket);
                     inner.connections.send_modify(|n| *n += 1);
                     inner.active.send_modify(|n| *n += 1);

@@ -121,6 +121,10 @@ pub struct Socket {
     decoder: TextDecoder,
     /// `set_no_delay` / `set_keep_alive` made before the connection exists.
     pending_options: Mutex<PendingOptions>,
+    /// The id of the server that accepted this connection, if one did.
+    origin: Option<u64>,
+    /// Runs once when the socket closes (a received socket's count goes down).
+    close_hook: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<Stream>> + Send>>;
@@ -352,6 +356,8 @@ impl Socket {
             encoding: None,
             decoder: TextDecoder::default(),
             pending_options: Mutex::new(PendingOptions::default()),
+            origin: None,
+            close_hook: None,
         }
     }
 
@@ -364,6 +370,45 @@ impl Socket {
     /// An accepted Unix connection.
     pub(crate) fn unix(stream: UnixStream) -> Self {
         Socket::open(Stream::Unix(stream))
+    }
+
+    /// A connected stream socket received from another process (TCP or Unix, told by the
+    /// socket's own family); must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// When the descriptor is not a stream socket, or cannot be registered with tokio.
+    pub(crate) fn from_received(fd: std::os::fd::OwnedFd) -> io::Result<Socket> {
+        let sock = socket2::SockRef::from(&fd);
+        if sock.r#type()? != socket2::Type::STREAM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the received descriptor is not a stream socket",
+            ));
+        }
+        if sock.domain()? == socket2::Domain::UNIX {
+            let std = std::os::unix::net::UnixStream::from(fd);
+            std.set_nonblocking(true)?;
+            Ok(Socket::unix(UnixStream::from_std(std)?))
+        } else {
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true)?;
+            Ok(Socket::tcp(TcpStream::from_std(std)?))
+        }
+    }
+
+    /// The id ([`Server::id`](crate::net::Server::id)) of the server that accepted this
+    /// connection, if a server of this process did.
+    pub fn origin(&self) -> Option<u64> {
+        self.origin
+    }
+
+    pub(crate) fn set_origin(&mut self, origin: Option<u64>) {
+        self.origin = origin;
+    }
+
+    /// Runs `hook` once when the socket closes (destroyed, failed, or dropped).
+    pub(crate) fn on_close(&mut self, hook: impl FnOnce() + Send + Sync + 'static) {
+        self.close_hook = Some(Box::new(hook));
     }
 
     fn open(stream: Stream) -> Socket {
@@ -732,6 +777,9 @@ impl Socket {
         self.io = Io::Closed;
         self.destroyed = true;
         self.had_error |= had_error;
+        if let Some(hook) = self.close_hook.take() {
+            hook();
+        }
         self.readable = false;
         self.writable = false;
         self.end_pending = false;
