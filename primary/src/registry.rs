@@ -445,6 +445,36 @@ mod tests {
     }
 
     #[test]
+    fn the_first_request_for_a_key_decides_the_backlog() {
+        let mut r = Registry::default();
+        let first = ListenParams {
+            backlog: 5,
+            ..ListenParams::default()
+        };
+        let later = ListenParams {
+            backlog: 100,
+            ..ListenParams::default()
+        };
+        let a = r
+            .acquire(&tcp0(0), &first, Member::Worker(1))
+            .expect("bind");
+        let b = r
+            .acquire(&tcp0(0), &later, Member::Worker(2))
+            .expect("share");
+        assert_eq!(a.address, b.address);
+        let port = a.address.port().expect("tcp");
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output();
+        let Ok(out) = out else {
+            eprintln!("skipped: `ss` (iproute2) is not installed");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.split_whitespace().nth(2), Some("5"), "{text}");
+    }
+
+    #[test]
     fn policy_names() {
         assert_eq!("rr".parse(), Ok(SchedulingPolicy::RoundRobin));
         assert_eq!("none".parse(), Ok(SchedulingPolicy::Shared));

@@ -1152,6 +1152,88 @@ mod tests {
         assert_eq!(server.get_connections().await.expect("count"), 1);
     }
 
+    /// The backlog of the listening TCP socket on `port`, as `ss` reports it (its Send-Q);
+    /// `None` when `ss` (iproute2) is not installed.
+    pub(crate) fn backlog_of(port: u16) -> Option<u32> {
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace().nth(2)?.parse().ok()
+    }
+
+    #[tokio::test]
+    async fn backlog_defaults_to_511_and_can_be_set() {
+        let default = echo();
+        let port = tcp_addr(default.listen(local()).await.expect("listen")).port();
+        let Some(backlog) = backlog_of(port) else {
+            eprintln!("skipped: `ss` (iproute2) is not installed");
+            return;
+        };
+        assert_eq!(backlog, 511);
+        let small = echo();
+        let port = tcp_addr(small.listen(local().backlog(7)).await.expect("listen")).port();
+        assert_eq!(backlog_of(port), Some(7));
+    }
+
+    #[tokio::test]
+    async fn listen_with_no_port_path_or_fd_picks_a_random_port_on_every_interface() {
+        // Node's `server.listen()` without arguments.
+        let server = echo();
+        let addr = tcp_addr(
+            server
+                .listen(ListenOptions::default())
+                .await
+                .expect("listen"),
+        );
+        assert!(addr.ip().is_unspecified());
+        assert_ne!(addr.port(), 0);
+    }
+
+    #[tokio::test]
+    async fn net_connect_with_options_and_allow_half_open() {
+        // The server writes, then ends its side; a half-open client can still write back.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let server = Server::with_options(
+            ServerOptions {
+                allow_half_open: true,
+                ..ServerOptions::default()
+            },
+            move |mut socket| {
+                let tx = tx.clone();
+                async move {
+                    let _ = socket.write_all(b"bye").await;
+                    let _ = socket.shutdown().await;
+                    let mut rest = Vec::new();
+                    let _ = socket.read_to_end(&mut rest).await;
+                    let _ = tx.send(rest);
+                }
+            },
+        );
+        let addr = tcp_addr(server.listen(local()).await.expect("listen"));
+        let options = crate::net::ConnectOptions::port(addr.port())
+            .host("127.0.0.1")
+            .allow_half_open(true);
+        let mut client = crate::net::connect(options)
+            .await
+            .expect("net.connect(options)");
+        let mut got = Vec::new();
+        client
+            .read_to_end(&mut got)
+            .await
+            .expect("read to the server's end");
+        assert_eq!(got, b"bye");
+        // Half-open: our side is still writable after the server's FIN.
+        client.write_all(b"after").await.expect("still writable");
+        client.end(None).await.expect("end");
+        let rest = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("server saw our end")
+            .expect("open");
+        assert_eq!(rest, b"after");
+    }
+
     #[tokio::test]
     async fn address_is_none_before_listening() {
         let server = echo();
