@@ -410,3 +410,45 @@ fn bad_arguments_exit_2_with_a_clear_message() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn no_worker_outlives_a_killed_primary_past_its_drain_deadline() {
+    // A client keeps its connection open and idle forever; the worker still exits, at the
+    // drain deadline (1 s here), after the primary is killed.
+    let mut r = Running::start(
+        &netcluster_bin(),
+        &[
+            "serve",
+            "--workers",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "1",
+            "--policy",
+            "shared",
+        ],
+    );
+    let line = r.wait_stdout(T, |l| l.starts_with("listening on "));
+    let addr: SocketAddr = line
+        .trim_start_matches("listening on ")
+        .parse()
+        .expect("addr");
+    let listener = tcp_table()
+        .into_iter()
+        .find(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .expect("listener");
+    let workers = workers_holding(&r, 1, listener.inode);
+    let rt = runtime();
+    let held = rt.block_on(async {
+        let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client(s, 0).await
+    });
+    r.signal(Signal::SIGKILL);
+    eventually(
+        T,
+        "the worker to give up on the idle connection and exit",
+        || (!alive(workers[0])).then_some(()),
+    );
+    drop(held);
+}
