@@ -21,7 +21,8 @@
 //! rest (`worker ID churn ok PORTS`); `--spawn-child` makes it start this program with
 //! `--whoami` and print what the child thinks it is (`worker ID child says Primary`).
 //!
-//! A worker sent `count` answers `cluster-count N` with its servers' cluster-wide counts.
+//! A worker sent `close` closes its servers and answers `closed`; sent `disconnect`, it calls
+//! `cluster.worker.disconnect()` itself. A worker sent `count` answers `cluster-count N` with its servers' cluster-wide counts.
 //!
 //! Every worker sends `Cmd { cmd: "NODE_CLUSTER" }` when it starts (a message that would be an
 //! internal one under Node's `NODE_` prefix rule) and listens on each `--listen` value:
@@ -448,6 +449,13 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
                     }
                     me.send(&Msg::Text(format!("cluster-count {}", counts.join(" ")))).await?;
                 }
+                Some((Msg::Text(text), None)) if text == "close" => {
+                    for server in &servers {
+                        let _ = server.close();
+                    }
+                    me.send(&Msg::Text("closed".into())).await?;
+                }
+                Some((Msg::Text(text), None)) if text == "disconnect" => me.disconnect().await,
                 Some((Msg::Text(text), None)) => me.send(&Msg::Text(format!("echo {text}"))).await?,
                 Some((other, None)) => println!("worker {id} got {other:?}"),
                 None => break,

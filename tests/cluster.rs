@@ -563,3 +563,38 @@ fn a_late_listen_reply_is_closed_and_dropped_shared() {
 fn a_late_listen_reply_is_closed_and_dropped_round_robin() {
     a_late_listen_reply_is_closed_and_dropped("round-robin");
 }
+
+#[test]
+fn a_worker_can_disconnect_itself() {
+    // cluster.worker.disconnect() in the worker: it exits after a disconnect.
+    let mut r = probe(&["--workers", "1", "--listen", "127.0.0.1:0"]);
+    listening(&mut r, 1);
+    r.send_line("send 1 disconnect");
+    r.wait_stdout(T, |l| {
+        l == "exit 1 code=Some(0) signal=None after_disconnect=true"
+    });
+}
+
+#[test]
+fn close_in_one_worker_leaves_the_socket_to_the_others_until_the_last_leaves() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("shared.sock");
+    let path_s = path.to_str().expect("utf-8");
+    let mut r = probe(&["--workers", "2", "--listen", path_s, "--policy", "shared"]);
+    listening(&mut r, 2);
+    r.send_line("send 1 close");
+    r.wait_stdout(T, |l| l == "message 1 Text(\"closed\")");
+    // Worker 2 still serves on the primary's socket.
+    for _ in 0..5 {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).expect("still served");
+        s.set_read_timeout(Some(T)).expect("timeout");
+        let mut hello = [0u8; 7];
+        s.read_exact(&mut hello).expect("hello from worker 2");
+    }
+    r.send_line("send 2 close");
+    r.wait_stdout(T, |l| l == "message 2 Text(\"closed\")");
+    // The last member left: the primary closed the socket and removed its file.
+    eventually(T, "the primary to remove the socket file", || {
+        (!path.exists()).then_some(())
+    });
+}

@@ -452,3 +452,24 @@ fn no_worker_outlives_a_killed_primary_past_its_drain_deadline() {
     );
     drop(held);
 }
+
+#[test]
+fn the_policy_environment_variable_sets_the_default() {
+    // Like NODE_CLUSTER_SCHED_POLICY: no --policy, NETCLUSTER_SCHED_POLICY=shared.
+    let mut cmd = std::process::Command::new(netcluster_bin());
+    cmd.args(["serve", "--workers", "1", "--listen", "127.0.0.1:0"])
+        .env("NETCLUSTER_SCHED_POLICY", "shared");
+    let mut r = Running::from_command(cmd);
+    let line = r.wait_stdout(T, |l| l.starts_with("listening on "));
+    let addr: SocketAddr = line
+        .trim_start_matches("listening on ")
+        .parse()
+        .expect("addr");
+    let listener = tcp_table()
+        .into_iter()
+        .find(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .expect("listener");
+    // Shared: the worker holds the primary's listening socket (round robin would not).
+    workers_holding(&r, 1, listener.inode);
+    r.wait_stderr(T, |l| l.contains("policy=shared"));
+}

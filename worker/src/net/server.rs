@@ -1102,6 +1102,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn listen_on_fd_0_names_it_when_it_is_not_a_socket() {
+        // fd 0 (stdin) is a terminal, a pipe or /dev/null here; if a test runner made it a
+        // socket there is nothing to check.
+        if socket2::SockRef::from(&std::io::stdin()).r#type().is_ok() {
+            return;
+        }
+        let server = echo();
+        let err = server.listen(ListenOptions::fd(0)).await.expect_err("fd 0");
+        assert_eq!(err.to_string(), "listen fd 0: not a socket");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test]
     async fn listen_on_an_fd_number() {
         let std = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = std.local_addr().expect("addr");
