@@ -207,6 +207,8 @@ pub struct ConnectOptions {
     pub timeout: Option<Duration>,
     /// Keep the writable side open after the peer ends ([`Socket::set_allow_half_open`]).
     pub allow_half_open: bool,
+    /// Node's `signal`: cancelling the token destroys the socket ([`ConnectOptions::signal`]).
+    pub signal: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl ConnectOptions {
@@ -310,6 +312,15 @@ impl ConnectOptions {
     #[must_use]
     pub fn allow_half_open(mut self, allow: bool) -> Self {
         self.allow_half_open = allow;
+        self
+    }
+
+    /// Sets `signal` (Node's `AbortSignal`): cancelling `token` destroys the socket; the read,
+    /// write or connect waiting on it fails with `ConnectionAborted` ("AbortError"). A token
+    /// cancelled before the connect fails the connect.
+    #[must_use]
+    pub fn signal(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.signal = Some(token);
         self
     }
 

@@ -1248,6 +1248,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sockets_signal_destroys_it_and_fails_the_waiting_read() {
+        let server = Server::new(|socket| async move {
+            // Hold the connection open without writing.
+            let mut socket = socket;
+            let mut sink = Vec::new();
+            let _ = socket.read_to_end(&mut sink).await;
+        });
+        let addr = tcp_addr(server.listen(local()).await.expect("listen"));
+        let token = tokio_util::sync::CancellationToken::new();
+        let options = crate::net::ConnectOptions::port(addr.port())
+            .host("127.0.0.1")
+            .signal(token.clone());
+        let mut client = crate::net::connect(options).await.expect("connect");
+        let cancel = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            cancel.cancel();
+        });
+        let mut buf = [0u8; 8];
+        let err = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the read ends when the signal fires")
+            .expect_err("aborted");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(err.to_string().contains("AbortError"), "{err}");
+        assert!(client.destroyed());
+        // A token cancelled before connecting fails the connect.
+        let err = crate::net::connect(
+            crate::net::ConnectOptions::port(addr.port())
+                .host("127.0.0.1")
+                .signal(token),
+        )
+        .await
+        .expect_err("already aborted");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[tokio::test]
     async fn address_is_none_before_listening() {
         let server = echo();
         assert!(server.address().is_none());

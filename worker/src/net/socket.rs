@@ -125,6 +125,8 @@ pub struct Socket {
     origin: Option<u64>,
     /// Runs once when the socket closes (a received socket's count goes down).
     close_hook: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// Node's `signal`: completes when the connect options' token is cancelled.
+    abort: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
 }
 
 type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<Stream>> + Send>>;
@@ -358,6 +360,7 @@ impl Socket {
             pending_options: Mutex::new(PendingOptions::default()),
             origin: None,
             close_hook: None,
+            abort: None,
         }
     }
 
@@ -463,7 +466,14 @@ impl Socket {
             Io::Unconnected | Io::Closed => {}
         }
         let plan = options.plan()?;
+        if options.signal.as_ref().is_some_and(|t| t.is_cancelled()) {
+            return Err(aborted());
+        }
         self.reset_for_connect();
+        self.abort = options
+            .signal
+            .clone()
+            .map(|token| Box::pin(token.cancelled_owned()));
         if options.allow_half_open {
             self.allow_half_open = true;
         }
@@ -496,6 +506,10 @@ impl Socket {
     /// `NotConnected` for a socket that never started connecting or is destroyed.
     pub async fn connected(&mut self) -> io::Result<()> {
         poll_fn(|cx| match &self.io {
+            Io::Connecting(_) if self.abort.is_some() => match self.poll_abort(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => self.poll_connect(cx),
+            },
             Io::Connecting(_) => self.poll_connect(cx),
             Io::Open(_) => Poll::Ready(Ok(())),
             Io::Unconnected => Poll::Ready(Err(not_connected("wait for a connection"))),
@@ -1426,6 +1440,14 @@ impl fmt::Debug for Socket {
     }
 }
 
+/// The error of a socket destroyed by its `signal`.
+fn aborted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "The operation was aborted (AbortError): the socket's signal was cancelled",
+    )
+}
+
 impl AsyncRead for Socket {
     /// Node's `'data'`: bytes read; 0 bytes is `'end'`. Waits while paused.
     fn poll_read(
@@ -1434,6 +1456,9 @@ impl AsyncRead for Socket {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.poll_abort(cx) {
+            return Poll::Ready(Err(e));
+        }
         let held = this.decoder.pending();
         if !held.is_empty() && buf.remaining() > 0 && !this.paused {
             let n = held.len().min(buf.remaining());
@@ -1446,7 +1471,24 @@ impl AsyncRead for Socket {
 }
 
 impl Socket {
+    /// Destroys the socket once its `signal` is cancelled (and registers `cx` to hear of it).
+    fn poll_abort(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let fired = self
+            .abort
+            .as_mut()
+            .is_some_and(|f| f.as_mut().poll(cx).is_ready());
+        if !fired {
+            return None;
+        }
+        self.abort = None;
+        self.close_now(true, true);
+        Some(aborted())
+    }
+
     fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.poll_abort(cx) {
+            return Poll::Ready(Err(e));
+        }
         if let Some(e) = self.error.take() {
             return Poll::Ready(Err(e));
         }
