@@ -89,37 +89,13 @@ fn echo_over_tcp_is_served_by_several_workers_on_the_primarys_socket() {
     );
     let workers = workers_holding(&r, 2, listener.inode);
 
-    let rt = runtime();
-    let streams = rt.block_on(async {
-        let mut set = tokio::task::JoinSet::new();
-        for i in 0..CLIENTS {
-            set.spawn(async move {
-                let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-                client(s, i).await
-            });
-        }
-        set.join_all().await
-    });
+    let streams = many_clients(addr);
     assert_eq!(streams.len(), CLIENTS);
 
     // The server side of every connection is held by exactly one worker process.
-    let server_side: HashSet<u64> = tcp_table()
-        .into_iter()
-        .filter(|row| row.state == TCP_ESTABLISHED && row.local_port == addr.port())
-        .map(|row| row.inode)
-        .collect();
+    let server_side = server_side_tcp(addr.port());
     assert_eq!(server_side.len(), CLIENTS);
-    let per_worker = holders(&workers, &server_side);
-    eprintln!("connections per worker pid: {per_worker:?}");
-    assert_eq!(
-        per_worker.values().sum::<usize>(),
-        CLIENTS,
-        "{per_worker:?}"
-    );
-    assert!(
-        per_worker.values().filter(|&&n| n > 0).count() >= 2,
-        "connections were served by one worker only: {per_worker:?}"
-    );
+    assert_spread(&holders(&workers, &server_side));
     assert_eq!(
         holders(&[r.pid], &server_side)[&r.pid],
         0,
@@ -172,17 +148,7 @@ fn echo_over_a_unix_socket_then_sigterm_removes_the_file_and_exits_0() {
         .filter(|row| row.connected && !row.listening && row.path == path_str)
         .map(|row| row.inode)
         .collect();
-    let per_worker = holders(&workers, &server_side);
-    eprintln!("connections per worker pid: {per_worker:?}");
-    assert_eq!(
-        per_worker.values().sum::<usize>(),
-        CLIENTS,
-        "{per_worker:?}"
-    );
-    assert!(
-        per_worker.values().filter(|&&n| n > 0).count() >= 2,
-        "connections were served by one worker only: {per_worker:?}"
-    );
+    assert_spread(&holders(&workers, &server_side));
 
     drop(streams);
     r.signal(Signal::SIGTERM);
@@ -278,14 +244,33 @@ fn many_clients(addr: SocketAddr) -> Vec<tokio::net::TcpStream> {
     })
 }
 
-/// How many of the server-side sockets on `port` each of `pids` holds.
-fn connections_per_process(pids: &[u32], port: u16) -> std::collections::BTreeMap<u32, usize> {
-    let server_side: HashSet<u64> = tcp_table()
+/// The inodes of the server side of every established connection on `port`.
+fn server_side_tcp(port: u16) -> HashSet<u64> {
+    tcp_table()
         .into_iter()
         .filter(|row| row.state == TCP_ESTABLISHED && row.local_port == port)
         .map(|row| row.inode)
-        .collect();
-    holders(pids, &server_side)
+        .collect()
+}
+
+/// How many of the server-side sockets on `port` each of `pids` holds.
+fn connections_per_process(pids: &[u32], port: u16) -> std::collections::BTreeMap<u32, usize> {
+    holders(pids, &server_side_tcp(port))
+}
+
+/// Every one of the `CLIENTS` connections is held by a worker, and more than one worker
+/// holds some.
+fn assert_spread(per_worker: &std::collections::BTreeMap<u32, usize>) {
+    eprintln!("connections per worker pid: {per_worker:?}");
+    assert_eq!(
+        per_worker.values().sum::<usize>(),
+        CLIENTS,
+        "{per_worker:?}"
+    );
+    assert!(
+        per_worker.values().filter(|&&n| n > 0).count() >= 2,
+        "connections were served by one worker only: {per_worker:?}"
+    );
 }
 
 #[test]

@@ -94,15 +94,7 @@ pub fn bind_listener(
     let named = |e: io::Error| ListenError::new(target, e);
     match target {
         ListenTarget::Tcp(addr) => bind_tcp(*addr, params).map_err(named),
-        ListenTarget::TcpAny(port) => {
-            match bind_tcp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, *port)), params) {
-                Err(e) if ipv6_unavailable(&e) => {
-                    bind_tcp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port)), params)
-                }
-                other => other,
-            }
-            .map_err(named)
-        }
+        ListenTarget::TcpAny(port) => on_any_host(*port, |a| bind_tcp(a, params)).map_err(named),
         ListenTarget::Unix(path) => bind_unix(path, params).map_err(named),
         ListenTarget::Fd(fd) => {
             let owned = crate::fd::dup_raw(*fd).map_err(named)?;
@@ -123,32 +115,18 @@ pub fn reserve_reuse_port(
     params: &ListenParams,
 ) -> Result<(OwnedFd, BoundAddress), ListenError> {
     let reserve = |addr: SocketAddr| -> io::Result<(OwnedFd, BoundAddress)> {
-        let socket = Socket::new(
-            Domain::for_address(addr),
-            Type::STREAM.nonblocking().cloexec(),
-            None,
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        if addr.is_ipv6() {
-            socket.set_only_v6(params.ipv6_only)?;
-        }
-        socket.bind(&addr.into())?;
+        let reuse = ListenParams {
+            reuse_port: true,
+            ..params.clone()
+        };
+        let socket = bound_tcp(addr, &reuse)?;
         let bound = local_address(&socket)?;
         Ok((socket.into(), bound))
     };
     let named = |e: io::Error| ListenError::new(target, e);
     match target {
         ListenTarget::Tcp(addr) => reserve(*addr).map_err(named),
-        ListenTarget::TcpAny(port) => {
-            match reserve(SocketAddr::from((Ipv6Addr::UNSPECIFIED, *port))) {
-                Err(e) if ipv6_unavailable(&e) => {
-                    reserve(SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port)))
-                }
-                other => other,
-            }
-            .map_err(named)
-        }
+        ListenTarget::TcpAny(port) => on_any_host(*port, reserve).map_err(named),
         ListenTarget::Unix(_) | ListenTarget::Fd(_) => Err(named(io::Error::new(
             io::ErrorKind::InvalidInput,
             "reusePort applies to TCP addresses only",
@@ -167,7 +145,9 @@ fn backlog(params: &ListenParams) -> i32 {
     i32::try_from(params.backlog).unwrap_or(i32::MAX)
 }
 
-fn bind_tcp(addr: SocketAddr, params: &ListenParams) -> io::Result<(OwnedFd, BoundAddress)> {
+/// A TCP socket (`CLOEXEC | NONBLOCK`, `SO_REUSEADDR`, `SO_REUSEPORT` if asked, dual stack
+/// unless `ipv6_only`) bound to `addr`, not listening yet.
+fn bound_tcp(addr: SocketAddr, params: &ListenParams) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
@@ -181,6 +161,20 @@ fn bind_tcp(addr: SocketAddr, params: &ListenParams) -> io::Result<(OwnedFd, Bou
         socket.set_only_v6(params.ipv6_only)?;
     }
     socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// Runs `bind` on `[::]:port`, and on `0.0.0.0:port` when IPv6 is unavailable (a listen with
+/// the host omitted).
+fn on_any_host<T>(port: u16, bind: impl Fn(SocketAddr) -> io::Result<T>) -> io::Result<T> {
+    match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Err(e) if ipv6_unavailable(&e) => bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
+        other => other,
+    }
+}
+
+fn bind_tcp(addr: SocketAddr, params: &ListenParams) -> io::Result<(OwnedFd, BoundAddress)> {
+    let socket = bound_tcp(addr, params)?;
     socket.listen(backlog(params))?;
     let bound = local_address(&socket)?;
     Ok((socket.into(), bound))
