@@ -1,7 +1,34 @@
-//! Node's `net` module in Rust: [`Server`], [`Socket`], [`ListenOptions`].
+//! Node's `net` module in Rust: [`Server`], [`Socket`], [`ListenOptions`], [`connect`],
+//! [`BlockList`], [`SocketAddress`], [`is_ip`].
 //!
 //! In a process started by a netcluster primary, a non-exclusive [`Server::listen`] shares the
 //! primary's listening socket (see [`crate::cluster`]); elsewhere it binds its own.
+//!
+//! The seeds' echo server and its client:
+//!
+//! ```no_run
+//! use netcluster_worker::net::{self, ListenOptions, Server};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! # async fn f() -> std::io::Result<()> {
+//! // const server = net.createServer((c) => { c.write('hello\r\n'); c.pipe(c); });
+//! let server = Server::new(|mut c| async move {
+//!     let _ = c.write_all(b"hello\r\n").await;
+//!     let (mut r, mut w) = tokio::io::split(c);
+//!     let _ = tokio::io::copy(&mut r, &mut w).await;
+//!     let _ = w.shutdown().await;
+//! });
+//! server.listen(ListenOptions::port(8124)).await?; // server.listen(8124)
+//!
+//! // const client = net.createConnection({ port: 8124 }, () => client.write('world!\r\n'));
+//! let mut client = net::create_connection(8124).await?;
+//! client.write(b"world!\r\n")?;
+//! let mut buf = [0u8; 64];
+//! let n = client.read(&mut buf).await?; // client.on('data', …)
+//! println!("{}", String::from_utf8_lossy(&buf[..n]));
+//! client.end(None).await?; // client.end()
+//! # Ok(()) }
+//! ```
 
 mod blocklist;
 mod connect;
