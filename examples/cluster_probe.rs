@@ -21,7 +21,8 @@
 //! rest (`worker ID churn ok PORTS`); `--spawn-child` makes it start this program with
 //! `--whoami` and print what the child thinks it is (`worker ID child says Primary`).
 //!
-//! A worker sent `close` closes its servers and answers `closed`; sent `disconnect`, it calls
+//! A worker sent `garbage` sends the primary four bad frames, then `Text("still here")`. A
+//! worker sent `close` closes its servers and answers `closed`; sent `disconnect`, it calls
 //! `cluster.worker.disconnect()` itself. A worker sent `count` answers `cluster-count N` with its servers' cluster-wide counts.
 //!
 //! Every worker sends `Cmd { cmd: "NODE_CLUSTER" }` when it starts (a message that would be an
@@ -456,6 +457,16 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
                     me.send(&Msg::Text("closed".into())).await?;
                 }
                 Some((Msg::Text(text), None)) if text == "disconnect" => me.disconnect().await,
+                Some((Msg::Text(text), None)) if text == "garbage" => {
+                    // Frames a broken worker could send: another protocol version, an unknown
+                    // message, a truncated one, and a descriptor on a message that has none.
+                    let stdin = std::io::stdin();
+                    me.send_raw_frame(&[99, 0, 0], &[]).await?;
+                    me.send_raw_frame(&[1, 120, 1, 2], &[]).await?;
+                    me.send_raw_frame(&[1], &[]).await?;
+                    me.send_raw_frame(&[1, 4], &[std::os::fd::AsFd::as_fd(&stdin)]).await?;
+                    me.send(&Msg::Text("still here".into())).await?;
+                }
                 Some((Msg::Text(text), None)) => me.send(&Msg::Text(format!("echo {text}"))).await?,
                 Some((other, None)) => println!("worker {id} got {other:?}"),
                 None => break,

@@ -598,3 +598,27 @@ fn close_in_one_worker_leaves_the_socket_to_the_others_until_the_last_leaves() {
         (!path.exists()).then_some(())
     });
 }
+
+#[test]
+fn bad_frames_from_one_worker_hurt_neither_the_primary_nor_other_workers() {
+    let mut r = probe(&["--workers", "2", "--listen", "127.0.0.1:0"]);
+    let addr: SocketAddr = listening(&mut r, 2)[0].parse().expect("addr");
+    r.send_line("send 1 garbage");
+    r.wait_stdout(T, |l| l == "message 1 Text(\"still here\")");
+    let warnings = r
+        .drain_stderr()
+        .iter()
+        .filter(|l| l.contains("dropped a bad frame"))
+        .count();
+    assert!(
+        warnings >= 1,
+        "the primary logs what it dropped: {:#?}",
+        r.stderr_seen
+    );
+    // Both workers and the primary still work.
+    r.send_line("send 2 ping");
+    r.wait_stdout(T, |l| l == "message 2 Text(\"echo ping\")");
+    r.send_line("send 1 ping");
+    r.wait_stdout(T, |l| l == "message 1 Text(\"echo ping\")");
+    echo_once(addr);
+}

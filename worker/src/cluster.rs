@@ -343,6 +343,23 @@ impl Worker {
             })
     }
 
+    /// Sends raw bytes (and descriptors) to the primary, bypassing the codec: for tests of the
+    /// primary's handling of bad frames.
+    ///
+    /// # Errors
+    /// The channel's error.
+    #[doc(hidden)]
+    pub async fn send_raw_frame(
+        &self,
+        bytes: &[u8],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        self.channel
+            .send_raw(bytes, fds)
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
     /// Disconnects from the primary by itself (`cluster.worker.disconnect()`): every server of
     /// this process closes, open connections finish (within the drain deadline), and the
     /// primary records that the worker exited after a disconnect.
