@@ -605,16 +605,14 @@ fn bad_frames_from_one_worker_hurt_neither_the_primary_nor_other_workers() {
     let addr: SocketAddr = listening(&mut r, 2)[0].parse().expect("addr");
     r.send_line("send 1 garbage");
     r.wait_stdout(T, |l| l == "message 1 Text(\"still here\")");
-    let warnings = r
+    // The primary logs what it dropped (stderr may trail stdout a little).
+    if !r
         .drain_stderr()
         .iter()
-        .filter(|l| l.contains("dropped a bad frame"))
-        .count();
-    assert!(
-        warnings >= 1,
-        "the primary logs what it dropped: {:#?}",
-        r.stderr_seen
-    );
+        .any(|l| l.contains("dropped a bad frame"))
+    {
+        r.wait_stderr(T, |l| l.contains("dropped a bad frame"));
+    }
     // Both workers and the primary still work.
     r.send_line("send 2 ping");
     r.wait_stdout(T, |l| l == "message 2 Text(\"echo ping\")");

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use command_fds::{CommandFdExt, FdMapping};
-use netcluster_protocol::channel::{self, Channel};
+use netcluster_protocol::channel::{self, Channel, ChannelError};
 use netcluster_protocol::env;
 use netcluster_protocol::handle::ListenError;
 use netcluster_protocol::message::{
@@ -964,36 +964,27 @@ async fn supervise(
     drain: Duration,
 ) {
     let mut open = true;
-    let status = loop {
+    let mut status = None;
+    while status.is_none() {
         tokio::select! {
-            status = child.wait() => break status,
-            msg = channel.recv::<ToPrimary>(), if open => match msg {
-                Ok(Some((msg, _no_fds))) => {
-                    handle(&state, id, pid, &channel, msg, &events, drain).await;
-                }
-                Ok(None) => {
-                    open = false;
-                    tracing::debug!(worker = id, "channel closed");
-                    lock(&state.registry).leave_all(Member::Worker(id));
-                    set_state(&state, id, WorkerState::Disconnected);
-                    fail_queries_of(&state, id);
-                    let _ = events.send(Event::Disconnect { id });
-                }
-                Err(e) if e.is_bad_frame() => {
-                    // One bad frame never takes the primary down; the rest of the channel is
-                    // still good.
-                    tracing::warn!(worker = id, pid, "dropped a bad frame: {e}");
-                }
-                Err(e) => {
-                    open = false;
-                    tracing::warn!(worker = id, pid, "channel failed: {e}");
-                    lock(&state.registry).leave_all(Member::Worker(id));
-                    set_state(&state, id, WorkerState::Disconnected);
-                    let _ = events.send(Event::Disconnect { id });
-                }
+            // Messages first: what a worker said before it exited (a Disconnect, say) is
+            // handled before its exit is.
+            biased;
+            msg = channel.recv::<ToPrimary>(), if open => {
+                open = receive(&state, id, pid, &channel, msg, &events, drain).await;
             }
+            s = child.wait() => status = Some(s),
         }
-    };
+    }
+    // The process is gone: read what it sent before it went. Its end of the channel is closed,
+    // so this reaches the end quickly (the time limit covers a descendant that kept a copy).
+    while open {
+        match tokio::time::timeout(Duration::from_secs(1), channel.recv::<ToPrimary>()).await {
+            Ok(msg) => open = receive(&state, id, pid, &channel, msg, &events, drain).await,
+            Err(_) => break,
+        }
+    }
+    let status = status.unwrap_or_else(|| Err(io::Error::other("no exit status")));
     lock(&state.registry).leave_all(Member::Worker(id));
     fail_queries_of(&state, id);
     if open {
@@ -1032,6 +1023,40 @@ async fn supervise(
         signal,
         exited_after_disconnect,
     });
+}
+
+/// Handles one receive from a worker's channel; returns whether the channel is still open.
+async fn receive(
+    state: &Arc<State>,
+    id: u32,
+    pid: u32,
+    channel: &Arc<Channel>,
+    msg: Result<Option<(ToPrimary, Vec<std::os::fd::OwnedFd>)>, ChannelError>,
+    events: &mpsc::UnboundedSender<Event>,
+    drain: Duration,
+) -> bool {
+    match msg {
+        Ok(Some((msg, _no_fds))) => {
+            handle(state, id, pid, channel, msg, events, drain).await;
+            true
+        }
+        Err(e) if e.is_bad_frame() => {
+            // One bad frame never takes the primary down; the rest of the channel is good.
+            tracing::warn!(worker = id, pid, "dropped a bad frame: {e}");
+            true
+        }
+        closed => {
+            match closed {
+                Err(e) => tracing::warn!(worker = id, pid, "channel failed: {e}"),
+                _ => tracing::debug!(worker = id, "channel closed"),
+            }
+            lock(&state.registry).leave_all(Member::Worker(id));
+            set_state(state, id, WorkerState::Disconnected);
+            fail_queries_of(state, id);
+            let _ = events.send(Event::Disconnect { id });
+            false
+        }
+    }
 }
 
 async fn handle(

@@ -102,11 +102,19 @@ impl Running {
                         return line;
                     }
                 }
-                Err(_) => {
+                Err(why) => {
+                    // Say whether the output closed (and how the process ended) or time ran out.
+                    let status = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
+                    std::thread::sleep(Duration::from_millis(200));
                     self.drain_stderr();
                     panic!(
-                        "no matching stdout line within {timeout:?}\nstdout: {:#?}\nstderr: {:#?}",
-                        self.stdout_seen, self.stderr_seen
+                        "no matching stdout line ({why:?} after {:?} of {timeout:?}; process status {status:?})\nstdout: {:#?}\nstderr: {:#?}",
+                        timeout - deadline.saturating_duration_since(Instant::now()),
+                        self.stdout_seen,
+                        self.stderr_seen
                     );
                 }
             }
