@@ -82,15 +82,15 @@ fn echo_over_tcp_is_served_by_several_workers_on_the_primarys_socket() {
     let addr: SocketAddr = address.parse().expect("a real address, port 0 resolved");
     assert_ne!(addr.port(), 0);
 
-    let listener = tcp_table()
+    let listener = tcp_listeners(addr.port())
         .into_iter()
-        .find(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .next()
         .expect("a listening socket on the printed port");
     assert!(
-        socket_inodes(r.pid).contains(&listener.inode),
+        socket_inodes(r.pid).contains(&listener),
         "the primary holds the listener"
     );
-    let workers = workers_holding(&r, 2, listener.inode);
+    let workers = workers_holding(&r, 2, listener);
 
     let mut streams = many_clients(addr);
     assert_eq!(streams.len(), CLIENTS);
@@ -144,9 +144,10 @@ fn echo_over_a_unix_socket_then_sigterm_removes_the_file_and_exits_0() {
     let listener = unix_table()
         .into_iter()
         .find(|row| row.listening && row.path == path_str)
-        .expect("a listening Unix socket at the path");
-    assert!(socket_inodes(r.pid).contains(&listener.inode));
-    let workers = workers_holding(&r, 2, listener.inode);
+        .expect("a listening Unix socket at the path")
+        .inode;
+    assert!(socket_inodes(r.pid).contains(&listener));
+    let workers = workers_holding(&r, 2, listener);
 
     let rt = runtime();
     let connect_unix = |first: usize, n: usize| {
@@ -240,11 +241,11 @@ fn sigterm_waits_for_open_connections_to_finish() {
 fn workers_stop_when_the_primary_is_killed() {
     let (r, address) = start("127.0.0.1:0", "2");
     let addr: SocketAddr = address.parse().expect("addr");
-    let listener = tcp_table()
+    let listener = tcp_listeners(addr.port())
         .into_iter()
-        .find(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .next()
         .expect("listener");
-    let workers = workers_holding(&r, 2, listener.inode);
+    let workers = workers_holding(&r, 2, listener);
     let rt = runtime();
     let mut stream = rt.block_on(async {
         let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -310,9 +311,9 @@ fn assert_spread(per_worker: &std::collections::BTreeMap<u32, usize>, total: usi
 fn round_robin_hands_connections_to_every_worker_and_keeps_the_listener() {
     let (mut r, address) = start_with("127.0.0.1:0", "2", "round-robin");
     let addr: SocketAddr = address.parse().expect("addr");
-    let listener = tcp_table()
+    let listener = tcp_listeners(addr.port())
         .into_iter()
-        .find(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .next()
         .expect("listener");
     let workers = eventually(T, "two workers", || {
         let w = children_of(r.pid);
@@ -334,10 +335,10 @@ fn round_robin_hands_connections_to_every_worker_and_keeps_the_listener() {
         "unbalanced: {per_worker:?}"
     );
     // Only the primary holds the listening socket.
-    assert!(socket_inodes(r.pid).contains(&listener.inode));
+    assert!(socket_inodes(r.pid).contains(&listener));
     for &w in &workers {
         assert!(
-            !socket_inodes(w).contains(&listener.inode),
+            !socket_inodes(w).contains(&listener),
             "worker {w} holds the listener"
         );
     }
@@ -352,18 +353,10 @@ fn reuseport_gives_every_worker_its_own_socket_on_one_port() {
     let addr: SocketAddr = address.parse().expect("addr");
     let workers = eventually(T, "two workers listening", || {
         let w = children_of(r.pid);
-        let listeners: Vec<u64> = tcp_table()
-            .into_iter()
-            .filter(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
-            .map(|row| row.inode)
-            .collect();
+        let listeners = tcp_listeners(addr.port());
         (w.len() == 2 && listeners.len() == 2).then_some(w)
     });
-    let listeners: HashSet<u64> = tcp_table()
-        .into_iter()
-        .filter(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
-        .map(|row| row.inode)
-        .collect();
+    let listeners: HashSet<u64> = tcp_listeners(addr.port()).into_iter().collect();
     for &w in &workers {
         assert_eq!(
             socket_inodes(w).intersection(&listeners).count(),
@@ -452,11 +445,11 @@ fn no_worker_outlives_a_killed_primary_past_its_drain_deadline() {
         .trim_start_matches("listening on ")
         .parse()
         .expect("addr");
-    let listener = tcp_table()
+    let listener = tcp_listeners(addr.port())
         .into_iter()
-        .find(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .next()
         .expect("listener");
-    let workers = workers_holding(&r, 1, listener.inode);
+    let workers = workers_holding(&r, 1, listener);
     let rt = runtime();
     let held = rt.block_on(async {
         let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -483,11 +476,11 @@ fn the_policy_environment_variable_sets_the_default() {
         .trim_start_matches("listening on ")
         .parse()
         .expect("addr");
-    let listener = tcp_table()
+    let listener = tcp_listeners(addr.port())
         .into_iter()
-        .find(|row| row.state == TCP_LISTEN && row.local_port == addr.port())
+        .next()
         .expect("listener");
     // Shared: the worker holds the primary's listening socket (round robin would not).
-    workers_holding(&r, 1, listener.inode);
+    workers_holding(&r, 1, listener);
     r.wait_stderr(T, |l| l.contains("policy=shared"));
 }

@@ -325,6 +325,15 @@ pub fn tcp_table() -> Vec<TcpRow> {
     rows
 }
 
+/// The inodes of the TCP sockets listening on `port`.
+pub fn tcp_listeners(port: u16) -> Vec<u64> {
+    tcp_table()
+        .into_iter()
+        .filter(|row| row.state == TCP_LISTEN && row.local_port == port)
+        .map(|row| row.inode)
+        .collect()
+}
+
 /// A row of `/proc/net/unix`: inode, state, whether it is listening, path.
 #[derive(Debug, Clone)]
 pub struct UnixRow {
