@@ -77,8 +77,10 @@ async fn primary(args: Args) -> ExitCode {
         }
     };
     settings.workers = args.workers;
+    // Node's behaviour: a worker that exits stays dead (the primary reports it).
+    settings.respawn = None;
     let mut cluster = Cluster::new(settings);
-    if let Err(e) = cluster.start() {
+    if let Err(e) = cluster.start().await {
         eprintln!("cluster: {e}");
         return ExitCode::FAILURE;
     }
@@ -99,7 +101,7 @@ async fn primary(args: Args) -> ExitCode {
                 Event::Exit { id, code, signal, .. } => {
                     println!("primary: worker {id} exited (code {code:?}, signal {signal:?})");
                     failed |= code != Some(0);
-                    if cluster.workers().is_empty() {
+                    if cluster.workers().await.is_empty() {
                         break;
                     }
                 }

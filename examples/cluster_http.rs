@@ -14,16 +14,11 @@
 //! Options: `--workers N` (default: one per core), `--policy round-robin|shared|reuseport`
 //! (default round-robin), `--listen HOST:PORT` (default 127.0.0.1:8080).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use netcluster::cluster::{self, Cluster, Event, Role, SchedulingPolicy};
 use netcluster::net::{ListenOptions, Server};
 use netcluster::protocol::message::{ListenParams, ListenTarget};
@@ -92,9 +87,11 @@ async fn primary(args: Args) -> std::io::Result<()> {
     }
     let mut cluster = builder.build();
     // Bind (or, for reuseport, reserve) before the workers start, so port 0 is known.
-    let address = cluster.share(ListenTarget::Tcp(args.listen), &ListenParams::default())?;
+    let address = cluster
+        .share(ListenTarget::Tcp(args.listen), &ListenParams::default())
+        .await?;
     println!("listening on {address}");
-    cluster.start()?;
+    cluster.start().await?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     loop {
@@ -104,7 +101,7 @@ async fn primary(args: Args) -> std::io::Result<()> {
             Some(event) = cluster.next_event() => {
                 if let Event::Exit { id, code, signal, .. } = event {
                     tracing::warn!(worker = id, ?code, ?signal, "worker exited");
-                    if cluster.workers().is_empty() {
+                    if cluster.workers().await.is_empty() {
                         return Err(std::io::Error::other("every worker exited"));
                     }
                 }
@@ -113,10 +110,6 @@ async fn primary(args: Args) -> std::io::Result<()> {
     }
     cluster.disconnect().await;
     Ok(())
-}
-
-async fn hello(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(Response::new(Full::new(Bytes::from_static(b"hello\n"))))
 }
 
 async fn worker(id: u32, args: Args) -> std::io::Result<()> {
@@ -128,20 +121,9 @@ async fn worker(id: u32, args: Args) -> std::io::Result<()> {
     let stopping = me.clone();
     let server = Server::new(move |socket| {
         counter.fetch_add(1, Ordering::Relaxed);
-        let me = stopping.clone();
-        async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(socket), hyper::service::service_fn(hello));
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = me.shutdown_requested() => {
-                    // Finish the request in progress, then close the keep-alive connection.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        }
+        // The built-in HTTP app: on stop it finishes the request in progress and closes the
+        // keep-alive connection.
+        netcluster::apps::http::serve_connection(socket, Some(stopping.clone()))
     });
     server.listen(ListenOptions::from(args.listen)).await?;
     me.shutdown_requested().await;

@@ -146,27 +146,26 @@ async fn main() -> ExitCode {
 }
 
 async fn primary(args: Args) -> std::io::Result<ExitCode> {
+    // Node's behaviour: a worker that exits stays dead (the tests follow Node's cases).
     let mut builder = Cluster::builder()?
         .workers(args.workers)
+        .respawn(None)
         .drain_timeout(std::time::Duration::from_secs(5));
     if let Some(policy) = args.policy {
         builder = builder.policy(policy);
     }
-    // Kept open for the cluster's lifetime: workers listen on the primary's descriptor.
-    let _listener = if args.primary_listener {
+    // Given to the cluster: workers listen on the primary's descriptor with `{fd}`.
+    if args.primary_listener {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         let fd = l.as_raw_fd();
         println!("primary-fd {fd} {}", l.local_addr()?);
         let worker_args = std::env::args()
             .skip(1)
             .chain(["--listen".to_string(), format!("fd:{fd}")]);
-        builder = builder.args(worker_args);
-        Some(l)
-    } else {
-        None
-    };
+        builder = builder.args(worker_args).give_fd(l);
+    }
     let mut cluster = builder.build();
-    cluster.start()?;
+    cluster.start().await?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     let mut relay = None;
@@ -182,7 +181,7 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
             },
             Some(event) = cluster.next_event() => {
                 print_event(&event);
-                if matches!(event, Event::Exit { .. }) && cluster.workers().is_empty() {
+                if matches!(event, Event::Exit { .. }) && cluster.workers().await.is_empty() {
                     println!("all-dead");
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -199,11 +198,10 @@ async fn command(
 ) -> std::io::Result<bool> {
     if line == "relay" {
         // A server in the primary whose connections are sent to the workers in turn.
-        let workers: Vec<WorkerHandle> = cluster
-            .workers()
-            .iter()
-            .filter_map(|w| cluster.worker(w.id))
-            .collect();
+        let mut workers: Vec<WorkerHandle> = Vec::new();
+        for w in cluster.workers().await {
+            workers.extend(cluster.worker(w.id).await);
+        }
         let workers = Arc::new(workers);
         let turn = Arc::new(AtomicUsize::new(0));
         let server = Server::new(move |socket| {
@@ -240,7 +238,11 @@ async fn command(
         return Ok(false);
     }
     if let Some(id) = line.strip_prefix("send-server ") {
-        let Some(w) = id.parse().ok().and_then(|id| cluster.worker(id)) else {
+        let w = match id.parse() {
+            Ok(id) => cluster.worker(id).await,
+            Err(_) => None,
+        };
+        let Some(w) = w else {
             println!("error no worker {id}");
             return Ok(false);
         };
@@ -273,7 +275,10 @@ async fn command(
     let verb = words.next().unwrap_or("");
     let id: Option<u32> = words.next().and_then(|w| w.parse().ok());
     let rest = words.next().unwrap_or("");
-    let handle = id.and_then(|id| cluster.worker(id));
+    let handle = match id {
+        Some(id) => cluster.worker(id).await,
+        None => None,
+    };
     match (verb, handle) {
         ("stop", _) => {
             for exit in cluster.disconnect().await {
@@ -288,22 +293,22 @@ async fn command(
             }
         }
         ("disconnect", Some(w)) => match w.disconnect().await {
-            Ok(()) => println!("disconnecting {} state={:?}", w.id(), w.state()),
+            Ok(()) => println!("disconnecting {} state={:?}", w.id(), w.state().await),
             Err(e) => println!("error disconnect {}: {e}", w.id()),
         },
         ("kill", Some(w)) => {
             let signal = format!("SIG{rest}")
                 .parse::<nix::sys::signal::Signal>()
                 .unwrap_or(nix::sys::signal::Signal::SIGTERM);
-            if let Err(e) = w.kill(signal) {
+            if let Err(e) = w.kill(signal).await {
                 println!("error kill {}: {e}", w.id());
             }
         }
         ("state", Some(w)) => println!(
             "state {} {:?} after_disconnect={}",
             w.id(),
-            w.state(),
-            w.exited_after_disconnect()
+            w.state().await,
+            w.exited_after_disconnect().await
         ),
         _ => println!("error unknown command {line:?}"),
     }
@@ -329,6 +334,7 @@ fn print_event(event: &Event) {
         } => println!(
             "exit {id} code={code:?} signal={signal:?} after_disconnect={exited_after_disconnect}"
         ),
+        Event::Lagged { missed } => println!("lagged {missed}"),
     }
 }
 
@@ -461,10 +467,11 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
                     // Frames a broken worker could send: another protocol version, an unknown
                     // message, a truncated one, and a descriptor on a message that has none.
                     let stdin = std::io::stdin();
+                    let v = netcluster::protocol::PROTOCOL_VERSION;
                     me.send_raw_frame(&[99, 0, 0], &[]).await?;
-                    me.send_raw_frame(&[1, 120, 1, 2], &[]).await?;
-                    me.send_raw_frame(&[1], &[]).await?;
-                    me.send_raw_frame(&[1, 4], &[std::os::fd::AsFd::as_fd(&stdin)]).await?;
+                    me.send_raw_frame(&[v, 120, 1, 2], &[]).await?;
+                    me.send_raw_frame(&[v], &[]).await?;
+                    me.send_raw_frame(&[v, 4], &[std::os::fd::AsFd::as_fd(&stdin)]).await?;
                     me.send(&Msg::Text("still here".into())).await?;
                 }
                 Some((Msg::Text(text), None)) => me.send(&Msg::Text(format!("echo {text}"))).await?,

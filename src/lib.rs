@@ -22,11 +22,12 @@ pub use netcluster_worker::net;
 
 /// Both sides of a cluster: the primary's supervisor and the worker's view.
 pub mod cluster {
-    pub use netcluster_primary::registry;
     pub use netcluster_primary::{
-        Cluster, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Event, SchedulingPolicy, SendHandle,
-        Settings, UserMessage, WorkerHandle, WorkerInfo, WorkerState,
+        Backoff, Cluster, ClusterBuilder, ClusterHandle, DEFAULT_DRAIN_TIMEOUT, Error, Event,
+        Events, Limits, ScaleReport, ScaleTo, SchedulingPolicy, SendHandle, Settings, Status,
+        StopMode, Timeouts, UserMessage, WorkerHandle, WorkerInfo, WorkerState, inherited_fds,
     };
+    pub use netcluster_primary::{control, registry, signals};
     pub use netcluster_worker::cluster::{
         ReceivedHandle, ReceivedServer, Role, StopReason, Worker, is_worker, role, worker,
     };
@@ -34,6 +35,9 @@ pub mod cluster {
 
 /// Sends `tracing` output to stderr, filtered by `NETCLUSTER_LOG` (default `info`), with colours
 /// only on a terminal. For the `netcluster` binary and the examples.
+///
+/// A log line that cannot be written (a stderr whose reader is gone: a dead `| tee`) is dropped
+/// silently: no log write may stand between a worker and its shutdown.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NETCLUSTER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -41,5 +45,6 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .try_init();
 }

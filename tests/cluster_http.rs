@@ -39,10 +39,12 @@ fn serves_and_reports_per_worker_connections(policy: &str) {
         .trim_start_matches("listening on ")
         .parse()
         .expect("address");
-    // Both workers are up before the load starts.
+    // Both workers are up before the load starts (under reuseport each binds its own socket
+    // after the primary's grant: wait until one accepts).
     for _ in 0..2 {
         r.wait_stderr(T, |l| l.contains("worker listening"));
     }
+    eventually(T, "a worker to accept", || TcpStream::connect(addr).ok());
     for _ in 0..REQUESTS {
         let response = get(addr);
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
@@ -68,7 +70,8 @@ fn serves_and_reports_per_worker_connections(policy: &str) {
         "one line per worker: {:#?}",
         r.stdout_seen
     );
-    assert_eq!(reports.iter().sum::<usize>(), REQUESTS, "{reports:?}");
+    // Every request, plus the probe connection that waited for a worker.
+    assert_eq!(reports.iter().sum::<usize>(), REQUESTS + 1, "{reports:?}");
     eprintln!("{policy}: connections per worker {reports:?}");
 }
 

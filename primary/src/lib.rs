@@ -1,18 +1,42 @@
-//! The netcluster supervisor: a [`Cluster`] starts worker processes by re-executing a program
-//! with a channel at fd 3, shares listening sockets with them over that channel
-//! (`SCM_RIGHTS`), reports their lifecycle and stops them gracefully.
+//! The netcluster supervisor: a [`Cluster`] starts worker processes, shares listening sockets
+//! with them over a channel (`SCM_RIGHTS`), restarts them when they crash, scales them, and
+//! stops them gracefully.
 //!
-//! - [`cluster`]: [`Cluster`], [`Settings`], [`Event`].
-//! - [`registry`]: the shared listening sockets, one per listen key, and the
-//!   [`SchedulingPolicy`].
-//! - [`round_robin`]: the primary-side accept loop that hands connections to workers in turn.
+//! One loop owns every worker, slot and listener (`supervisor.rs` in the
+//! source); everything else sends it commands through a [`ClusterHandle`]:
+//!
+//! - [`Cluster`], [`ClusterHandle`], [`WorkerHandle`]: the library API (Node's `cluster`).
+//! - [`Settings`], [`ClusterBuilder`], [`Backoff`], [`Limits`], [`Timeouts`].
+//! - [`Event`], [`Events`]: Node's cluster events, to any number of subscribers.
+//! - [`signals`]: OS signals as commands. [`control`]: the control socket and its client.
+//! - [`Status`]: what `netcluster status` shows.
+//! - [`registry`]: listeners and the [`SchedulingPolicy`].
 
-pub mod cluster;
+mod cluster;
+mod command;
+pub mod control;
+mod counts;
+mod error;
+mod event;
 pub mod registry;
-pub mod round_robin;
+mod round_robin;
+mod settings;
+pub mod signals;
+mod spawn;
+mod status;
+mod supervisor;
+mod worker;
 
-pub use cluster::{
-    Cluster, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Event, SendHandle, Settings, UserMessage,
-    WorkerHandle, WorkerInfo, WorkerState,
-};
+pub use cluster::{Cluster, ClusterHandle};
+pub use command::{ScaleReport, ScaleTo, StopMode};
+pub use error::Error;
+pub use event::{Event, Events, UserMessage, WorkerInfo};
 pub use registry::SchedulingPolicy;
+pub use settings::{
+    Backoff, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Limits, MAX_WORKERS, Settings, Timeouts,
+    inherited_fds,
+};
+pub use spawn::{GENERATION_ENV, SLOT_ENV};
+pub use status::{ListenerStatus, STATUS_SCHEMA, SlotStatus, Status, WorkerStatus};
+pub use worker::handle::{SendHandle, WorkerHandle};
+pub use worker::state::WorkerState;

@@ -1,22 +1,27 @@
-//! The primary's table of shared listening sockets, one per [`ListenKey`], and the scheduling
-//! policy that decides how each is shared.
+//! The primary's listening sockets, one per [`ListenKey`], and the scheduling policy that
+//! decides how each is shared.
 //!
-//! The first request for a key binds the socket (with that request's backlog and mode
-//! options); later requests for the same key get the same socket. A failed bind is not
-//! remembered, so a later request can retry. When the last member leaves, the socket is
-//! closed and a Unix socket file the primary created is removed.
+//! A listener is either **pinned** — configured by the operator (`--listen`,
+//! [`Cluster::share`](crate::Cluster::share), later systemd) and open for as long as the
+//! primary runs, whether or not a worker is listening on it at the moment — or created by a
+//! worker's listen, in which case it closes (and a Unix socket file the primary created is
+//! removed) when its last member leaves. The first request for a key binds the socket with that
+//! request's backlog and mode options; later requests share it. A failed bind is not remembered,
+//! so a later request can retry.
+//!
+//! The registry starts no task by itself: for a round-robin listener it returns the accept
+//! task's descriptor and gate, and the supervisor starts it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-
 use std::sync::Arc;
 
 use netcluster_protocol::handle::{self, ListenError};
 use netcluster_protocol::message::{BoundAddress, Grant, ListenKey, ListenParams, ListenTarget};
 
-use crate::round_robin::{ChannelLookup, RoundRobin};
+use crate::round_robin::{Gate, RoundRobin};
 
 /// How a cluster shares a listening socket among its workers (Node's `cluster.schedulingPolicy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -68,285 +73,279 @@ impl std::fmt::Display for SchedulingPolicy {
     }
 }
 
-/// What a listen request was granted.
+/// How one listener is shared.
 #[derive(Debug)]
-pub struct Granted {
-    /// The listening socket to send (only with [`Grant::Shared`]).
-    pub fd: Option<OwnedFd>,
-    /// The bound address.
-    pub address: BoundAddress,
-    /// How the socket is shared.
-    pub grant: Grant,
-    /// With [`Grant::RoundRobin`], the hand-off loop: add the worker to its rotation with
-    /// [`RoundRobin::add`] once the grant has reached the worker, so no connection arrives
-    /// before the worker knows the handle.
-    pub round_robin: Option<Arc<RoundRobin>>,
-}
-
-#[derive(Debug)]
-enum Mode {
+pub(crate) enum Mode {
     Shared,
-    RoundRobin(Arc<RoundRobin>),
+    RoundRobin(RoundRobin),
     /// The socket is a bound, never listening reservation of the port.
     ReusePort,
 }
 
-/// Who holds a shared socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Member {
-    /// The primary itself (listeners bound before any worker asked, e.g. from the command line).
-    Primary,
-    /// A worker, by id.
-    Worker(u32),
-}
-
+/// One listening socket of the primary.
 #[derive(Debug)]
-struct Shared {
-    fd: OwnedFd,
-    address: BoundAddress,
-    members: HashSet<Member>,
+pub(crate) struct Listener {
+    pub id: u64,
+    pub key: ListenKey,
+    /// The operator's name for it (`--listen NAME=ADDR`), or the address as given.
+    pub name: String,
+    pub address: BoundAddress,
+    pub fd: OwnedFd,
+    /// Configured by the operator: open for as long as the primary runs.
+    pub pinned: bool,
+    /// Workers that listen on it.
+    pub members: BTreeSet<u32>,
+    /// A Unix socket file the primary created, removed when the listener closes.
     unlink: Option<PathBuf>,
-    mode: Mode,
+    pub mode: Mode,
 }
 
-impl Shared {
-    fn grant(&self, key: &ListenKey) -> Result<Granted, ListenError> {
-        let (fd, grant, round_robin) = match &self.mode {
-            Mode::Shared => (
-                Some(
-                    self.fd
-                        .as_fd()
-                        .try_clone_to_owned()
-                        .map_err(|e| ListenError::new(&key.target, e))?,
-                ),
-                Grant::Shared,
-                None,
-            ),
-            Mode::RoundRobin(rr) => (
-                None,
-                Grant::RoundRobin {
-                    handle: rr.handle(),
-                },
-                Some(rr.clone()),
-            ),
-            Mode::ReusePort => (None, Grant::ReusePort, None),
-        };
-        Ok(Granted {
-            fd,
-            address: self.address.clone(),
-            grant,
-            round_robin,
-        })
+impl Listener {
+    /// The round-robin state, if the listener is round robin.
+    pub fn round_robin(&mut self) -> Option<&mut RoundRobin> {
+        match &mut self.mode {
+            Mode::RoundRobin(rr) => Some(rr),
+            _ => None,
+        }
     }
 }
 
-/// Shared listening sockets by key.
-pub struct Registry {
-    handles: HashMap<ListenKey, Shared>,
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(path) = self.unlink.take() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
+/// A listener just bound; for round robin, what the accept task needs.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    pub id: u64,
+    pub acceptor: Option<(OwnedFd, Arc<Gate>)>,
+}
+
+/// The listeners by key.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    listeners: BTreeMap<u64, Listener>,
+    by_key: HashMap<ListenKey, u64>,
+    next_id: u64,
     policy: SchedulingPolicy,
-    lookup: Option<ChannelLookup>,
-    next_handle: u64,
-}
-
-impl std::fmt::Debug for Registry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field("handles", &self.handles)
-            .field("policy", &self.policy)
-            .finish()
-    }
-}
-
-impl Default for Registry {
-    /// A registry that shares sockets ([`SchedulingPolicy::Shared`]).
-    fn default() -> Self {
-        Registry::new(SchedulingPolicy::Shared, None)
-    }
+    accept_ahead: usize,
 }
 
 impl Registry {
-    /// A registry sharing sockets by `policy`; round robin needs `lookup` to reach the workers
-    /// (without it, round robin falls back to shared sockets).
-    pub fn new(policy: SchedulingPolicy, lookup: Option<ChannelLookup>) -> Registry {
+    /// An empty registry sharing sockets by `policy`; round-robin listeners accept at most
+    /// `accept_ahead` connections beyond one per worker in rotation.
+    pub fn new(policy: SchedulingPolicy, accept_ahead: usize) -> Registry {
         Registry {
-            handles: HashMap::new(),
+            listeners: BTreeMap::new(),
+            by_key: HashMap::new(),
+            next_id: 1,
             policy,
-            lookup,
-            next_handle: 1,
+            accept_ahead,
         }
     }
 
-    /// The scheduling policy.
-    pub fn policy(&self) -> SchedulingPolicy {
-        self.policy
+    /// The listener for `key`, if bound.
+    pub fn find(&self, key: &ListenKey) -> Option<u64> {
+        self.by_key.get(key).copied()
     }
 
-    /// Joins `member` to the socket for `key`, binding it first if nobody holds it, and returns
-    /// what the member was granted: the socket itself (shared), a round-robin handle, or the
-    /// address to bind with `SO_REUSEPORT`.
+    /// Binds the socket for `key` (it must not be bound yet). `pinned` carries the operator's
+    /// name for a listener that stays open for the primary's lifetime; such a Unix socket
+    /// replaces a stale socket file that nothing listens on.
     ///
     /// # Errors
     /// The bind error naming the address; nothing is remembered for the key.
-    pub fn acquire(
+    pub fn bind(
         &mut self,
         key: &ListenKey,
         params: &ListenParams,
-        member: Member,
-    ) -> Result<Granted, ListenError> {
-        if let Some(shared) = self.handles.get_mut(key) {
-            let granted = shared.grant(key)?;
-            shared.members.insert(member);
-            return Ok(granted);
-        }
+        pinned: Option<String>,
+    ) -> Result<Bound, ListenError> {
         let tcp = matches!(key.target, ListenTarget::Tcp(_) | ListenTarget::TcpAny(_));
-        let (fd, address, mode) = match (self.policy, &self.lookup) {
-            (SchedulingPolicy::ReusePort, _) if tcp => {
+        let stale_ok = pinned.is_some();
+        let (fd, address, mode) = match self.policy {
+            SchedulingPolicy::ReusePort if tcp => {
                 let (fd, address) = handle::reserve_reuse_port(&key.target, params)?;
-                (fd, address, Mode::ReusePort)
+                (fd, address, None)
             }
-            (SchedulingPolicy::RoundRobin, Some(lookup)) => {
-                let (fd, address) = handle::bind_listener(&key.target, params)?;
-                let dup = fd
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| ListenError::new(&key.target, e))?;
-                let handle = self.next_handle;
-                self.next_handle += 1;
-                let rr = RoundRobin::start(handle, dup, address.clone(), lookup.clone())
-                    .map_err(|e| ListenError::new(&key.target, e))?;
-                (fd, address, Mode::RoundRobin(rr))
+            SchedulingPolicy::RoundRobin => {
+                let (fd, address) = bind(&key.target, params, stale_ok)?;
+                let gate = Gate::new(self.accept_ahead);
+                (fd, address, Some(gate))
             }
             _ => {
-                let (fd, address) = handle::bind_listener(&key.target, params)?;
-                (fd, address, Mode::Shared)
+                let (fd, address) = bind(&key.target, params, stale_ok)?;
+                (fd, address, None)
             }
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let acceptor = match &mode {
+            Some(gate) => Some((
+                fd.as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| ListenError::new(&key.target, e))?,
+                gate.clone(),
+            )),
+            None => None,
+        };
+        let mode = match (mode, self.policy) {
+            (Some(gate), _) => Mode::RoundRobin(RoundRobin::new(gate, self.accept_ahead)),
+            (None, SchedulingPolicy::ReusePort) if tcp => Mode::ReusePort,
+            (None, _) => Mode::Shared,
         };
         let unlink = match &key.target {
             ListenTarget::Unix(path) => Some(path.clone()),
             _ => None,
         };
-        let shared = Shared {
-            fd,
-            address,
-            members: HashSet::from([member]),
-            unlink,
-            mode,
-        };
-        let granted = shared.grant(key);
-        if granted.is_err() {
-            close(shared);
-            return granted;
-        }
-        self.handles.insert(key.clone(), shared);
-        granted
+        let name = pinned.clone().unwrap_or_else(|| key.target.to_string());
+        self.listeners.insert(
+            id,
+            Listener {
+                id,
+                key: key.clone(),
+                name,
+                address,
+                fd,
+                pinned: pinned.is_some(),
+                members: BTreeSet::new(),
+                unlink,
+                mode,
+            },
+        );
+        self.by_key.insert(key.clone(), id);
+        Ok(Bound { id, acceptor })
     }
 
-    /// The round-robin listener with this handle id.
-    pub fn round_robin(&self, handle: u64) -> Option<Arc<RoundRobin>> {
-        self.handles.values().find_map(|s| match &s.mode {
-            Mode::RoundRobin(rr) if rr.handle() == handle => Some(rr.clone()),
-            _ => None,
+    pub fn get(&self, id: u64) -> Option<&Listener> {
+        self.listeners.get(&id)
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Listener> {
+        self.listeners.get_mut(&id)
+    }
+
+    /// What a worker is granted for listener `id`: the socket itself (shared), a round-robin
+    /// handle, or the address to bind with `SO_REUSEPORT`.
+    ///
+    /// # Errors
+    /// When the socket cannot be duplicated (`EMFILE`), naming the address.
+    pub fn grant(&self, id: u64) -> Result<(BoundAddress, Grant, Option<OwnedFd>), ListenError> {
+        let Some(l) = self.listeners.get(&id) else {
+            return Err(ListenError::new(
+                format!("listener {id}"),
+                io::Error::new(io::ErrorKind::NotFound, "closed"),
+            ));
+        };
+        Ok(match &l.mode {
+            Mode::Shared => (
+                l.address.clone(),
+                Grant::Shared,
+                Some(
+                    l.fd.as_fd()
+                        .try_clone_to_owned()
+                        .map_err(|e| ListenError::new(&l.key.target, e))?,
+                ),
+            ),
+            Mode::RoundRobin(_) => (l.address.clone(), Grant::RoundRobin { handle: id }, None),
+            Mode::ReusePort => (l.address.clone(), Grant::ReusePort, None),
         })
     }
 
-    /// `member` no longer uses `key`; the socket closes when nobody does.
-    pub fn leave(&mut self, key: &ListenKey, member: Member) {
-        let empty = match self.handles.get_mut(key) {
-            Some(shared) => {
-                shared.members.remove(&member);
-                if let (Mode::RoundRobin(rr), Member::Worker(id)) = (&shared.mode, member) {
-                    rr.remove(id);
-                }
-                shared.members.is_empty()
-            }
-            None => false,
-        };
-        if empty {
-            if let Some(shared) = self.handles.remove(key) {
-                close(shared);
-            }
+    /// `worker` no longer uses listener `id` (it left the round-robin rotation too); returns
+    /// the listener if that closed it (the last member of a listener no operator pinned).
+    pub fn leave(&mut self, id: u64, worker: u32) -> Option<Listener> {
+        let l = self.listeners.get_mut(&id)?;
+        l.members.remove(&worker);
+        if let Some(rr) = l.round_robin() {
+            rr.leave(worker);
         }
+        if l.members.is_empty() && !l.pinned {
+            return self.remove(id);
+        }
+        None
     }
 
-    /// `member` (an exited worker) leaves every socket it held.
-    pub fn leave_all(&mut self, member: Member) {
-        let keys: Vec<ListenKey> = self
-            .handles
-            .iter()
-            .filter(|(_, s)| s.members.contains(&member))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in keys {
-            self.leave(&key, member);
-        }
+    /// Removes listener `id`; dropping what is returned closes it.
+    pub fn remove(&mut self, id: u64) -> Option<Listener> {
+        let l = self.listeners.remove(&id)?;
+        self.by_key.remove(&l.key);
+        Some(l)
     }
 
-    /// Closes every socket (removing Unix socket files the primary created).
+    /// The listeners.
+    pub fn iter(&self) -> impl Iterator<Item = &Listener> {
+        self.listeners.values()
+    }
+
+    /// The listeners, to change.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Listener> {
+        self.listeners.values_mut()
+    }
+
+    /// The listeners bound to `address`.
+    pub fn at_address(&self, address: &BoundAddress) -> Vec<u64> {
+        self.listeners
+            .values()
+            .filter(|l| &l.address == address)
+            .map(|l| l.id)
+            .collect()
+    }
+
+    /// Closes every listener (removing the Unix socket files the primary created).
     pub fn close_all(&mut self) {
-        for (_, shared) in self.handles.drain() {
-            close(shared);
-        }
-    }
-
-    /// The addresses of the sockets held, with their member counts.
-    pub fn listeners(&self) -> Vec<(ListenKey, BoundAddress, usize)> {
-        self.handles
-            .iter()
-            .map(|(k, s)| (k.clone(), s.address.clone(), s.members.len()))
-            .collect()
-    }
-
-    /// The workers that hold the socket for `key`.
-    pub fn worker_members(&self, key: &ListenKey) -> Vec<u32> {
-        let mut ids: Vec<u32> = self
-            .handles
-            .get(key)
-            .map(|s| {
-                s.members
-                    .iter()
-                    .filter_map(|m| match m {
-                        Member::Worker(id) => Some(*id),
-                        Member::Primary => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        ids.sort_unstable();
-        ids
-    }
-
-    /// The keys whose socket is bound to `address`.
-    pub fn keys_at(&self, address: &BoundAddress) -> Vec<ListenKey> {
-        self.handles
-            .iter()
-            .filter(|(_, s)| &s.address == address)
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-
-    /// The socket for `key`, if held (for inspection).
-    pub fn get(&self, key: &ListenKey) -> Option<std::os::fd::BorrowedFd<'_>> {
-        self.handles.get(key).map(|s| s.fd.as_fd())
+        self.by_key.clear();
+        self.listeners.clear();
     }
 }
 
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.close_all();
-    }
-}
-
-fn close(shared: Shared) {
-    if let Mode::RoundRobin(rr) = &shared.mode {
-        rr.close();
-    }
-    drop(shared.fd);
-    if let Some(path) = shared.unlink {
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+/// Binds `target`; with `stale_ok`, a Unix socket file that nothing listens on (left by a
+/// primary that crashed) is removed and the bind retried, and one that something listens on is
+/// an error that says so.
+fn bind(
+    target: &ListenTarget,
+    params: &ListenParams,
+    stale_ok: bool,
+) -> Result<(OwnedFd, BoundAddress), ListenError> {
+    match handle::bind_listener(target, params) {
+        Err(e) if stale_ok && e.errno() == Some(libc::EADDRINUSE) => {
+            let ListenTarget::Unix(path) = target else {
+                return Err(e);
+            };
+            let is_socket = std::fs::symlink_metadata(path)
+                .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                .unwrap_or(false);
+            if !is_socket {
+                return Err(e);
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => Err(ListenError::new(
+                    target,
+                    io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "another server is listening on this socket",
+                    ),
+                )),
+                Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(
+                        "removing {}: a stale socket file nothing listens on",
+                        path.display()
+                    );
+                    std::fs::remove_file(path).map_err(|r| ListenError::new(target, r))?;
+                    handle::bind_listener(target, params)
+                }
+                Err(_) => Err(e),
+            }
         }
+        other => other,
     }
 }
 
@@ -368,40 +367,63 @@ mod tests {
         }
     }
 
-    #[test]
-    fn same_key_same_socket_other_ordinal_other_port() {
-        let mut r = Registry::default();
+    fn shared() -> Registry {
+        Registry::new(SchedulingPolicy::Shared, 4)
+    }
+
+    fn join(
+        r: &mut Registry,
+        key: &ListenKey,
+        worker: u32,
+    ) -> (u64, Option<OwnedFd>, BoundAddress) {
         let p = ListenParams::default();
-        let a = r.acquire(&tcp0(0), &p, Member::Worker(1)).expect("bind");
-        let b = r.acquire(&tcp0(0), &p, Member::Worker(2)).expect("share");
-        assert_eq!(a.address, b.address);
-        assert_eq!((a.grant, b.grant), (Grant::Shared, Grant::Shared));
-        let (a_fd, b_fd) = (a.fd.expect("fd"), b.fd.expect("fd"));
-        assert_eq!(inode(&a_fd), inode(&b_fd));
-        let c = r
-            .acquire(&tcp0(1), &p, Member::Worker(1))
-            .expect("second port");
-        assert_ne!(a.address, c.address);
-        assert_ne!(inode(&a_fd), inode(&c.fd.expect("fd")));
+        let id = match r.find(key) {
+            Some(id) => id,
+            None => r.bind(key, &p, None).expect("bind").id,
+        };
+        r.get_mut(id).expect("bound").members.insert(worker);
+        let (address, _, fd) = r.grant(id).expect("grant");
+        (id, fd, address)
     }
 
     #[test]
-    fn last_member_leaving_closes_and_unlinks() {
+    fn same_key_same_socket_other_ordinal_other_port() {
+        let mut r = shared();
+        let (a, a_fd, a_addr) = join(&mut r, &tcp0(0), 1);
+        let (b, b_fd, b_addr) = join(&mut r, &tcp0(0), 2);
+        assert_eq!((a, &a_addr), (b, &b_addr));
+        assert_eq!(inode(&a_fd.expect("fd")), inode(&b_fd.expect("fd")));
+        let (_, _, c_addr) = join(&mut r, &tcp0(1), 1);
+        assert_ne!(a_addr, c_addr);
+    }
+
+    #[test]
+    fn last_member_leaving_closes_and_unlinks_unless_pinned() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("s.sock");
         let key = ListenKey {
             target: ListenTarget::Unix(path.clone()),
             ordinal: 0,
         };
-        let mut r = Registry::default();
-        let p = ListenParams::default();
-        drop(r.acquire(&key, &p, Member::Worker(1)).expect("bind"));
-        drop(r.acquire(&key, &p, Member::Worker(2)).expect("share"));
-        r.leave(&key, Member::Worker(1));
+        let mut r = shared();
+        let (id, _, _) = join(&mut r, &key, 1);
+        join(&mut r, &key, 2);
+        assert!(r.leave(id, 1).is_none());
         assert!(path.exists());
-        r.leave_all(Member::Worker(2));
+        drop(r.leave(id, 2).expect("closed by the last member"));
         assert!(!path.exists());
-        assert!(r.get(&key).is_none());
+        assert!(r.find(&key).is_none());
+
+        // A pinned listener stays open with no member.
+        let pinned = r
+            .bind(&key, &ListenParams::default(), Some("web".into()))
+            .expect("pin");
+        r.get_mut(pinned.id).expect("bound").members.insert(3);
+        assert!(r.leave(pinned.id, 3).is_none());
+        assert!(path.exists());
+        assert_eq!(r.get(pinned.id).expect("open").name, "web");
+        r.close_all();
+        assert!(!path.exists());
     }
 
     #[test]
@@ -412,57 +434,97 @@ mod tests {
             target: ListenTarget::Tcp(addr),
             ordinal: 0,
         };
-        let mut r = Registry::default();
+        let mut r = shared();
         let err = r
-            .acquire(&key, &ListenParams::default(), Member::Worker(1))
+            .bind(&key, &ListenParams::default(), None)
             .expect_err("in use");
-        assert_eq!(err.errno(), Some(libc_eaddrinuse()));
+        assert_eq!(err.errno(), Some(libc::EADDRINUSE));
         assert!(err.to_string().contains(&addr.to_string()));
-        assert!(r.get(&key).is_none());
+        assert!(r.find(&key).is_none());
         drop(taken);
-        r.acquire(&key, &ListenParams::default(), Member::Worker(1))
+        r.bind(&key, &ListenParams::default(), None)
             .expect("retry succeeds once the port is free");
     }
 
     #[test]
+    fn a_stale_pinned_unix_socket_is_replaced_and_a_live_one_is_not() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("stale.sock");
+        let key = ListenKey {
+            target: ListenTarget::Unix(path.clone()),
+            ordinal: 0,
+        };
+        // A socket file nobody listens on, as a crashed primary leaves it.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists());
+        let mut r = shared();
+        let err = r
+            .bind(&key, &ListenParams::default(), None)
+            .expect_err("a worker's listen keeps Node's EADDRINUSE");
+        assert_eq!(err.errno(), Some(libc::EADDRINUSE));
+        r.bind(&key, &ListenParams::default(), Some("s".into()))
+            .expect("the operator's listener replaces the stale file");
+        let mut other = shared();
+        let err = other
+            .bind(&key, &ListenParams::default(), Some("s".into()))
+            .expect_err("live");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "listen {}: another server is listening on this socket",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
     fn reuse_port_policy_grants_an_address_and_keeps_a_reservation() {
-        let mut r = Registry::new(SchedulingPolicy::ReusePort, None);
-        let p = ListenParams::default();
-        let a = r.acquire(&tcp0(0), &p, Member::Worker(1)).expect("reserve");
-        let b = r.acquire(&tcp0(0), &p, Member::Worker(2)).expect("same");
-        assert_eq!((a.grant, b.grant), (Grant::ReusePort, Grant::ReusePort));
-        assert!(a.fd.is_none());
-        assert_eq!(a.address, b.address);
-        assert_ne!(a.address.port(), Some(0));
+        let mut r = Registry::new(SchedulingPolicy::ReusePort, 4);
+        let b = r
+            .bind(&tcp0(0), &ListenParams::default(), None)
+            .expect("reserve");
+        let (address, grant, fd) = r.grant(b.id).expect("grant");
+        assert_eq!(grant, Grant::ReusePort);
+        assert!(fd.is_none());
+        assert_ne!(address.port(), Some(0));
         // Unix sockets cannot reuse ports: they are shared.
         let dir = tempfile::tempdir().expect("tmp");
         let unix = ListenKey {
             target: ListenTarget::Unix(dir.path().join("u.sock")),
             ordinal: 0,
         };
-        let u = r.acquire(&unix, &p, Member::Worker(1)).expect("unix");
-        assert_eq!(u.grant, Grant::Shared);
+        let u = r.bind(&unix, &ListenParams::default(), None).expect("unix");
+        assert_eq!(r.grant(u.id).expect("grant").1, Grant::Shared);
+    }
+
+    #[test]
+    fn round_robin_listeners_come_with_an_accept_task_descriptor() {
+        let mut r = Registry::new(SchedulingPolicy::RoundRobin, 4);
+        let b = r
+            .bind(&tcp0(0), &ListenParams::default(), None)
+            .expect("bind");
+        let (_, grant, fd) = r.grant(b.id).expect("grant");
+        assert_eq!(grant, Grant::RoundRobin { handle: b.id });
+        assert!(fd.is_none(), "the socket stays in the primary");
+        let (dup, gate) = b.acceptor.expect("acceptor");
+        assert_eq!(inode(&dup), inode(&r.get(b.id).expect("l").fd));
+        assert!(!gate.is_closed());
+        drop(r.remove(b.id));
+        assert!(
+            gate.is_closed(),
+            "closing the listener stops its accept task"
+        );
     }
 
     #[test]
     fn the_first_request_for_a_key_decides_the_backlog() {
-        let mut r = Registry::default();
+        let mut r = shared();
         let first = ListenParams {
             backlog: 5,
             ..ListenParams::default()
         };
-        let later = ListenParams {
-            backlog: 100,
-            ..ListenParams::default()
-        };
-        let a = r
-            .acquire(&tcp0(0), &first, Member::Worker(1))
-            .expect("bind");
-        let b = r
-            .acquire(&tcp0(0), &later, Member::Worker(2))
-            .expect("share");
-        assert_eq!(a.address, b.address);
-        let port = a.address.port().expect("tcp");
+        let b = r.bind(&tcp0(0), &first, None).expect("bind");
+        let port = r.get(b.id).expect("l").address.port().expect("tcp");
         let out = std::process::Command::new("ss")
             .args(["-ltnH", &format!("sport = :{port}")])
             .output();
@@ -481,9 +543,5 @@ mod tests {
         assert_eq!("ReusePort".parse(), Ok(SchedulingPolicy::ReusePort));
         assert!("fastest".parse::<SchedulingPolicy>().is_err());
         assert_eq!(SchedulingPolicy::default(), SchedulingPolicy::RoundRobin);
-    }
-
-    fn libc_eaddrinuse() -> i32 {
-        nix::errno::Errno::EADDRINUSE as i32
     }
 }

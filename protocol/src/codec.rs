@@ -211,6 +211,18 @@ mod tests {
                         ordinal: 0,
                     },
                 },
+                ToPrimary::Pong { seq: 11 },
+                ToPrimary::Stats {
+                    seq: 12,
+                    listeners: vec![crate::message::ListenerStats {
+                        key: ListenKey {
+                            target: ListenTarget::Unix("/run/x.sock".into()),
+                            ordinal: 0,
+                        },
+                        open: 3,
+                        served: u64::MAX,
+                    }],
+                },
             ],
             vec![
                 ToWorker::Welcome {
@@ -237,7 +249,11 @@ mod tests {
                     kind: HandleKind::Socket { origin: Some(3) },
                 },
                 ToWorker::CountSent { seq: 8, origin: 3 },
-                ToWorker::Connection { handle: 2, seq: 5 },
+                ToWorker::Connection {
+                    handle: 2,
+                    seq: 5,
+                    expires_ms: 1234,
+                },
                 ToWorker::CountQuery {
                     seq: 4,
                     key: ListenKey {
@@ -247,8 +263,10 @@ mod tests {
                 },
                 ToWorker::CountResult {
                     seq: 4,
-                    result: Err("worker 2 exited before replying".into()),
+                    result: Err(crate::message::CountError::WorkerExited { worker: 2 }),
                 },
+                ToWorker::Ping { seq: 1 },
+                ToWorker::StatsQuery { seq: 2 },
             ],
         )
     }
@@ -318,7 +336,7 @@ mod tests {
         let err = decode::<ToWorker>(&frame, MAX).expect_err("unknown");
         assert_eq!(
             err.to_string(),
-            "unknown ToWorker variant 19 (this side knows 10)"
+            "unknown ToWorker variant 19 (this side knows 12)"
         );
     }
 

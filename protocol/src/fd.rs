@@ -258,6 +258,114 @@ pub fn claim_inherited(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Whether descriptor number `fd` is open and is a Unix `SOCK_SEQPACKET` socket (a worker's
+/// channel), without taking ownership of it.
+pub fn is_seqpacket(fd: RawFd) -> bool {
+    if fd < 0 {
+        return false;
+    }
+    let mut ty: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `ty`, a c_int we own; a number that
+    // is not an open socket gives EBADF or ENOTSOCK and writes nothing.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&raw mut ty).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || ty != libc::SOCK_SEQPACKET {
+        return false;
+    }
+    let mut domain: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above, for SO_DOMAIN.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&raw mut domain).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && domain == libc::AF_UNIX
+}
+
+/// Accepts one connection on a listening socket with `accept4(SOCK_CLOEXEC | SOCK_NONBLOCK)`:
+/// the descriptor is ready to be passed to a worker as is (no `fcntl` there, no epoll
+/// registration here).
+///
+/// # Errors
+/// The error of `accept4(2)` (`WouldBlock` when no connection is waiting).
+pub fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: accept4 with null address pointers writes nothing but the new descriptor, which
+    // is returned to us alone.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 just created `fd`; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether descriptor number `fd` is open in this process.
+pub fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor's flags; a number that is not open gives EBADF.
+    fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
+}
+
+/// Sets `FD_CLOEXEC` on descriptor number `fd` if it is open, leaving its ownership alone.
+fn set_cloexec_raw(fd: RawFd) {
+    if fd >= 0 {
+        // SAFETY: F_SETFD only changes the descriptor's flags; a number that is not open gives
+        // EBADF and changes nothing.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
+/// Runs before `main` in every program that links this crate: a worker's channel (named by
+/// [`crate::env::CHANNEL_FD`]) becomes close-on-exec at once, so a program the worker starts
+/// before it first calls into the cluster API does not inherit it. Only a descriptor that is
+/// really a `SOCK_SEQPACKET` socket is touched.
+extern "C" fn cloexec_channel_at_start() {
+    let Some(value) = std::env::var_os(crate::env::CHANNEL_FD) else {
+        return;
+    };
+    let Some(fd) = value.to_str().and_then(|v| v.parse::<RawFd>().ok()) else {
+        return;
+    };
+    if is_seqpacket(fd) {
+        set_cloexec_raw(fd);
+    }
+}
+
+/// The constructor table entry for [`cloexec_channel_at_start`] (what the `ctor` crate does,
+/// in five lines). Referenced by [`cloexec_at_start_installed`] so the linker keeps it.
+#[used]
+// SAFETY: `.init_array` holds pointers to functions that take no arguments the callee reads
+// and return nothing; the C runtime calls each once before `main`, which is this function's
+// contract. It touches only the descriptor named by the environment.
+#[unsafe(link_section = ".init_array")]
+static CLOEXEC_CHANNEL_AT_START: extern "C" fn() = cloexec_channel_at_start;
+
+/// Whether the pre-`main` constructor that marks the channel close-on-exec is linked in (it
+/// always is on Linux; the function exists so the table entry is referenced).
+pub fn cloexec_at_start_installed() -> bool {
+    let f: extern "C" fn() = CLOEXEC_CHANNEL_AT_START;
+    f as usize != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

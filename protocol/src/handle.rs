@@ -21,15 +21,25 @@ pub const MAX_UNIX_PATH: usize = 107;
 ///
 /// It converts into an [`io::Error`] of the same kind, and keeps the OS error number
 /// ([`ListenError::errno`]) so a primary can forward it to a worker.
-#[derive(Debug, thiserror::Error)]
-#[error("listen {address}: {source}")]
+///
+/// Its message already contains the OS error's, so it reports no separate
+/// [`source`](std::error::Error::source): an error chain (`anyhow`'s `{:#}`) says the reason
+/// once.
+#[derive(Debug)]
 pub struct ListenError {
     /// The address, path or descriptor that could not be listened on.
     pub address: String,
     /// What the OS (or the validation) said.
-    #[source]
     pub source: io::Error,
 }
+
+impl fmt::Display for ListenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "listen {}: {}", self.address, self.source)
+    }
+}
+
+impl std::error::Error for ListenError {}
 
 impl ListenError {
     /// Builds an error for `address`.
@@ -284,14 +294,110 @@ pub fn adopt_listener(fd: OwnedFd, backlog: u32) -> io::Result<(OwnedFd, BoundAd
             format!("not a stream socket ({ty:?})"),
         ));
     }
+    let bound = local_address(&socket)?;
+    let unbound = match &bound {
+        BoundAddress::Tcp(a) => a.port() == 0,
+        BoundAddress::Unix(p) => p.as_os_str().is_empty(),
+    };
+    if unbound {
+        // listen(2) on an unbound TCP socket binds it to a random port on every interface:
+        // never what someone who passed a descriptor meant.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not bound to an address", describe(&socket)),
+        ));
+    }
     if !socket.is_listener()? {
         socket
             .listen(i32::try_from(backlog).unwrap_or(i32::MAX))
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen: {e}")))?;
     }
     socket.set_nonblocking(true)?;
-    let bound = local_address(&socket)?;
     Ok((socket.into(), bound))
+}
+
+/// Checks that `fd` is a listening stream socket (TCP or Unix) and returns its address, without
+/// changing it: for descriptors handed to a primary (inherited ones, systemd's), which must
+/// already listen.
+///
+/// # Errors
+/// `InvalidInput` saying what the descriptor is instead ("a pipe", "a UDP socket", "a TCP
+/// socket that is not listening", …).
+pub fn check_listening(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<BoundAddress> {
+    let what = describe_fd(fd);
+    let not = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what}, not a listening stream socket"),
+        )
+    };
+    let sock = socket2::SockRef::from(&fd);
+    if sock.r#type().map_err(|_| not())? != Type::STREAM {
+        return Err(not());
+    }
+    let domain = sock.domain().map_err(|_| not())?;
+    if domain != Domain::IPV4 && domain != Domain::IPV6 && domain != Domain::UNIX {
+        return Err(not());
+    }
+    if !sock.is_listener().map_err(|_| not())? {
+        return Err(not());
+    }
+    let addr = sock.local_addr()?;
+    match addr.as_socket() {
+        Some(sa) => Ok(BoundAddress::Tcp(sa)),
+        None => Ok(BoundAddress::Unix(
+            addr.as_pathname()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        )),
+    }
+}
+
+/// What a descriptor is, in words, for error messages: "a regular file", "a pipe", "a UDP
+/// socket", "a TCP socket that is not listening", "a listening Unix stream socket", "not open".
+pub fn describe_fd(fd: std::os::fd::BorrowedFd<'_>) -> String {
+    use nix::sys::stat::{SFlag, fstat};
+    let st = match fstat(fd) {
+        Ok(st) => st,
+        Err(e) => return format!("not usable ({e})"),
+    };
+    let fmt = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    let kind = match fmt {
+        SFlag::S_IFREG => "a regular file",
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFIFO => "a pipe",
+        SFlag::S_IFCHR => "a character device",
+        SFlag::S_IFBLK => "a block device",
+        SFlag::S_IFLNK => "a symbolic link",
+        SFlag::S_IFSOCK => return describe(&socket2::SockRef::from(&fd)),
+        _ => "an unknown kind of file",
+    };
+    kind.to_string()
+}
+
+fn describe(sock: &Socket) -> String {
+    let family = match sock.domain() {
+        Ok(Domain::IPV4) | Ok(Domain::IPV6) => "",
+        Ok(Domain::UNIX) => "Unix ",
+        Ok(_) => "other-family ",
+        Err(_) => "",
+    };
+    let (kind, stream) = match sock.r#type() {
+        Ok(Type::STREAM) if family.is_empty() => ("TCP socket", true),
+        Ok(Type::STREAM) => ("stream socket", true),
+        Ok(Type::DGRAM) if family.is_empty() => ("UDP socket", false),
+        Ok(Type::DGRAM) => ("datagram socket", false),
+        Ok(Type::SEQPACKET) => ("seqpacket socket", false),
+        Ok(_) | Err(_) => ("socket", false),
+    };
+    if stream {
+        match sock.is_listener() {
+            Ok(true) => format!("a listening {family}{kind}"),
+            _ => format!("a {family}{kind} that is not listening"),
+        }
+    } else {
+        format!("a {family}{kind}")
+    }
 }
 
 #[cfg(test)]
@@ -456,6 +562,62 @@ mod tests {
         };
         assert!(Socket::from(fd).is_listener().expect("opt"));
         assert_ne!(addr.port(), 0);
+    }
+
+    #[test]
+    fn adopt_refuses_an_unbound_socket() {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        let err = adopt_listener(s.into(), 16).expect_err("unbound");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            err.to_string(),
+            "a TCP socket that is not listening is not bound to an address"
+        );
+    }
+
+    #[test]
+    fn check_listening_says_what_a_descriptor_is() {
+        use std::os::fd::AsFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert_eq!(
+            check_listening(l.as_fd()).expect("listening"),
+            BoundAddress::Tcp(l.local_addr().expect("addr"))
+        );
+        let file = tempfile::tempfile().expect("file");
+        assert_eq!(
+            check_listening(file.as_fd()).expect_err("file").to_string(),
+            "a regular file, not a listening stream socket"
+        );
+        let (r, _w) = nix::unistd::pipe().expect("pipe");
+        assert_eq!(describe_fd(r.as_fd()), "a pipe");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        assert_eq!(describe_fd(udp.as_fd()), "a UDP socket");
+        let bound = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        bound
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        assert_eq!(
+            check_listening(bound.as_fd())
+                .expect_err("not listening")
+                .to_string(),
+            "a TCP socket that is not listening, not a listening stream socket"
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let u = std::os::unix::net::UnixListener::bind(dir.path().join("s")).expect("unix");
+        assert_eq!(describe_fd(u.as_fd()), "a listening Unix stream socket");
+    }
+
+    #[test]
+    fn a_listen_error_says_its_reason_once_in_a_chain() {
+        let e = ListenError::new(
+            "127.0.0.1:80",
+            io::Error::from_raw_os_error(libc::EADDRINUSE),
+        );
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(
+            e.to_string(),
+            "listen 127.0.0.1:80: Address already in use (os error 98)"
+        );
     }
 
     #[test]

@@ -11,7 +11,18 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of the wire protocol. Every frame starts with it, and the handshake repeats it.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
+
+/// This host's `CLOCK_MONOTONIC` in milliseconds: the clock of hand-off deadlines. Every process
+/// on one host (in one time namespace) reads the same clock, so a primary and its workers agree
+/// on it.
+pub fn monotonic_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        let secs = u64::try_from(t.tv_sec()).unwrap_or(0);
+        let ms = u64::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000;
+        secs.saturating_mul(1000).saturating_add(ms)
+    })
+}
 
 /// Default listen backlog, as in Node (`net.Server.listen`).
 pub const DEFAULT_BACKLOG: u32 = 511;
@@ -255,6 +266,65 @@ pub enum ToPrimary {
         /// Whether the worker took the connection.
         accepted: bool,
     },
+    /// Answer to `ToWorker::Ping`: the worker's channel task is alive and reading.
+    Pong {
+        /// The ping answered.
+        seq: u64,
+    },
+    /// Answer to `ToWorker::StatsQuery`: what this worker's servers that share the primary's
+    /// sockets have done.
+    Stats {
+        /// The query answered.
+        seq: u64,
+        /// One entry per shared listener this worker serves.
+        listeners: Vec<ListenerStats>,
+    },
+}
+
+/// One listener's figures in a worker, for `netcluster status`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// The listener's key.
+    pub key: ListenKey,
+    /// Connections open now.
+    pub open: u64,
+    /// Connections accepted since the worker started.
+    pub served: u64,
+}
+
+/// Why a cluster-wide connection count has no answer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CountError {
+    /// A worker sharing the socket exited before it replied (Node's
+    /// `ERR_CHILD_CLOSED_BEFORE_REPLY`).
+    #[error("worker {worker} exited before replying (ERR_CHILD_CLOSED_BEFORE_REPLY)")]
+    WorkerExited {
+        /// The worker.
+        worker: u32,
+    },
+    /// These workers did not answer within the deadline.
+    #[error("workers {workers:?} did not answer within {timeout_ms} ms")]
+    TimedOut {
+        /// The workers that stayed silent.
+        workers: Vec<u32>,
+        /// The deadline.
+        timeout_ms: u64,
+    },
+    /// A worker cannot be asked: its queue is full (it does not read its channel).
+    #[error("worker {worker} is not reading its channel")]
+    Unresponsive {
+        /// The worker.
+        worker: u32,
+    },
+    /// The asking worker has too many requests in flight.
+    #[error("too many count requests in flight (at most {limit})")]
+    TooMany {
+        /// The limit per worker.
+        limit: u32,
+    },
+    /// The cluster is stopping.
+    #[error("the cluster is stopping")]
+    Stopping,
 }
 
 #[cfg(test)]
@@ -283,7 +353,7 @@ mod tests {
 
 impl Frame for ToPrimary {
     const NAME: &'static str = "ToPrimary";
-    const VARIANTS: u32 = 8;
+    const VARIANTS: u32 = 10;
     fn fd_count(&self) -> usize {
         0
     }
@@ -354,6 +424,10 @@ pub enum ToWorker {
         handle: u64,
         /// Hand-off number, echoed in the answer.
         seq: u64,
+        /// `CLOCK_MONOTONIC` milliseconds (see [`monotonic_ms`]) after which the primary may
+        /// give the connection to another worker: a worker that reads the hand-off later must
+        /// close its copy and answer `accepted: false`, so no connection is ever served twice.
+        expires_ms: u64,
     },
     /// How many connections are open on `key` in this worker? (answered by `CountReply`)
     CountQuery {
@@ -366,14 +440,24 @@ pub enum ToWorker {
     CountResult {
         /// The request this answers.
         seq: u64,
-        /// The sum over every worker, or the error (a worker exited before replying).
-        result: Result<u64, String>,
+        /// The sum over every worker, or why there is none.
+        result: Result<u64, CountError>,
+    },
+    /// Are you alive? (answered by `ToPrimary::Pong`)
+    Ping {
+        /// Ping number.
+        seq: u64,
+    },
+    /// What have your servers done? (answered by `ToPrimary::Stats`)
+    StatsQuery {
+        /// Query number.
+        seq: u64,
     },
 }
 
 impl Frame for ToWorker {
     const NAME: &'static str = "ToWorker";
-    const VARIANTS: u32 = 10;
+    const VARIANTS: u32 = 12;
     fn fd_count(&self) -> usize {
         match self {
             ToWorker::ListenOk {

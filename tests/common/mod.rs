@@ -37,6 +37,9 @@ pub struct Running {
     stderr: mpsc::Receiver<String>,
     pub stdout_seen: Vec<String>,
     pub stderr_seen: Vec<String>,
+    /// A directory of this process's own (its control socket lives there unless the test
+    /// chose one); removed on drop.
+    pub dir: tempfile::TempDir,
 }
 
 impl Running {
@@ -70,6 +73,14 @@ impl Running {
     }
 
     fn spawn(mut cmd: Command) -> Running {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let chose = cmd
+            .get_envs()
+            .any(|(k, _)| k == std::ffi::OsStr::new("NETCLUSTER_CONTROL"));
+        if !chose {
+            // Tests run in parallel: each primary gets its own control socket.
+            cmd.env("NETCLUSTER_CONTROL", dir.path().join("control.sock"));
+        }
         let mut child = cmd
             .env("NETCLUSTER_LOG", "info")
             .stdout(Stdio::piped())
@@ -87,6 +98,7 @@ impl Running {
             stderr,
             stdout_seen: Vec::new(),
             stderr_seen: Vec::new(),
+            dir,
         }
     }
 
@@ -165,6 +177,11 @@ impl Running {
                 ),
             }
         }
+    }
+
+    /// The control socket of this process (unless the test chose another).
+    pub fn control(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
     }
 
     /// Sends `sig` to the primary only.

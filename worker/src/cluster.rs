@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use netcluster_protocol::handle::ListenError;
 use netcluster_protocol::message::{
-    BoundAddress, Grant, HandleKind, ListenKey, ListenParams, PROTOCOL_VERSION, ToPrimary, ToWorker,
+    BoundAddress, CountError, Grant, HandleKind, ListenKey, ListenParams, ListenerStats,
+    PROTOCOL_VERSION, ToPrimary, ToWorker, monotonic_ms,
 };
 use netcluster_protocol::{Channel, env};
 use serde::Serialize;
@@ -48,14 +49,23 @@ pub enum Role {
 /// }
 /// ```
 ///
-/// A process is a worker when its environment names a worker id and its parent is the primary
-/// named there; a program a worker starts inherits the environment but not the parent, so it
-/// is not a worker. The answer is decided on the first call and kept, so a worker whose primary
+/// A process is a worker when its environment names a worker id and a channel descriptor that
+/// really is a `SOCK_SEQPACKET` socket, and its parent is the primary named there; a program a
+/// worker starts inherits the environment but not the parent (nor the channel, which is
+/// close-on-exec from before `main`), so it is not a worker. The answer is decided on the first call and kept, so a worker whose primary
 /// has died (and that was re-parented) does not turn into a primary.
 pub fn role() -> Role {
     static ROLE: std::sync::OnceLock<Role> = std::sync::OnceLock::new();
     *ROLE.get_or_init(|| {
         let var = |name| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+        let channel = std::env::var(env::CHANNEL_FD)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok());
+        // A worker id alone does not make a worker: without a channel to a primary the process
+        // could do nothing a worker does (netcluster-isolation finding 12).
+        if !channel.is_some_and(netcluster_protocol::fd::is_seqpacket) {
+            return Role::Primary;
+        }
         match (var(env::WORKER_ID), var(env::PRIMARY_PID)) {
             (Some(id), Some(primary)) if std::os::unix::process::parent_id() == primary => {
                 Role::Worker { id }
@@ -144,6 +154,16 @@ type Incoming = (Vec<u8>, Option<ReceivedHandle>);
 /// Connections handed over on one round-robin listener: (hand-off number, descriptor).
 pub(crate) type Handoffs = mpsc::UnboundedReceiver<(u64, OwnedFd)>;
 
+/// A server's figures on a shared listener, read when the primary asks.
+#[derive(Debug)]
+struct Counter {
+    key: ListenKey,
+    /// Open connections; the sender closes when the server and its connections are gone.
+    open: watch::Receiver<usize>,
+    /// Connections accepted.
+    served: Arc<AtomicU64>,
+}
+
 /// This process's connection to its primary.
 #[derive(Debug)]
 pub struct Worker {
@@ -157,9 +177,9 @@ pub struct Worker {
     /// Round-robin listeners of this process's servers, by the primary's handle id.
     round_robin: Mutex<HashMap<u64, mpsc::UnboundedSender<(u64, OwnedFd)>>>,
     /// Connection counters of the servers sharing a primary's socket, by key.
-    counters: Mutex<Vec<(ListenKey, watch::Receiver<usize>)>>,
+    counters: Mutex<Vec<Counter>>,
     /// Cluster-wide count requests waiting for the primary's answer.
-    counts: Mutex<HashMap<u64, oneshot::Sender<Result<u64, String>>>>,
+    counts: Mutex<HashMap<u64, oneshot::Sender<Result<u64, CountError>>>>,
     /// Sockets received from the primary that are still open, by the primary's server.
     received: Arc<Mutex<HashMap<u64, usize>>>,
     /// Dropped when the channel closes, so `recv` then returns `None`.
@@ -395,20 +415,48 @@ impl Worker {
     }
 
     /// Counts a server's connections under `key` when the primary asks.
-    pub(crate) fn register_counter(&self, key: ListenKey, connections: watch::Receiver<usize>) {
-        lock(&self.counters).push((key, connections));
+    pub(crate) fn register_counter(
+        &self,
+        key: ListenKey,
+        open: watch::Receiver<usize>,
+        served: Arc<AtomicU64>,
+    ) {
+        lock(&self.counters).push(Counter { key, open, served });
     }
 
     /// This worker's open connections on `key` (servers that are gone are forgotten).
     fn local_count(&self, key: &ListenKey) -> u64 {
         let mut counters = lock(&self.counters);
         // A closed sender means the server and all its connections are gone.
-        counters.retain(|(_, rx)| rx.has_changed().is_ok());
+        counters.retain(|c| c.open.has_changed().is_ok());
         counters
             .iter()
-            .filter(|(k, _)| k == key)
-            .map(|(_, rx)| *rx.borrow() as u64)
+            .filter(|c| &c.key == key)
+            .map(|c| *c.open.borrow() as u64)
             .sum()
+    }
+
+    /// Open and served connections per shared listener, for the primary's status.
+    fn stats(&self) -> Vec<ListenerStats> {
+        let mut counters = lock(&self.counters);
+        counters.retain(|c| c.open.has_changed().is_ok());
+        let mut out: Vec<ListenerStats> = Vec::new();
+        for c in counters.iter() {
+            let open = *c.open.borrow() as u64;
+            let served = c.served.load(Ordering::Relaxed);
+            match out.iter_mut().find(|s| s.key == c.key) {
+                Some(s) => {
+                    s.open = s.open.saturating_add(open);
+                    s.served = s.served.saturating_add(served);
+                }
+                None => out.push(ListenerStats {
+                    key: c.key.clone(),
+                    open,
+                    served,
+                }),
+            }
+        }
+        out
     }
 
     /// The open connections on `key` summed over every worker of the cluster (what Node
@@ -504,13 +552,13 @@ impl Worker {
     }
 
     async fn read_loop(self: Arc<Self>) {
+        // However this task ends (the channel closes, or a panic unwinds it), the worker stops:
+        // nothing between the primary's death and the worker's shutdown may fail.
+        let _stop = StopWhenDone(&self);
         loop {
             match self.channel.recv::<ToWorker>().await {
                 Ok(Some((msg, fds))) => self.dispatch(msg, fds).await,
-                Ok(None) => {
-                    tracing::info!(worker = self.id, "the primary closed the channel; stopping");
-                    break;
-                }
+                Ok(None) => break,
                 Err(e) if e.is_bad_frame() => {
                     tracing::warn!(
                         worker = self.id,
@@ -518,16 +566,24 @@ impl Worker {
                     );
                 }
                 Err(e) => {
+                    self.channel_gone();
                     tracing::warn!(worker = self.id, "channel to the primary failed: {e}");
-                    break;
+                    return;
                 }
             }
         }
-        // Nobody will answer outstanding listens now, nor send more messages.
+        self.channel_gone();
+        tracing::info!(worker = self.id, "the primary closed the channel; stopping");
+    }
+
+    /// The channel is gone: nobody will answer outstanding requests or send more messages, and
+    /// the worker stops. Takes no lock that a panicking holder could leave unusable and writes
+    /// no log.
+    fn channel_gone(&self) {
+        self.request_stop(StopReason::PrimaryGone, None);
         lock(&self.pending).clear();
         lock(&self.counts).clear();
         lock(&self.messages_tx).take();
-        self.request_stop(StopReason::PrimaryGone, None);
     }
 
     async fn dispatch(&self, msg: ToWorker, fds: Vec<OwnedFd>) {
@@ -567,10 +623,17 @@ impl Worker {
                     self.leave(key).await;
                 }
             }
-            ToWorker::Connection { handle, seq } => {
+            ToWorker::Connection {
+                handle,
+                seq,
+                expires_ms,
+            } => {
                 let fd = fds.into_iter().next();
+                // Past its deadline the primary may have given the connection to another
+                // worker: close this copy and say no, so it is never served twice.
+                let late = monotonic_ms() > expires_ms;
                 let delivered = match (fd, lock(&self.round_robin).get(&handle)) {
-                    (Some(fd), Some(tx)) => tx.send((seq, fd)).is_ok(),
+                    (Some(fd), Some(tx)) if !late => tx.send((seq, fd)).is_ok(),
                     _ => false,
                 };
                 if !delivered {
@@ -654,6 +717,21 @@ impl Worker {
                     let _ = tx.send(result);
                 }
             }
+            ToWorker::Ping { seq } => {
+                if let Err(e) = self.channel.send(&ToPrimary::Pong { seq }, &[]).await {
+                    tracing::debug!(worker = self.id, "cannot answer a ping: {e}");
+                }
+            }
+            ToWorker::StatsQuery { seq } => {
+                let listeners = self.stats();
+                if let Err(e) = self
+                    .channel
+                    .send(&ToPrimary::Stats { seq, listeners }, &[])
+                    .await
+                {
+                    tracing::debug!(worker = self.id, "cannot answer a stats query: {e}");
+                }
+            }
             ToWorker::Welcome { .. } => {
                 tracing::warn!(worker = self.id, "unexpected second Welcome ignored");
             }
@@ -688,11 +766,30 @@ impl Worker {
         let reason = self.shutdown_requested().await;
         let deadline = self.drain_timeout();
         tokio::time::sleep(deadline).await;
+        // Exits even if the log write below fails or panics (a stderr whose reader is gone).
+        let _exit = ExitWhenDone;
         tracing::warn!(
             worker = self.id,
             ?reason,
             "connections still open after the {deadline:?} drain deadline; exiting"
         );
+    }
+}
+
+/// Stops the worker when dropped: at the end of the channel task, however it ends.
+struct StopWhenDone<'a>(&'a Worker);
+
+impl Drop for StopWhenDone<'_> {
+    fn drop(&mut self) {
+        self.0.channel_gone();
+    }
+}
+
+/// Ends the process when dropped (also while unwinding).
+struct ExitWhenDone;
+
+impl Drop for ExitWhenDone {
+    fn drop(&mut self) {
         std::process::exit(0);
     }
 }

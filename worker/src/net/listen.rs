@@ -244,6 +244,9 @@ pub(crate) struct Acquired {
     pub shared_key: Option<ListenKey>,
     /// Set when this process created the Unix socket file and must unlink it on close.
     pub unlink: Option<PathBuf>,
+    /// The cluster worker this process is, when it is one: every server of a worker stops
+    /// with it, exclusive ones included.
+    pub worker: Option<std::sync::Arc<cluster::Worker>>,
 }
 
 /// Obtains the listening socket for `options`: from the primary when this process is a cluster
@@ -251,8 +254,9 @@ pub(crate) struct Acquired {
 pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
     let target = options.target().await?;
     let params = options.params();
+    let me = cluster::worker().await?;
     if !options.exclusive && !options.reuse_port {
-        if let Some(worker) = cluster::worker().await? {
+        if let Some(worker) = &me {
             // The primary may run in another directory: a relative path means the worker's.
             let target = match target {
                 ListenTarget::Unix(path) if path.is_relative() => {
@@ -305,6 +309,7 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
                 address: granted.address,
                 shared_key: Some(key),
                 unlink: None,
+                worker: me.clone(),
             });
         }
     }
@@ -318,6 +323,7 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
         address,
         shared_key: None,
         unlink,
+        worker: me,
     })
 }
 

@@ -54,7 +54,7 @@ pub use idle::IdleTimeout;
 pub use ip::{is_ip, is_ipv4, is_ipv6};
 pub use listen::ListenOptions;
 pub use netcluster_protocol::message::BoundAddress;
-pub use server::{DropInfo, RemoteCount, Server, ServerOptions, register_remote_count};
+pub use server::{DropInfo, Origin, RemoteCount, Server, ServerOptions};
 pub use socket::Socket;
 pub use socket::{AddressInfo, OnReadEnd, ReadyState};
 pub use socket_address::{SocketAddress, SocketAddressError, SocketAddressOptions};

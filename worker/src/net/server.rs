@@ -81,28 +81,52 @@ impl DropInfo {
 /// "No limit" in the `max_connections` atomic.
 const UNLIMITED: usize = usize::MAX;
 
-/// Asks another process how many of a server's sockets it still holds open.
-pub type RemoteCount =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send>> + Send + Sync>;
+/// Counts the sockets a server accepted and sent to another process that are still open there
+/// (Node's rule for `subprocess.send(message, socket)`): registered on the server through the
+/// socket's [`Origin`] by whoever sent it (the cluster's `send_handle`).
+pub trait RemoteCount: Send + Sync + 'static {
+    /// How many are still open there; `Ok(None)` once that process is gone, after which the
+    /// server forgets this counter.
+    ///
+    /// # Errors
+    /// When the process cannot answer (Node's `ERR_CHILD_CLOSED_BEFORE_REPLY`).
+    fn count(&self) -> Pin<Box<dyn Future<Output = io::Result<Option<usize>>> + Send + '_>>;
+}
 
-/// Remote counters by server id, then by a tag naming the process asked (e.g. a worker id).
-type RemoteCounts = std::collections::HashMap<u64, std::collections::HashMap<u64, RemoteCount>>;
+/// Remote counters of one server, by a tag naming the process asked (e.g. a worker id).
+type Remotes = Mutex<std::collections::HashMap<u64, Arc<dyn RemoteCount>>>;
 
-static REMOTE_COUNTS: std::sync::LazyLock<Mutex<RemoteCounts>> =
-    std::sync::LazyLock::new(|| Mutex::new(RemoteCounts::new()));
+/// The server that accepted a socket ([`Socket::origin`]): lets the code that sends the socket
+/// to another process keep it in the server's [`Server::get_connections`]. Holds no strong
+/// reference: a server that is gone simply ignores registrations.
+#[derive(Clone)]
+pub struct Origin {
+    id: u64,
+    remotes: std::sync::Weak<Remotes>,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin").field("id", &self.id).finish()
+    }
+}
+
+impl Origin {
+    /// The server's id ([`Server::id`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Counts `count`'s sockets in the server's `getConnections`; a second registration with
+    /// the same `tag` replaces the first.
+    pub fn register(&self, tag: u64, count: Arc<dyn RemoteCount>) {
+        if let Some(remotes) = self.remotes.upgrade() {
+            lock(&remotes).insert(tag, count);
+        }
+    }
+}
 
 static NEXT_SERVER_ID: AtomicUsize = AtomicUsize::new(1);
-
-/// Makes [`Server::get_connections`] of server `server_id` also count the sockets it sent to
-/// another process (Node's rule for `subprocess.send(message, socket)`): `count` asks that
-/// process, named by `tag`, how many are still open. A second registration for the same tag
-/// replaces the first.
-pub fn register_remote_count(server_id: u64, tag: u64, count: RemoteCount) {
-    lock(&REMOTE_COUNTS)
-        .entry(server_id)
-        .or_default()
-        .insert(tag, count);
-}
 
 /// A stream server (`net.createServer(connectionListener)`).
 ///
@@ -153,6 +177,10 @@ struct Inner {
     /// Accept loops plus open connections; `closed()` waits for zero.
     active: watch::Sender<usize>,
     connections: watch::Sender<usize>,
+    /// Connections accepted (and not dropped at `maxConnections`) since the server was made.
+    served: Arc<std::sync::atomic::AtomicU64>,
+    /// Counters of sockets this server accepted that other processes hold.
+    remotes: Arc<Remotes>,
     generation: std::sync::atomic::AtomicU64,
 }
 
@@ -167,6 +195,8 @@ struct Listening {
     /// Which listen of this server this is, so a late stop of an old accept loop cannot end a
     /// newer listen.
     generation: u64,
+    /// The cluster worker this process is, when it is one.
+    worker: Option<Arc<Worker>>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -197,6 +227,8 @@ impl Server {
                 state: Mutex::new(None),
                 active: watch::Sender::new(0),
                 connections: watch::Sender::new(0),
+                served: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+                remotes: Arc::new(Mutex::new(std::collections::HashMap::new())),
                 generation: std::sync::atomic::AtomicU64::new(0),
             }),
         }
@@ -220,9 +252,8 @@ impl Server {
                 format!("server is already listening on {}", l.address),
             ));
         }
-        let stop_signal = cluster::worker().await?.map(|w| w.stop_signal());
         let acquired = listen::acquire(&options).await?;
-        self.start(acquired, stop_signal, options.signal).await
+        self.start(acquired, options.signal).await
     }
 
     /// Listens on an existing listening (or bound, listenable) socket: another server's
@@ -243,14 +274,15 @@ impl Server {
             netcluster_protocol::message::DEFAULT_BACKLOG,
         )
         .map_err(named)?;
-        let stop_signal = cluster::worker().await?.map(|w| w.stop_signal());
         let acquired = listen::Acquired {
             source: listen::Source::Socket(fd),
             address,
             shared_key: None,
             unlink: None,
+            // Served here, but it stops with the worker like every server of the process.
+            worker: cluster::worker().await?,
         };
-        self.start(acquired, stop_signal, None).await
+        self.start(acquired, None).await
     }
 
     /// A duplicate of the listening socket (Node's `server._handle`), to listen on elsewhere
@@ -281,9 +313,10 @@ impl Server {
     async fn start(
         &self,
         acquired: listen::Acquired,
-        stop_signal: Option<watch::Receiver<Option<StopReason>>>,
         cancel: Option<tokio_util::sync::CancellationToken>,
     ) -> io::Result<BoundAddress> {
+        let worker = acquired.worker.clone();
+        let stop_signal = worker.as_ref().map(|w| w.stop_signal());
         let (stop_tx, stop_rx) = oneshot::channel();
         let address = acquired.address.clone();
         let fd = match &acquired.source {
@@ -305,6 +338,7 @@ impl Server {
                         shared_key: acquired.shared_key.clone(),
                         fd,
                         generation,
+                        worker: worker.clone(),
                         stop: Some(stop_tx),
                     });
                     None
@@ -312,21 +346,23 @@ impl Server {
             }
         };
         if let Some(err) = raced {
-            leave_shared(acquired.shared_key).await;
+            leave_shared(worker.as_ref(), acquired.shared_key).await;
             return Err(err);
         }
-        let listener = match Listener::new(acquired.source, &address).await {
+        let listener = match Listener::new(acquired.source, &address, worker.clone()) {
             Ok(l) => l,
             Err(e) => {
                 *lock(&self.inner.state) = None;
-                leave_shared(acquired.shared_key).await;
+                leave_shared(worker.as_ref(), acquired.shared_key).await;
                 return Err(e);
             }
         };
-        if let Some(key) = &acquired.shared_key {
-            if let Some(worker) = cluster::worker().await? {
-                worker.register_counter(key.clone(), self.inner.connections.subscribe());
-            }
+        if let (Some(key), Some(worker)) = (&acquired.shared_key, &worker) {
+            worker.register_counter(
+                key.clone(),
+                self.inner.connections.subscribe(),
+                self.inner.served.clone(),
+            );
         }
         self.inner.active.send_modify(|n| *n += 1);
         tokio::spawn(accept_loop(
@@ -338,7 +374,10 @@ impl Server {
                 cancel,
             },
             generation,
-            acquired.shared_key,
+            Shared {
+                key: acquired.shared_key,
+                worker,
+            },
             acquired.unlink,
         ));
         Ok(address)
@@ -374,13 +413,19 @@ impl Server {
     /// When a process holding sent sockets exits before it replies (Node's
     /// `ERR_CHILD_CLOSED_BEFORE_REPLY`).
     pub async fn get_connections(&self) -> io::Result<usize> {
-        let remote: Vec<RemoteCount> = lock(&REMOTE_COUNTS)
-            .get(&self.inner.id)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let remote: Vec<(u64, Arc<dyn RemoteCount>)> = lock(&self.inner.remotes)
+            .iter()
+            .map(|(tag, c)| (*tag, c.clone()))
+            .collect();
         let mut total = self.connections();
-        for count in remote {
-            total += count().await?;
+        for (tag, count) in remote {
+            match count.count().await? {
+                Some(n) => total = total.saturating_add(n),
+                // That process is gone, and its sockets with it.
+                None => {
+                    lock(&self.inner.remotes).remove(&tag);
+                }
+            }
         }
         Ok(total)
     }
@@ -394,12 +439,12 @@ impl Server {
     /// When a worker exits before replying (Node's `ERR_CHILD_CLOSED_BEFORE_REPLY`) or does not
     /// answer in time, or the primary is gone.
     pub async fn get_cluster_connections(&self) -> io::Result<usize> {
-        let key = lock(&self.inner.state)
+        let shared = lock(&self.inner.state)
             .as_ref()
-            .and_then(|l| l.shared_key.clone());
-        match (key, cluster::worker().await?) {
-            (Some(key), Some(worker)) => worker.cluster_connections(&key).await,
-            _ => Ok(self.connections()),
+            .and_then(|l| Some((l.shared_key.clone()?, l.worker.clone()?)));
+        match shared {
+            Some((key, worker)) => worker.cluster_connections(&key).await,
+            None => Ok(self.connections()),
         }
     }
 
@@ -479,7 +524,11 @@ struct Incoming {
 }
 
 impl Listener {
-    async fn new(source: listen::Source, address: &BoundAddress) -> io::Result<Listener> {
+    fn new(
+        source: listen::Source,
+        address: &BoundAddress,
+        worker: Option<Arc<Worker>>,
+    ) -> io::Result<Listener> {
         match (source, address) {
             (listen::Source::Socket(fd), BoundAddress::Tcp(_)) => {
                 let std = std::net::TcpListener::from(fd);
@@ -492,7 +541,7 @@ impl Listener {
                 Ok(Listener::Unix(tokio::net::UnixListener::from_std(std)?))
             }
             (listen::Source::RoundRobin(handle, handoffs), address) => {
-                let worker = cluster::worker().await?.ok_or_else(|| {
+                let worker = worker.ok_or_else(|| {
                     io::Error::other("a round-robin grant outside a cluster worker")
                 })?;
                 Ok(Listener::RoundRobin {
@@ -586,12 +635,16 @@ fn handoff_socket(fd: OwnedFd, unix: bool) -> io::Result<Socket> {
 }
 
 /// Tells the primary this process no longer uses the shared socket of `key`.
-async fn leave_shared(key: Option<ListenKey>) {
-    if let Some(key) = key {
-        if let Ok(Some(worker)) = cluster::worker().await {
-            worker.leave(key).await;
-        }
+async fn leave_shared(worker: Option<&Arc<Worker>>, key: Option<ListenKey>) {
+    if let (Some(worker), Some(key)) = (worker, key) {
+        worker.leave(key).await;
     }
+}
+
+/// The primary's socket an accept loop serves, if it is one: left when the loop ends.
+struct Shared {
+    key: Option<ListenKey>,
+    worker: Option<Arc<Worker>>,
 }
 
 /// Ends the listening state if it is still this accept loop's (not a later listen's).
@@ -647,7 +700,7 @@ async fn accept_loop(
     mut listener: Listener,
     stops: Stops,
     generation: u64,
-    shared_key: Option<ListenKey>,
+    shared: Shared,
     unlink: Option<PathBuf>,
 ) {
     let Stops {
@@ -705,7 +758,11 @@ async fn accept_loop(
                         continue;
                     }
                     listener.ack(handoff, true).await;
-                    socket.set_origin(Some(inner.id));
+                    inner.served.fetch_add(1, Ordering::Relaxed);
+                    socket.set_origin(Some(Origin {
+                        id: inner.id,
+                        remotes: Arc::downgrade(&inner.remotes),
+                    }));
                     apply_options(&inner.options, &mut socket);
                     inner.connections.send_modify(|n| *n += 1);
                     inner.active.send_modify(|n| *n += 1);
@@ -736,7 +793,7 @@ async fn accept_loop(
             tracing::debug!("cannot remove {}: {e}", path.display());
         }
     }
-    leave_shared(shared_key).await;
+    leave_shared(shared.worker.as_ref(), shared.key).await;
     inner.active.send_modify(|n| *n -= 1);
 }
 

@@ -121,8 +121,8 @@ pub struct Socket {
     decoder: TextDecoder,
     /// `set_no_delay` / `set_keep_alive` made before the connection exists.
     pending_options: Mutex<PendingOptions>,
-    /// The id of the server that accepted this connection, if one did.
-    origin: Option<u64>,
+    /// The server that accepted this connection, if one did.
+    origin: Option<crate::net::server::Origin>,
     /// Runs once when the socket closes (a received socket's count goes down).
     close_hook: Option<Box<dyn FnOnce() + Send + Sync>>,
     /// Node's `signal`: completes when the connect options' token is cancelled.
@@ -399,13 +399,13 @@ impl Socket {
         }
     }
 
-    /// The id ([`Server::id`](crate::net::Server::id)) of the server that accepted this
-    /// connection, if a server of this process did.
-    pub fn origin(&self) -> Option<u64> {
-        self.origin
+    /// The server that accepted this connection, if a server of this process did: its
+    /// [`Origin::id`](crate::net::Origin::id) is the [`Server::id`](crate::net::Server::id).
+    pub fn origin(&self) -> Option<crate::net::Origin> {
+        self.origin.clone()
     }
 
-    pub(crate) fn set_origin(&mut self, origin: Option<u64>) {
+    pub(crate) fn set_origin(&mut self, origin: Option<crate::net::server::Origin>) {
         self.origin = origin;
     }
 

@@ -1,0 +1,584 @@
+//! The control socket: how `netcluster status|scale|stop|reload|upgrade` talk to a running
+//! primary.
+//!
+//! **Protocol.** A Unix stream socket; the client sends one request as one line of JSON and
+//! reads one line of JSON back. JSON lines rather than the workers' postcard codec because this
+//! is an operator's interface: `socat - UNIX-CONNECT:PATH` or any language's JSON library can
+//! speak it, and the `status` reply is the same document `netcluster status --json` prints.
+//! Both sides carry a `version` ([`CONTROL_VERSION`]); a request of another version gets an
+//! error reply.
+//!
+//! ```text
+//! → {"version":1,"command":"status"}
+//! ← {"version":1,"ok":true,"result":{"schema":1,"pid":4242,…}}
+//! → {"version":1,"command":"scale","workers":4}
+//! ← {"version":1,"ok":false,"error":"the worker of slot 3 exited (exit code 1) before it was ready"}
+//! ```
+//!
+//! **Safety.** The socket is created mode 0600 (before it listens, so there is no window in
+//! which it is open to others), and the peer's uid (`SO_PEERCRED`) must be the primary's or
+//! root's; anyone else is refused and logged. A request is at most [`MAX_REQUEST`] bytes and
+//! must arrive within [`REQUEST_TIMEOUT`]; at most [`MAX_CLIENTS`] clients are served at once.
+//! Each client is served in its own task, so a slow, silent or malformed client never holds up
+//! the supervisor or another client.
+
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::cluster::ClusterHandle;
+use crate::command::ScaleTo;
+use crate::error::Error;
+
+/// The version of the control protocol.
+pub const CONTROL_VERSION: u32 = 1;
+/// The largest request accepted, in bytes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long a client has to send its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clients served at once.
+pub const MAX_CLIENTS: usize = 16;
+/// The environment variable that names the control socket (before the default).
+pub const CONTROL_ENV: &str = "NETCLUSTER_CONTROL";
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase")]
+pub enum Request {
+    /// The primary's [`Status`](crate::Status).
+    Status,
+    /// Run this many workers; replies once they are ready (or why not).
+    Scale {
+        /// The number of workers.
+        workers: usize,
+    },
+    /// Stop gracefully; replies once the workers have exited.
+    Stop,
+    /// Rolling reload; replies once every slot runs the new generation (or why not).
+    Reload,
+    /// Replace the primary with the binary on disk; replies once the new primary serves.
+    Upgrade,
+}
+
+/// A request as it travels: its version and the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// [`CONTROL_VERSION`].
+    pub version: u32,
+    /// The request.
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// A reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// [`CONTROL_VERSION`].
+    pub version: u32,
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// What it produced (the status, a scale report, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    fn ok(result: serde_json::Value) -> Response {
+        Response {
+            version: CONTROL_VERSION,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    fn err(error: impl std::fmt::Display) -> Response {
+        Response {
+            version: CONTROL_VERSION,
+            ok: false,
+            result: None,
+            error: Some(error.to_string()),
+        }
+    }
+}
+
+/// What a control request is answered with; the program that runs the primary gives the
+/// operations the library cannot do by itself (reload, upgrade).
+pub trait Operations: Send + Sync + 'static {
+    /// Carries out a rolling reload; the reply's `result` on success.
+    fn reload(
+        &self,
+        cluster: ClusterHandle,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>;
+    /// Carries out a primary upgrade; the reply's `result` on success.
+    fn upgrade(
+        &self,
+        cluster: ClusterHandle,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>;
+}
+
+/// No reload or upgrade: those requests get an error reply.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoOperations;
+
+impl Operations for NoOperations {
+    fn reload(
+        &self,
+        _: ClusterHandle,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>> {
+        Box::pin(async { Err("reload is not available in this program".to_string()) })
+    }
+    fn upgrade(
+        &self,
+        _: ClusterHandle,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>> {
+        Box::pin(async { Err("upgrade is not available in this program".to_string()) })
+    }
+}
+
+/// The default control socket path: `$NETCLUSTER_CONTROL`, else
+/// `$XDG_RUNTIME_DIR/netcluster/control.sock`, else `/tmp/netcluster-UID/control.sock` — a
+/// directory of the user's own, so primaries of different users never collide.
+pub fn default_path() -> PathBuf {
+    if let Some(p) = std::env::var_os(CONTROL_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
+        return PathBuf::from(dir).join("netcluster").join("control.sock");
+    }
+    let uid = nix::unistd::geteuid();
+    PathBuf::from(format!("/tmp/netcluster-{uid}")).join("control.sock")
+}
+
+/// A running control socket; dropping it (or [`ControlSocket::close`]) removes the file.
+#[derive(Debug)]
+pub struct ControlSocket {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+    clients: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+}
+
+impl ControlSocket {
+    /// Where it listens.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting, gives the clients being served up to `grace` to get their replies
+    /// (a `stop` request is answered as the primary stops), and removes the socket file.
+    pub async fn close(self, grace: Duration) {
+        self.task.abort();
+        let clients = self.clients.clone();
+        let _ = tokio::time::timeout(grace, async move {
+            let mut clients = clients.lock().await;
+            while clients.join_next().await.is_some() {}
+        })
+        .await;
+        // Drop removes the file.
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Creates the control socket at `path` and serves it for `cluster`.
+///
+/// A socket file left by a primary that died is replaced; one that a running primary answers
+/// on is an error that says so. When `path` is the default, its directory is created `0700`.
+///
+/// # Errors
+/// [`Error::Io`] naming the path: in use, not a socket, a directory that is not the user's.
+pub fn serve(
+    path: &Path,
+    cluster: ClusterHandle,
+    ops: Arc<dyn Operations>,
+) -> Result<ControlSocket, Error> {
+    let named = |what: &str, e: io::Error| {
+        Error::io(format!("control socket {}: {what}", path.display()), e)
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        private_dir(dir).map_err(|e| named("its directory", e))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+                return Err(named(
+                    "exists",
+                    io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "a file that is not a socket is in the way",
+                    ),
+                ));
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(named(
+                        "in use",
+                        io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "another primary answers on it; give this one its own with --control PATH",
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    std::fs::remove_file(path).map_err(|e| named("remove the stale socket", e))?;
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(named("stat", e)),
+    }
+    // Bind, make it 0600, and only then listen: nobody can connect in between.
+    let socket = socket2::Socket::new(
+        socket2::Domain::UNIX,
+        socket2::Type::STREAM.cloexec().nonblocking(),
+        None,
+    )
+    .map_err(|e| named("socket", e))?;
+    let addr = socket2::SockAddr::unix(path).map_err(|e| named("address", e))?;
+    socket.bind(&addr).map_err(|e| named("bind", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        named("chmod 0600", e)
+    })?;
+    socket.listen(64).map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        named("listen", e)
+    })?;
+    let std_listener: std::os::unix::net::UnixListener = socket.into();
+    let listener = UnixListener::from_std(std_listener).map_err(|e| named("register", e))?;
+    let clients = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+    let task = tokio::spawn(accept_loop(listener, cluster, ops, clients.clone()));
+    Ok(ControlSocket {
+        path: path.to_path_buf(),
+        task,
+        clients,
+    })
+}
+
+/// Creates `dir` mode 0700 if missing; an existing one must belong to this user and be closed
+/// to others.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) => {
+            if !meta.is_dir() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a directory",
+                ));
+            }
+            let me = nix::unistd::geteuid().as_raw();
+            if meta.uid() != me && meta.uid() != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} belongs to uid {}, not to uid {me}",
+                        dir.display(),
+                        meta.uid()
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir),
+        Err(e) => Err(e),
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+async fn accept_loop(
+    listener: UnixListener,
+    cluster: ClusterHandle,
+    ops: Arc<dyn Operations>,
+    clients: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("control socket: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let _ = write_reply(
+                    &mut stream,
+                    &Response::err("too many control clients at once; try again"),
+                )
+                .await;
+            });
+            continue;
+        };
+        let cluster = cluster.clone();
+        let ops = ops.clone();
+        let mut set = clients.lock().await;
+        while set.try_join_next().is_some() {}
+        set.spawn(async move {
+            serve_client(stream, cluster, ops).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_client(mut stream: UnixStream, cluster: ClusterHandle, ops: Arc<dyn Operations>) {
+    let me = nix::unistd::geteuid().as_raw();
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == me || cred.uid() == 0 => {}
+        Ok(cred) => {
+            tracing::warn!(
+                uid = cred.uid(),
+                pid = ?cred.pid(),
+                "control socket: refused a client of another user"
+            );
+            let _ = write_reply(
+                &mut stream,
+                &Response::err("permission denied: not the primary's user"),
+            )
+            .await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("control socket: cannot read the client's credentials: {e}");
+            return;
+        }
+    }
+    let request = match read_request(&mut stream).await {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::info!("control socket: {why}");
+            let _ = write_reply(&mut stream, &Response::err(why)).await;
+            return;
+        }
+    };
+    let reply = answer(request, &cluster, ops.as_ref()).await;
+    let _ = write_reply(&mut stream, &reply).await;
+}
+
+/// Reads one request line: at most [`MAX_REQUEST`] bytes within [`REQUEST_TIMEOUT`].
+async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
+    let mut line = Vec::new();
+    let read = async {
+        let mut reader = BufReader::new(&mut *stream).take(MAX_REQUEST as u64 + 1);
+        reader.read_until(b'\n', &mut line).await
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
+        Err(_) => return Err(format!("no request within {REQUEST_TIMEOUT:?}")),
+        Ok(Err(e)) => return Err(format!("cannot read the request: {e}")),
+        Ok(Ok(_)) => {}
+    }
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request larger than {MAX_REQUEST} bytes"));
+    }
+    if line.is_empty() {
+        return Err("empty request".into());
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(&line).map_err(|e| format!("malformed request: {e}"))?;
+    match value.get("version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(CONTROL_VERSION) => {}
+        Some(v) => {
+            return Err(format!(
+                "control protocol version {v} is not spoken here (this primary speaks {CONTROL_VERSION})"
+            ));
+        }
+        None => return Err("the request has no version".into()),
+    }
+    serde_json::from_value::<Envelope>(value)
+        .map(|e| e.request)
+        .map_err(|e| format!("malformed request: {e}"))
+}
+
+async fn write_reply(stream: &mut UnixStream, reply: &Response) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client does not read"))??;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+async fn answer(request: Request, cluster: &ClusterHandle, ops: &dyn Operations) -> Response {
+    let json = |v: Result<serde_json::Value, serde_json::Error>| match v {
+        Ok(v) => Response::ok(v),
+        Err(e) => Response::err(e),
+    };
+    match request {
+        Request::Status => match cluster.status().await {
+            Ok(s) => json(serde_json::to_value(s)),
+            Err(e) => Response::err(e),
+        },
+        Request::Scale { workers } => match cluster.scale_to(ScaleTo::Exactly(workers)).await {
+            Ok(r) => json(serde_json::to_value(r)),
+            Err(e) => Response::err(e),
+        },
+        Request::Stop => match cluster.stop().await {
+            Ok(exits) => Response::ok(serde_json::json!({ "workers_exited": exits.len() })),
+            Err(e) => Response::err(e),
+        },
+        Request::Reload => match ops.reload(cluster.clone()).await {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e),
+        },
+        Request::Upgrade => match ops.upgrade(cluster.clone()).await {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e),
+        },
+    }
+}
+
+/// Why a control request got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens at the path.
+    #[error(
+        "no primary at {}: {source} (is `netcluster serve` running? pass its --control PATH)",
+        path.display()
+    )]
+    NoPrimary {
+        /// The path tried.
+        path: PathBuf,
+        /// What `connect` said.
+        #[source]
+        source: io::Error,
+    },
+    /// The primary did not answer in time.
+    #[error("the primary at {} did not answer within {timeout:?}", path.display())]
+    Timeout {
+        /// The path.
+        path: PathBuf,
+        /// How long the client waited.
+        timeout: Duration,
+    },
+    /// The exchange failed.
+    #[error("control socket {}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The reply was not JSON of the expected shape.
+    #[error("control socket {}: bad reply: {detail}", path.display())]
+    BadReply {
+        /// The path.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// Sends `request` to the primary at `path` and returns its reply, waiting at most `timeout`.
+///
+/// # Errors
+/// [`ClientError`], naming the path.
+pub async fn request(
+    path: &Path,
+    request: Request,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    let io_err = |source: io::Error| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ClientError::NoPrimary {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut line = serde_json::to_vec(&Envelope {
+        version: CONTROL_VERSION,
+        request,
+    })
+    .map_err(|e| io_err(io::Error::other(e)))?;
+    line.push(b'\n');
+    let exchange = async {
+        stream.write_all(&line).await?;
+        let mut reply = Vec::new();
+        BufReader::new(&mut stream)
+            .take(16 * 1024 * 1024)
+            .read_until(b'\n', &mut reply)
+            .await?;
+        Ok::<_, io::Error>(reply)
+    };
+    let reply = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            path: path.to_path_buf(),
+            timeout,
+        })?
+        .map_err(io_err)?;
+    if reply.is_empty() {
+        return Err(ClientError::BadReply {
+            path: path.to_path_buf(),
+            detail: "the primary closed the connection without a reply".into(),
+        });
+    }
+    serde_json::from_slice(&reply).map_err(|e| ClientError::BadReply {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+use tokio::io::AsyncReadExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_on_the_wire() {
+        let req = Envelope {
+            version: 1,
+            request: Request::Scale { workers: 4 },
+        };
+        assert_eq!(
+            serde_json::to_string(&req).expect("json"),
+            r#"{"version":1,"command":"scale","workers":4}"#
+        );
+        let back: Envelope =
+            serde_json::from_str(r#"{"command":"status","version":1}"#).expect("parse");
+        assert_eq!(back.request, Request::Status);
+        assert!(serde_json::from_str::<Envelope>(r#"{"version":1,"command":"dance"}"#).is_err());
+    }
+
+    #[test]
+    fn replies_on_the_wire() {
+        let r = Response::err("no");
+        assert_eq!(
+            serde_json::to_string(&r).expect("json"),
+            r#"{"version":1,"ok":false,"error":"no"}"#
+        );
+    }
+
+    #[test]
+    fn the_default_path_is_per_user() {
+        let p = default_path();
+        assert!(p.ends_with("control.sock") || std::env::var_os(CONTROL_ENV).is_some());
+    }
+}

@@ -1,0 +1,222 @@
+//! `netcluster status`: what the primary reports about itself, its listeners, slots and
+//! workers. [`Status`] is the stable JSON schema of `netcluster status --json` (documented in
+//! `docs/operations.md`); [`Status::table`] is the human form.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the [`Status`] schema. Fields are only ever added within a version.
+pub const STATUS_SCHEMA: u32 = 1;
+
+/// A snapshot of a running primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// [`STATUS_SCHEMA`].
+    pub schema: u32,
+    /// The primary's process id.
+    pub pid: u32,
+    /// Milliseconds since the primary started.
+    pub uptime_ms: u64,
+    /// The scheduling policy (`round-robin`, `shared`, `reuseport`).
+    pub policy: String,
+    /// The newest generation of workers (1, then one more per rolling reload).
+    pub generation: u64,
+    /// How many workers the primary keeps running.
+    pub workers_wanted: usize,
+    /// Whether it is stopping.
+    pub stopping: bool,
+    /// Every listener.
+    pub listeners: Vec<ListenerStatus>,
+    /// Every slot (a place in the pool, 1..=N).
+    pub slots: Vec<SlotStatus>,
+    /// Every live worker.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// The operator's name for it (`--listen NAME=ADDR`), or its address as given.
+    pub name: String,
+    /// Where it is bound (`127.0.0.1:8124`, `unix:/run/app.sock`).
+    pub address: String,
+    /// Configured by the operator (open for as long as the primary runs).
+    pub pinned: bool,
+    /// Workers listening on it.
+    pub workers: usize,
+    /// Open connections on it, summed over the workers that answered.
+    pub connections: u64,
+    /// Connections accepted by the primary and waiting for a worker (round robin).
+    pub queued: usize,
+}
+
+/// One slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    /// Its number (1..=N).
+    pub slot: usize,
+    /// The worker serving it now, if any.
+    pub worker: Option<u32>,
+    /// Workers of this slot that exited unasked and were (or will be) started again.
+    pub restarts: u32,
+    /// When the next start is due, in milliseconds from now, while the slot waits to restart.
+    pub next_attempt_ms: Option<u64>,
+    /// How the slot's last worker ended, when one ended unasked.
+    pub last_exit: Option<String>,
+}
+
+/// One live worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Its slot (`None` once it left the slot to be replaced or scaled away).
+    pub slot: Option<usize>,
+    /// Worker id.
+    pub id: u32,
+    /// Process id.
+    pub pid: u32,
+    /// Its generation.
+    pub generation: u64,
+    /// `starting`, `online`, `listening`, `draining`, `disconnected`.
+    pub state: String,
+    /// Whether it answered the primary's last question in time.
+    pub responsive: bool,
+    /// Open connections, `None` when it did not answer.
+    pub connections: Option<u64>,
+    /// Connections accepted since it started, `None` when it did not answer.
+    pub served: Option<u64>,
+    /// Restarts of its slot so far.
+    pub restarts: u32,
+    /// Milliseconds since it was started.
+    pub uptime_ms: u64,
+    /// Resident memory in bytes, when `/proc` tells.
+    pub rss_bytes: Option<u64>,
+}
+
+impl Status {
+    /// The human-readable form of `netcluster status`.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "primary pid {}, up {}, policy {}, generation {}, {} worker{} wanted{}",
+            self.pid,
+            human_ms(self.uptime_ms),
+            self.policy,
+            self.generation,
+            self.workers_wanted,
+            if self.workers_wanted == 1 { "" } else { "s" },
+            if self.stopping { ", stopping" } else { "" }
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<20} {:<32} {:>7} {:>11} {:>6}",
+            "LISTENER", "ADDRESS", "WORKERS", "CONNECTIONS", "QUEUED"
+        );
+        for l in &self.listeners {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<32} {:>7} {:>11} {:>6}",
+                l.name, l.address, l.workers, l.connections, l.queued
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:>4} {:>5} {:>8} {:>4} {:<13} {:>6} {:>8} {:>8} {:>9} {:>9}",
+            "SLOT", "ID", "PID", "GEN", "STATE", "CONNS", "SERVED", "RESTARTS", "UPTIME", "RSS"
+        );
+        for w in &self.workers {
+            let dash = || "-".to_string();
+            let _ = writeln!(
+                out,
+                "{:>4} {:>5} {:>8} {:>4} {:<13} {:>6} {:>8} {:>8} {:>9} {:>9}",
+                w.slot.map_or_else(dash, |s| s.to_string()),
+                w.id,
+                w.pid,
+                w.generation,
+                if w.responsive {
+                    w.state.clone()
+                } else {
+                    format!("{}!", w.state)
+                },
+                w.connections.map_or_else(dash, |n| n.to_string()),
+                w.served.map_or_else(dash, |n| n.to_string()),
+                w.restarts,
+                human_ms(w.uptime_ms),
+                w.rss_bytes.map_or_else(dash, human_bytes),
+            );
+        }
+        let waiting: Vec<&SlotStatus> = self.slots.iter().filter(|s| s.worker.is_none()).collect();
+        if !waiting.is_empty() {
+            let _ = writeln!(out);
+            for s in waiting {
+                let _ = writeln!(
+                    out,
+                    "slot {}: no worker; {} restart{} so far{}{}",
+                    s.slot,
+                    s.restarts,
+                    if s.restarts == 1 { "" } else { "s" },
+                    s.next_attempt_ms
+                        .map(|ms| format!(", next attempt in {}", human_ms(ms)))
+                        .unwrap_or_default(),
+                    s.last_exit
+                        .as_ref()
+                        .map(|e| format!(", last exit: {e}"))
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        if self.workers.iter().any(|w| !w.responsive) {
+            let _ = writeln!(out, "\n! = did not answer the primary in time");
+        }
+        out
+    }
+}
+
+fn human_ms(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms}ms"),
+        1..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    if b >= 10 * MIB {
+        format!("{}M", b / MIB)
+    } else {
+        format!("{:.1}M", b as f64 / MIB as f64)
+    }
+}
+
+/// Resident memory of process `pid`, from `/proc/PID/stat`.
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    let pid = i32::try_from(pid).ok()?;
+    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    Some(procfs::WithCurrentSystemInfo::get(stat.rss_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_read_well() {
+        assert_eq!(human_ms(450), "450ms");
+        assert_eq!(human_ms(61_000), "1m01s");
+        assert_eq!(human_ms(7_200_000), "2h00m");
+        assert_eq!(human_bytes(3 * 1024 * 1024 / 2), "1.5M");
+        assert_eq!(human_bytes(64 * 1024 * 1024), "64M");
+    }
+
+    #[test]
+    fn this_process_has_an_rss() {
+        assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
+    }
+}

@@ -1,0 +1,189 @@
+//! The two tasks that carry one worker's channel, so that the supervisor never awaits a worker:
+//!
+//! - the **writer** drains a bounded queue ([`WorkerTx`]) into the channel. The supervisor only
+//!   ever *tries* to queue (never waits), so a worker that stops reading (SIGSTOP, a hung event
+//!   loop) fills its own queue and nothing else: further sends to it fail at once with
+//!   [`SendFailed::Full`].
+//! - the **reader** forwards what the worker says ([`FromWorker`]) to the supervisor, waits for
+//!   the process to exit, and reports the exit only after everything the worker said before it
+//!   (a `Disconnect`, say), so the supervisor sees them in order.
+//!
+//! Neither task does arithmetic on what the worker sends or anything else that could panic; the
+//! supervisor checks every value.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use netcluster_protocol::channel::{Channel, ChannelError};
+use netcluster_protocol::message::{ToPrimary, ToWorker};
+use tokio::sync::mpsc;
+
+/// A descriptor that rides with a message: owned by the message, or shared with the sender
+/// (a round-robin connection the primary keeps until the worker accepts it).
+#[derive(Debug)]
+pub(crate) enum OutFd {
+    /// Closed once sent.
+    Owned(OwnedFd),
+    /// The primary keeps its own reference.
+    Shared(Arc<OwnedFd>),
+}
+
+impl AsFd for OutFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            OutFd::Owned(fd) => fd.as_fd(),
+            OutFd::Shared(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// A message queued for a worker.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    pub msg: ToWorker,
+    pub fds: Vec<OutFd>,
+}
+
+/// Why a message could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendFailed {
+    /// The worker is not reading: its queue is at its limit.
+    Full,
+    /// The worker's channel is gone.
+    Closed,
+}
+
+/// The sending side of a worker's queue. Queuing never waits.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerTx {
+    tx: mpsc::Sender<Outbound>,
+}
+
+impl WorkerTx {
+    /// Queues `msg` with `fds`.
+    pub fn try_send(&self, msg: ToWorker, fds: Vec<OutFd>) -> Result<(), SendFailed> {
+        self.tx
+            .try_send(Outbound { msg, fds })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SendFailed::Full,
+                mpsc::error::TrySendError::Closed(_) => SendFailed::Closed,
+            })
+    }
+}
+
+/// What a worker's reader reports to the supervisor.
+#[derive(Debug)]
+pub(crate) enum FromWorker {
+    /// A message.
+    Message(ToPrimary),
+    /// A frame that did not decode (its descriptors were closed).
+    BadFrame(ChannelError),
+    /// The channel closed (or failed).
+    Closed,
+    /// The process was reaped.
+    Exited(io::Result<std::process::ExitStatus>),
+}
+
+/// Starts the writer and returns its queue. The writer ends when every [`WorkerTx`] is dropped
+/// or the channel fails.
+pub(crate) fn start_writer(channel: Arc<Channel>, queue: usize, id: u32) -> WorkerTx {
+    let (tx, mut rx) = mpsc::channel::<Outbound>(queue.max(1));
+    tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(AsFd::as_fd).collect();
+            match channel.send(&out.msg, &fds).await {
+                Ok(()) => {}
+                Err(e) if e.is_bad_frame() => {
+                    tracing::warn!(
+                        worker = id,
+                        "a message for the worker could not be sent: {e}"
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(worker = id, "channel to the worker failed: {e}");
+                    break;
+                }
+            }
+        }
+    });
+    WorkerTx { tx }
+}
+
+/// The reader: forwards the worker's messages until its process exits, then what is left in
+/// the channel (for at most a second: a descendant may hold a copy of the worker's end), then
+/// the exit.
+pub(crate) async fn run_reader(
+    id: u32,
+    mut child: tokio::process::Child,
+    channel: Arc<Channel>,
+    to_supervisor: mpsc::Sender<(u32, FromWorker)>,
+) {
+    let send = |msg: FromWorker| {
+        let to = to_supervisor.clone();
+        async move { to.send((id, msg)).await.is_ok() }
+    };
+    let mut open = true;
+    let status = loop {
+        tokio::select! {
+            // Messages first: what a worker said before it exited is handled before its exit.
+            biased;
+            msg = channel.recv::<ToPrimary>(), if open => {
+                match classify(msg) {
+                    Some(m) => {
+                        if !send(m).await {
+                            return;
+                        }
+                    }
+                    None => {
+                        open = false;
+                        if !send(FromWorker::Closed).await {
+                            return;
+                        }
+                    }
+                }
+            }
+            status = child.wait() => break status,
+        }
+    };
+    while open {
+        match tokio::time::timeout(Duration::from_secs(1), channel.recv::<ToPrimary>()).await {
+            Ok(msg) => match classify(msg) {
+                Some(m) => {
+                    if !send(m).await {
+                        return;
+                    }
+                }
+                None => {
+                    open = false;
+                    if !send(FromWorker::Closed).await {
+                        return;
+                    }
+                }
+            },
+            Err(_) => break,
+        }
+    }
+    if open {
+        // The process is gone; a descendant holds the channel. It counts as closed.
+        if !send(FromWorker::Closed).await {
+            return;
+        }
+    }
+    send(FromWorker::Exited(status)).await;
+}
+
+/// One receive as what to report; `None` when the channel is closed or failed.
+fn classify(msg: Result<Option<(ToPrimary, Vec<OwnedFd>)>, ChannelError>) -> Option<FromWorker> {
+    match msg {
+        // No message to the primary carries descriptors; the channel checked the count.
+        Ok(Some((m, _none))) => Some(FromWorker::Message(m)),
+        Ok(None) => None,
+        Err(e) if e.is_bad_frame() => Some(FromWorker::BadFrame(e)),
+        Err(e) => {
+            tracing::debug!("channel from a worker failed: {e}");
+            None
+        }
+    }
+}
