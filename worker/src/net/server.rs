@@ -407,7 +407,7 @@ impl Server {
 
     /// `server.getConnections(callback)`: the open connections of this server in this process,
     /// plus, as in Node, the sockets it accepted and sent to other processes that are still
-    /// open there (see [`register_remote_count`]; the cluster's `send_handle` registers them).
+    /// open there (registered through the socket's [`Origin`]; the cluster's `send_handle` does).
     ///
     /// # Errors
     /// When a process holding sent sockets exits before it replies (Node's
