@@ -16,6 +16,9 @@
 //! | `count ADDRESS` | `cluster.get_connections(ADDRESS)`: prints `count N` or `count-error E` |
 //! | `stop` | `cluster.disconnect()`, then exit |
 //!
+//! `--crash` makes every worker exit with code 1 at once; `--respawn-max-ms N` restarts exited
+//! workers (50 ms, doubling, capped at N ms). Fork lines carry `at_ms=` since the start.
+//!
 //! `--abandon HOST:PORT` makes each worker start a listen and give it up before the answer
 //! (`worker ID abandoned=true listening=false`). `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
 //! rest (`worker ID churn ok PORTS`); `--spawn-child` makes it start this program with
@@ -45,7 +48,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use netcluster::cluster::{
-    self, Cluster, Event, ReceivedHandle, Role, SchedulingPolicy, SendHandle, WorkerHandle,
+    self, Backoff, Cluster, Event, ReceivedHandle, Role, SchedulingPolicy, SendHandle, WorkerHandle,
 };
 use netcluster::net::{BoundAddress, ListenOptions, Server, ServerOptions};
 use serde::{Deserialize, Serialize};
@@ -75,6 +78,8 @@ struct Args {
     abandon: Option<String>,
     spawn_child: bool,
     whoami: bool,
+    crash: bool,
+    respawn_max_ms: Option<u64>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -108,6 +113,12 @@ fn parse_args() -> Result<Args, String> {
             "--abandon" => args.abandon = Some(it.next().ok_or("--abandon needs a value")?),
             "--spawn-child" => args.spawn_child = true,
             "--whoami" => args.whoami = true,
+            "--crash" => args.crash = true,
+            "--respawn-max-ms" => {
+                let v = it.next().ok_or("--respawn-max-ms needs a value")?;
+                args.respawn_max_ms =
+                    Some(v.parse().map_err(|_| format!("--respawn-max-ms {v:?}"))?);
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -124,6 +135,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    started();
     if args.whoami {
         println!("{:?}", cluster::role());
         return ExitCode::SUCCESS;
@@ -146,10 +158,16 @@ async fn main() -> ExitCode {
 }
 
 async fn primary(args: Args) -> std::io::Result<ExitCode> {
-    // Node's behaviour: a worker that exits stays dead (the tests follow Node's cases).
+    // Node's behaviour by default: a worker that exits stays dead (the tests follow Node's
+    // cases); `--respawn-max-ms` restarts it, from 50 ms doubling up to that cap.
+    let respawn = args.respawn_max_ms.map(|max| Backoff {
+        initial: std::time::Duration::from_millis(50),
+        max: std::time::Duration::from_millis(max),
+        reset_after: std::time::Duration::from_secs(60),
+    });
     let mut builder = Cluster::builder()?
         .workers(args.workers)
-        .respawn(None)
+        .respawn(respawn)
         .drain_timeout(std::time::Duration::from_secs(5));
     if let Some(policy) = args.policy {
         builder = builder.policy(policy);
@@ -181,7 +199,11 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
             },
             Some(event) = cluster.next_event() => {
                 print_event(&event);
-                if matches!(event, Event::Exit { .. }) && cluster.workers().await.is_empty() {
+                let respawning = args.respawn_max_ms.is_some();
+                if matches!(event, Event::Exit { .. })
+                    && !respawning
+                    && cluster.workers().await.is_empty()
+                {
                     println!("all-dead");
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -315,9 +337,17 @@ async fn command(
     Ok(false)
 }
 
+/// When the program started (fork lines carry the time since, so intervals can be read off).
+fn started() -> std::time::Instant {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
+}
+
 fn print_event(event: &Event) {
     match event {
-        Event::Fork { id, pid } => println!("fork {id} {pid}"),
+        Event::Fork { id, pid } => {
+            println!("fork {id} {pid} at_ms={}", started().elapsed().as_millis())
+        }
         Event::Online { id, pid } => println!("online {id} {pid}"),
         Event::Listening { id, address, fd } => println!("listening {id} {address} fd={fd:?}"),
         Event::Message { id, message } => match message.decode::<Msg>() {
@@ -357,6 +387,10 @@ async fn churn(id: u32) -> std::io::Result<()> {
 }
 
 async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
+    if args.crash {
+        // A program that fails at once, every time.
+        std::process::exit(1);
+    }
     let me = cluster::worker()
         .await?
         .ok_or_else(|| std::io::Error::other("no channel to the primary"))?;

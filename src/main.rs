@@ -235,6 +235,15 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     let workers = settings.workers;
     let mut cluster = Cluster::new(settings);
     let handle = cluster.handle();
+    // The control socket first: a second primary on the same path fails before it binds
+    // anything, and once `listening on` is printed the primary answers `netcluster status`.
+    let control_path = args.control.clone().unwrap_or_else(control::default_path);
+    let control = control::serve(
+        &control_path,
+        handle.clone(),
+        Arc::new(control::NoOperations),
+    )?;
+    tracing::info!("control socket at {}", control.path().display());
     {
         let mut out = std::io::stdout().lock();
         for target in &args.listen {
@@ -245,13 +254,6 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
         }
         out.flush()?;
     }
-    let control_path = args.control.clone().unwrap_or_else(control::default_path);
-    let control = control::serve(
-        &control_path,
-        handle.clone(),
-        Arc::new(control::NoOperations),
-    )?;
-    tracing::info!("control socket at {}", control.path().display());
     cluster::signals::spawn(handle.clone(), cluster::signals::Hooks::default())
         .context("cannot install signal handlers")?;
     tracing::info!(workers, policy = %cluster.settings().policy, app = %args.app, "starting workers");

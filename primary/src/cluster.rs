@@ -169,9 +169,9 @@ impl ClusterHandle {
             let n = rx
                 .await
                 .map_err(|_| Error::Stopped)?
-                .map_err(|source| Error::Count {
+                .map_err(|error| Error::Count {
                     address: address.clone(),
-                    source,
+                    error,
                 })?;
             total = total.saturating_add(n);
         }

@@ -455,15 +455,14 @@ async fn answer(request: Request, cluster: &ClusterHandle, ops: &dyn Operations)
 pub enum ClientError {
     /// Nothing listens at the path.
     #[error(
-        "no primary at {}: {source} (is `netcluster serve` running? pass its --control PATH)",
+        "no primary at {}: {error} (is `netcluster serve` running? pass its --control PATH)",
         path.display()
     )]
     NoPrimary {
         /// The path tried.
         path: PathBuf,
         /// What `connect` said.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The primary did not answer in time.
     #[error("the primary at {} did not answer within {timeout:?}", path.display())]
@@ -474,13 +473,12 @@ pub enum ClientError {
         timeout: Duration,
     },
     /// The exchange failed.
-    #[error("control socket {}: {source}", path.display())]
+    #[error("control socket {}: {error}", path.display())]
     Io {
         /// The path.
         path: PathBuf,
         /// What failed.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The reply was not JSON of the expected shape.
     #[error("control socket {}: bad reply: {detail}", path.display())]
@@ -501,15 +499,15 @@ pub async fn request(
     request: Request,
     timeout: Duration,
 ) -> Result<Response, ClientError> {
-    let io_err = |source: io::Error| ClientError::Io {
+    let io_err = |error: io::Error| ClientError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let mut stream = UnixStream::connect(path)
         .await
-        .map_err(|source| ClientError::NoPrimary {
+        .map_err(|error| ClientError::NoPrimary {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
     let mut line = serde_json::to_vec(&Envelope {
         version: CONTROL_VERSION,
@@ -518,7 +516,16 @@ pub async fn request(
     .map_err(|e| io_err(io::Error::other(e)))?;
     line.push(b'\n');
     let exchange = async {
-        stream.write_all(&line).await?;
+        // A primary that refuses the client answers before reading: the reply is still there
+        // to read when the write finds the connection closed.
+        if let Err(e) = stream.write_all(&line).await {
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) {
+                return Err(e);
+            }
+        }
         let mut reply = Vec::new();
         BufReader::new(&mut stream)
             .take(16 * 1024 * 1024)

@@ -8,8 +8,9 @@ use netcluster_protocol::message::{BoundAddress, CountError};
 
 /// What went wrong in a cluster operation.
 ///
-/// Every variant names what it is about (a worker, a slot, an address); it converts into an
-/// [`io::Error`] of a matching kind for callers that deal in those.
+/// Every variant names what it is about (a worker, a slot, an address) and says its cause in
+/// its own message (so it reports no separate `source`, and an error chain says the cause
+/// once); it converts into an [`io::Error`] of a matching kind for callers that deal in those.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No worker has this id (it never existed, or died long ago).
@@ -22,30 +23,28 @@ pub enum Error {
     #[error("worker {0} is not reading its channel (its queue is full)")]
     Unresponsive(u32),
     /// A worker process could not be started.
-    #[error("cannot start a worker for slot {slot} ({}): {source}", program.display())]
+    #[error("cannot start a worker for slot {slot} ({}): {error}", program.display())]
     Spawn {
         /// The slot it was for.
         slot: usize,
         /// The program.
         program: PathBuf,
         /// What `fork`/`exec` said.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// A listener could not be bound (its message names the address and the OS error).
-    #[error(transparent)]
-    Listen(#[from] ListenError),
+    #[error("{0}")]
+    Listen(ListenError),
     /// No listener is bound to this address.
     #[error("no listener is bound to {0}")]
     NoListener(BoundAddress),
     /// A cluster-wide connection count failed.
-    #[error("getConnections {address}: {source}")]
+    #[error("getConnections {address}: {error}")]
     Count {
         /// The listener.
         address: BoundAddress,
         /// Why.
-        #[source]
-        source: CountError,
+        error: CountError,
     },
     /// Workers did not become ready (listening on every listener, or `READY=1`).
     #[error("{0}")]
@@ -61,13 +60,12 @@ pub enum Error {
     #[error("{0}")]
     InvalidInput(String),
     /// An OS call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was being done.
         what: String,
         /// The OS error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The cluster is stopping: no new workers, no scaling.
     #[error("the cluster is stopping")]
@@ -78,11 +76,17 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Error {
+    pub(crate) fn io(what: impl Into<String>, error: io::Error) -> Error {
         Error::Io {
             what: what.into(),
-            source,
+            error,
         }
+    }
+}
+
+impl From<ListenError> for Error {
+    fn from(e: ListenError) -> Error {
+        Error::Listen(e)
     }
 }
 
@@ -92,7 +96,7 @@ impl From<Error> for io::Error {
             Error::NoSuchWorker(_) | Error::NoListener(_) => io::ErrorKind::NotFound,
             Error::Disconnected(_) | Error::Stopped => io::ErrorKind::NotConnected,
             Error::Unresponsive(_) => io::ErrorKind::WouldBlock,
-            Error::Spawn { source, .. } | Error::Io { source, .. } => source.kind(),
+            Error::Spawn { error, .. } | Error::Io { error, .. } => error.kind(),
             Error::Listen(l) => l.source.kind(),
             Error::Count { .. } => io::ErrorKind::Other,
             Error::NotReady(_) => io::ErrorKind::TimedOut,

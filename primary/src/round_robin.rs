@@ -273,6 +273,16 @@ impl RoundRobin {
         self.update_limit();
     }
 
+    /// Worker `id` is stopping: it gets no new connection, but a hand-off in flight to it stays
+    /// in flight until it answers (it may still accept it), the hand-off expires, or it dies —
+    /// so a connection is never given to two workers.
+    pub fn retire(&mut self, id: u32) {
+        self.members.remove(&id);
+        self.paused.remove(&id);
+        self.free.retain(|&w| w != id);
+        self.update_limit();
+    }
+
     /// Worker `id` stays a member but gets nothing until [`RoundRobin::resume`].
     pub fn pause(&mut self, id: u32) {
         if self.members.contains(&id) {
@@ -557,6 +567,30 @@ mod tests {
         rr.ack(1, h.seq, true).expect("right number");
         assert!(rr.ack(1, h.seq, true).is_err(), "twice");
         assert!(rr.ack(9, 1, true).is_err(), "not a member");
+    }
+
+    #[test]
+    fn a_retired_worker_keeps_its_handoff_until_it_answers() {
+        let gate = Gate::new(0);
+        let mut rr = RoundRobin::new(gate.clone(), 4);
+        rr.join(1);
+        rr.join(2);
+        let (c, _peer) = conn(&gate);
+        rr.push(c);
+        let h = rr.next().expect("to 1");
+        assert_eq!(h.worker, 1);
+        rr.retire(1);
+        assert!(
+            rr.next().is_none(),
+            "not given to another worker while 1 may take it"
+        );
+        rr.ack(1, h.seq, false).expect("1 refuses while stopping");
+        let h2 = rr.next().expect("now to 2");
+        assert_eq!(h2.worker, 2);
+        rr.ack(2, h2.seq, true).expect("ack");
+        let (c, _peer) = conn(&gate);
+        rr.push(c);
+        assert_eq!(rr.next().expect("1 gets nothing new").worker, 2);
     }
 
     #[test]

@@ -518,11 +518,11 @@ impl Supervisor {
     fn spawn_into(&mut self, slot: usize) -> Result<WorkerInfo, Error> {
         let id = self.next_id;
         let spawned =
-            spawn::spawn_native(&self.settings, id, slot, self.generation).map_err(|source| {
+            spawn::spawn_native(&self.settings, id, slot, self.generation).map_err(|error| {
                 Error::Spawn {
                     slot,
                     program: self.settings.exec.clone(),
-                    source,
+                    error,
                 }
             })?;
         self.next_id = self.next_id.wrapping_add(1).max(1);
@@ -976,7 +976,7 @@ impl Supervisor {
         let listeners: Vec<u64> = w.listeners.iter().copied().collect();
         for l in listeners {
             if let Some(rr) = self.registry.get_mut(l).and_then(|l| l.round_robin()) {
-                rr.leave(id);
+                rr.retire(id);
             }
             self.dispatch(l);
         }
@@ -1778,7 +1778,9 @@ impl Supervisor {
                         worker,
                         "did not answer a hand-off in time; its connection goes to another worker"
                     );
-                    self.suspect(worker);
+                    if self.workers.get(&worker).is_some_and(|w| w.phase.serving()) {
+                        self.suspect(worker);
+                    }
                     self.dispatch(listener);
                 }
             }

@@ -25,7 +25,7 @@ use crate::message::Frame;
 pub enum ChannelError {
     /// The socket failed.
     #[error("channel I/O error: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     /// The frame could not be encoded or decoded.
     #[error(transparent)]
     Codec(#[from] CodecError),
@@ -56,6 +56,14 @@ pub enum ChannelError {
         /// What it is instead.
         detail: String,
     },
+}
+
+// By hand rather than `#[from]`, which would also make the I/O error the `source`: the message
+// already says it, and an error chain would say it twice.
+impl From<io::Error> for ChannelError {
+    fn from(e: io::Error) -> ChannelError {
+        ChannelError::Io(e)
+    }
 }
 
 impl ChannelError {

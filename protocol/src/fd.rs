@@ -325,6 +325,32 @@ pub fn is_open(fd: RawFd) -> bool {
     fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
 }
 
+/// The pid of the process that created the peer end of Unix socket number `fd` (for a
+/// socketpair: the process that called `socketpair`), from `SO_PEERCRED`.
+pub fn peer_pid(fd: RawFd) -> Option<u32> {
+    if fd < 0 {
+        return None;
+    }
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred we own; a number that
+    // is not an open Unix socket gives an error and writes nothing.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then(|| cred.pid.unsigned_abs())
+}
+
 /// Sets `FD_CLOEXEC` on descriptor number `fd` if it is open, leaving its ownership alone.
 fn set_cloexec_raw(fd: RawFd) {
     if fd >= 0 {

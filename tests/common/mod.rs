@@ -403,3 +403,155 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// What a client load saw: every request counted.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// Requests answered correctly.
+    pub ok: u64,
+    /// Requests refused, reset, failed or timed out.
+    pub failed: u64,
+    /// The first few failures, for the assertion message.
+    pub errors: Vec<String>,
+}
+
+impl LoadReport {
+    fn merge(&mut self, other: LoadReport) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        for e in other.errors {
+            if self.errors.len() < 20 {
+                self.errors.push(e);
+            }
+        }
+    }
+}
+
+/// A steady client load on the echo app, in threads of the test: each client connects, reads
+/// `hello\r\n`, sends a line, reads it back and closes, then pauses and does it again.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<thread::JoinHandle<LoadReport>>,
+}
+
+impl Load {
+    /// `clients` echo clients on `addr`, each pausing `pause` between requests.
+    pub fn echo(addr: std::net::SocketAddr, clients: usize, pause: Duration) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let ok = std::sync::Arc::new(AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|c| {
+                let stop = stop.clone();
+                let ok = ok.clone();
+                thread::spawn(move || {
+                    let mut report = LoadReport::default();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        match echo_request(addr, &format!("client {c} request {n}\n")) {
+                            Ok(()) => {
+                                report.ok += 1;
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                report.failed += 1;
+                                if report.errors.len() < 20 {
+                                    report.errors.push(e.to_string());
+                                }
+                            }
+                        }
+                        thread::sleep(pause);
+                    }
+                    report
+                })
+            })
+            .collect();
+        Load { stop, ok, threads }
+    }
+
+    /// Requests answered so far.
+    pub fn ok_so_far(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further requests have been answered (the load is flowing).
+    pub fn wait_for_more(&self, more: u64, timeout: Duration) {
+        let target = self.ok_so_far() + more;
+        eventually(timeout, "the client load to make progress", || {
+            (self.ok_so_far() >= target).then_some(())
+        });
+    }
+
+    /// Stops the clients and returns what they saw.
+    pub fn stop(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = LoadReport::default();
+        for t in self.threads {
+            total.merge(t.join().expect("client thread"));
+        }
+        total
+    }
+}
+
+/// One echo exchange: `hello\r\n`, then `line` back.
+pub fn echo_request(addr: std::net::SocketAddr, line: &str) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut hello = [0u8; 7];
+    s.read_exact(&mut hello)?;
+    if &hello != b"hello\r\n" {
+        return Err(std::io::Error::other(format!("greeting {hello:?}")));
+    }
+    s.write_all(line.as_bytes())?;
+    let mut back = vec![0u8; line.len()];
+    s.read_exact(&mut back)?;
+    if back != line.as_bytes() {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+/// Runs `netcluster ARGS --control <r's control socket>` to completion.
+pub fn ctl(r: &Running, args: &[&str]) -> (ExitStatus, String, String) {
+    let control = r.control();
+    let mut all: Vec<&str> = args.to_vec();
+    let control = control.to_string_lossy().to_string();
+    all.extend(["--control", control.as_str()]);
+    let out = Command::new(netcluster_bin())
+        .args(&all)
+        .output()
+        .expect("run netcluster");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `netcluster status --json` of `r`'s primary.
+pub fn status_json(r: &Running) -> serde_json::Value {
+    let (status, out, err) = ctl(r, &["status", "--json"]);
+    assert!(status.success(), "status failed: {err}");
+    serde_json::from_str(&out).expect("status JSON")
+}
+
+/// The `listening on ADDRESS` line's address.
+pub fn listening_addr(r: &mut Running) -> std::net::SocketAddr {
+    let line = r.wait_stdout(Duration::from_secs(30), |l| l.starts_with("listening on "));
+    line.trim_start_matches("listening on ")
+        .parse()
+        .expect("address")
+}
+
+/// Waits until `r`'s primary reports `n` workers, all listening.
+pub fn wait_workers_listening(r: &Running, n: usize) -> serde_json::Value {
+    eventually(Duration::from_secs(30), "the workers to listen", || {
+        let s = status_json(r);
+        let workers = s["workers"].as_array()?;
+        (workers.len() == n && workers.iter().all(|w| w["state"] == "listening")).then_some(s)
+    })
+}

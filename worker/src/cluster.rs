@@ -50,28 +50,34 @@ pub enum Role {
 /// ```
 ///
 /// A process is a worker when its environment names a worker id and a channel descriptor that
-/// really is a `SOCK_SEQPACKET` socket, and its parent is the primary named there; a program a
-/// worker starts inherits the environment but not the parent (nor the channel, which is
-/// close-on-exec from before `main`), so it is not a worker. The answer is decided on the first call and kept, so a worker whose primary
+/// really is a `SOCK_SEQPACKET` socket made by the primary named there (`SO_PEERCRED`); a
+/// program a worker starts inherits the environment but not the channel (it is close-on-exec
+/// from before `main`), so it is not a worker. A worker whose primary has died stays a worker
+/// (and stops, finding the channel closed). The answer is decided on the first call and kept, so a worker whose primary
 /// has died (and that was re-parented) does not turn into a primary.
 pub fn role() -> Role {
     static ROLE: std::sync::OnceLock<Role> = std::sync::OnceLock::new();
     *ROLE.get_or_init(|| {
         let var = |name| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+        let Some(id) = var(env::WORKER_ID) else {
+            return Role::Primary;
+        };
         let channel = std::env::var(env::CHANNEL_FD)
             .ok()
             .and_then(|v| v.parse::<i32>().ok());
         // A worker id alone does not make a worker: without a channel to a primary the process
-        // could do nothing a worker does (netcluster-isolation finding 12).
-        if !channel.is_some_and(netcluster_protocol::fd::is_seqpacket) {
+        // could do nothing a worker does.
+        let Some(fd) = channel.filter(|&fd| netcluster_protocol::fd::is_seqpacket(fd)) else {
             return Role::Primary;
-        }
-        match (var(env::WORKER_ID), var(env::PRIMARY_PID)) {
-            (Some(id), Some(primary)) if std::os::unix::process::parent_id() == primary => {
-                Role::Worker { id }
+        };
+        // The channel is a socketpair the primary made: its peer's credentials name the
+        // primary, even after the primary died (a parent check would turn an orphaned worker
+        // into a second primary).
+        match var(env::PRIMARY_PID) {
+            Some(primary) if netcluster_protocol::fd::peer_pid(fd) != Some(primary) => {
+                Role::Primary
             }
-            (Some(id), None) => Role::Worker { id },
-            _ => Role::Primary,
+            _ => Role::Worker { id },
         }
     })
 }

@@ -459,16 +459,20 @@ pub async fn create_connection(options: impl Into<ConnectOptions>) -> io::Result
 /// It travels inside an [`io::Error`] of the same kind; get it back with
 /// `error.get_ref().and_then(|e| e.downcast_ref::<ConnectError>())`, e.g. for the OS error
 /// number.
-#[derive(Debug, thiserror::Error)]
+///
+/// Its message already contains the OS error's, so it reports no separate
+/// [`source`](std::error::Error::source): an error chain says the reason once.
+#[derive(Debug)]
 pub struct ConnectError {
     /// The address (`ip:port`) or Unix path the connect was for.
     pub address: String,
     /// The local address the connect was made from, when one was asked for.
     pub local_address: Option<SocketAddr>,
     /// What the OS said.
-    #[source]
     pub source: io::Error,
 }
+
+impl std::error::Error for ConnectError {}
 
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -1,0 +1,548 @@
+//! The supervisor's operations, through the real `netcluster` binary: respawn with backoff,
+//! scaling under load, the control socket, signals and stopping, and the bugs a new user hit.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const T: Duration = Duration::from_secs(30);
+
+fn serve(args: &[&str]) -> (Running, SocketAddr) {
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    let mut r = Running::start(&netcluster_bin(), &all);
+    let addr = listening_addr(&mut r);
+    (r, addr)
+}
+
+fn worker_pids(status: &serde_json::Value) -> Vec<(u64, u32)> {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["slot"].as_u64().unwrap_or(0),
+                w["pid"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect()
+}
+
+fn kill_pid(pid: u32, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("kill");
+}
+
+#[test]
+fn a_worker_killed_under_load_is_replaced_in_its_slot_and_the_new_one_serves() {
+    let (r, addr) = serve(&["--workers", "2", "--listen", "127.0.0.1:0"]);
+    let before = wait_workers_listening(&r, 2);
+    let load = Load::echo(addr, 4, Duration::from_millis(2));
+    load.wait_for_more(50, T);
+    let (slot, victim) = worker_pids(&before)[0];
+    kill_pid(victim, Signal::SIGKILL);
+    let after = eventually(T, "a new worker in the slot", || {
+        let s = status_json(&r);
+        let w = s["workers"]
+            .as_array()?
+            .iter()
+            .find(|w| w["slot"] == slot && w["pid"] != victim && w["state"] == "listening")?
+            .clone();
+        Some((s, w))
+    });
+    let (status, replacement) = after;
+    let slot_row = status["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["slot"] == slot)
+        .unwrap()
+        .clone();
+    assert_eq!(slot_row["restarts"], 1, "{status:#}");
+    assert_eq!(slot_row["last_exit"], "killed by SIGKILL", "{status:#}");
+    // The replacement serves: its own count grows under the load.
+    let id = replacement["id"].clone();
+    eventually(T, "the replacement to serve", || {
+        let s = status_json(&r);
+        let w = s["workers"]
+            .as_array()?
+            .iter()
+            .find(|w| w["id"] == id)?
+            .clone();
+        (w["served"].as_u64()? > 5).then_some(())
+    });
+    let report = load.stop();
+    eprintln!("load during the kill: {report:?}");
+    assert!(report.ok > 100, "{report:?}");
+}
+
+#[test]
+fn with_the_only_worker_dead_connections_wait_for_its_replacement() {
+    for policy in ["round-robin", "shared"] {
+        let (r, addr) = serve(&[
+            "--workers",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--policy",
+            policy,
+        ]);
+        let status = wait_workers_listening(&r, 1);
+        let (_, pid) = worker_pids(&status)[0];
+        kill_pid(pid, Signal::SIGKILL);
+        // No worker for a moment: the primary's listener stays open (it is the operator's),
+        // so these connections queue and the next worker serves them; the port is the same.
+        let clients: Vec<_> = (0..5)
+            .map(|i| std::thread::spawn(move || echo_request(addr, &format!("queued {i}\n"))))
+            .collect();
+        for c in clients {
+            c.join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{policy}: {e}"));
+        }
+        let status = status_json(&r);
+        assert_ne!(worker_pids(&status)[0].1, pid, "{policy}: replaced");
+        assert_eq!(
+            status["listeners"][0]["address"],
+            addr.to_string(),
+            "{policy}: the port stays"
+        );
+    }
+}
+
+#[test]
+fn a_crash_looping_worker_backs_off_with_growing_capped_delays() {
+    // Every worker exits with code 1 at once; restarts wait 50, 100, 200, 400, 400… ms.
+    let mut r = Running::start(
+        &example_bin("cluster_probe"),
+        &["--workers", "1", "--crash", "--respawn-max-ms", "400"],
+    );
+    let started = Instant::now();
+    let mut forks: Vec<u64> = Vec::new();
+    while forks.len() < 8 {
+        let line = r.wait_stdout(T, |l| l.starts_with("fork "));
+        let at: u64 = line
+            .rsplit("at_ms=")
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        forks.push(at);
+    }
+    let intervals: Vec<u64> = forks.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("restart intervals (ms): {intervals:?}");
+    let delays = [50, 100, 200, 400, 400, 400, 400];
+    for (i, (&got, &want)) in intervals.iter().zip(&delays).enumerate() {
+        // A delay is a floor: the restart never comes sooner. And the cap holds: never much
+        // later (the slack covers a slow machine, not another doubling).
+        assert!(
+            got >= want,
+            "restart {i} after {got} ms, before its {want} ms delay"
+        );
+        assert!(
+            got < want + 1500,
+            "restart {i} after {got} ms: the cap is 400 ms"
+        );
+    }
+    // No spinning: 8 starts took at least the sum of the delays.
+    assert!(started.elapsed() >= Duration::from_millis(delays.iter().sum::<u64>()));
+}
+
+#[test]
+fn status_shows_restarts_and_the_next_attempt_of_a_slot_that_keeps_dying() {
+    let (r, _addr) = serve(&[
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--restart-max",
+        "5",
+    ]);
+    let mut pid = worker_pids(&wait_workers_listening(&r, 1))[0].1;
+    // Kill each new worker as soon as it listens: 100, 200, 400, 800 ms…
+    for killed in 1..=4u64 {
+        kill_pid(pid, Signal::SIGKILL);
+        if killed == 4 {
+            break;
+        }
+        pid = eventually(T, "the next worker", || {
+            let s = status_json(&r);
+            let p = worker_pids(&s).first()?.1;
+            (p != pid && s["workers"][0]["state"] == "listening").then_some(p)
+        });
+    }
+    // The fourth restart waits 800 ms: status shows the empty slot and when it retries.
+    let s = eventually(T, "the slot to wait for its restart", || {
+        let s = status_json(&r);
+        (s["slots"][0]["worker"].is_null()).then_some(s)
+    });
+    assert_eq!(s["slots"][0]["restarts"], 4, "{s:#}");
+    let next = s["slots"][0]["next_attempt_ms"]
+        .as_u64()
+        .expect("next attempt");
+    assert!(next <= 800, "{s:#}");
+    let (_, table, _) = ctl(&r, &["status"]);
+    assert!(
+        table.contains("slot 1: no worker; 4 restarts so far, next attempt in"),
+        "{table}"
+    );
+    wait_workers_listening(&r, 1);
+}
+
+#[test]
+fn scale_2_to_4_to_1_under_load_fails_no_request() {
+    let (r, addr) = serve(&["--workers", "2", "--listen", "127.0.0.1:0"]);
+    wait_workers_listening(&r, 2);
+    let load = Load::echo(addr, 4, Duration::from_millis(3));
+    load.wait_for_more(50, T);
+
+    let (status, out, err) = ctl(&r, &["scale", "4"]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("scaled from 2 to 4 workers"), "{out}");
+    // Synchronous: the four are listening as the command returns.
+    let s = status_json(&r);
+    assert_eq!(s["workers_wanted"], 4);
+    assert_eq!(s["workers"].as_array().unwrap().len(), 4, "{s:#}");
+    assert!(
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["state"] == "listening")
+    );
+    load.wait_for_more(100, T);
+
+    let (status, out, err) = ctl(&r, &["scale", "1"]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("scaled from 4 to 1 workers"), "{out}");
+    let s = status_json(&r);
+    assert_eq!(s["workers"].as_array().unwrap().len(), 1, "{s:#}");
+    assert_eq!(s["workers"][0]["slot"], 1, "the highest slots were drained");
+    load.wait_for_more(50, T);
+
+    // SIGTTIN and SIGTTOU scale by one.
+    r.signal(Signal::SIGTTIN);
+    wait_workers_listening(&r, 2);
+    r.signal(Signal::SIGTTOU);
+    eventually(T, "one worker again", || {
+        (status_json(&r)["workers"].as_array()?.len() == 1).then_some(())
+    });
+    load.wait_for_more(50, T);
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.ok > 250, "{report:?}");
+
+    // Bad input says what is wrong.
+    let (status, _, err) = ctl(&r, &["scale", "0"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+}
+
+#[test]
+fn the_control_socket_is_the_users_alone() {
+    let (r, _addr) = serve(&["--workers", "1", "--listen", "127.0.0.1:0"]);
+    wait_workers_listening(&r, 1);
+    let path = r.control();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    // Let another user reach the directory: the socket's own mode still refuses them.
+    std::fs::set_permissions(r.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(netcluster_bin())
+            .args(args)
+            .arg("--control")
+            .arg(&path)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let out = as_nobody(&["status"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+    // Even with the socket opened up by mistake, the peer's uid is checked.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody(&["scale", "3"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("permission denied: not the primary's user"),
+        "{err}"
+    );
+    let mut r = r;
+    r.wait_stderr(T, |l| {
+        l.contains("refused a client of another user") && l.contains("uid=65534")
+    });
+    assert_eq!(status_json(&r)["workers_wanted"], 1, "nothing changed");
+}
+
+#[test]
+fn bad_control_clients_are_answered_or_timed_out_and_never_block_others() {
+    let (r, _addr) = serve(&["--workers", "1", "--listen", "127.0.0.1:0"]);
+    wait_workers_listening(&r, 1);
+    let path = r.control();
+    let reply = |s: &mut UnixStream| {
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    // A silent client first: it holds a connection while the others are served.
+    let mut silent = UnixStream::connect(&path).unwrap();
+    silent.set_read_timeout(Some(T)).unwrap();
+    let silent_since = Instant::now();
+
+    let mut garbage = UnixStream::connect(&path).unwrap();
+    garbage.write_all(b"{not json\n").unwrap();
+    let g = reply(&mut garbage);
+    assert_eq!(g["ok"], false);
+    assert!(
+        g["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed request"),
+        "{g}"
+    );
+
+    let mut wrong = UnixStream::connect(&path).unwrap();
+    wrong
+        .write_all(b"{\"version\":9,\"command\":\"status\"}\n")
+        .unwrap();
+    let w = reply(&mut wrong);
+    assert!(w["error"].as_str().unwrap().contains("version 9"), "{w}");
+
+    let mut big = UnixStream::connect(&path).unwrap();
+    let _ = big.write_all(&vec![b'x'; 70 * 1024]);
+    let b = reply(&mut big);
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("larger than 65536 bytes"),
+        "{b}"
+    );
+
+    // A well-behaved client is answered at once meanwhile.
+    let t = Instant::now();
+    let s = status_json(&r);
+    assert_eq!(s["workers"].as_array().unwrap().len(), 1);
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "status waited for the silent client"
+    );
+
+    let s = reply(&mut silent);
+    assert!(
+        s["error"].as_str().unwrap().contains("no request within"),
+        "{s}"
+    );
+    assert!(silent_since.elapsed() >= Duration::from_secs(4));
+    // The primary is unharmed.
+    assert_eq!(status_json(&r)["workers_wanted"], 1);
+}
+
+#[test]
+fn stop_waits_for_an_open_connection_but_not_past_the_deadline() {
+    let (mut r, addr) = serve(&[
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "1",
+    ]);
+    wait_workers_listening(&r, 1);
+    let mut held = TcpStream::connect(addr).unwrap();
+    let mut hello = [0u8; 7];
+    held.read_exact(&mut hello).unwrap();
+    let t = Instant::now();
+    let (status, out, err) = ctl(&r, &["stop"]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("stopped (1 workers exited)"), "{out}");
+    let elapsed = t.elapsed();
+    // The idle connection held the worker until the 1 s deadline, not the 10 s default.
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(8), "{elapsed:?}");
+    assert_eq!(r.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn a_second_sigint_stops_at_once() {
+    let (mut r, addr) = serve(&[
+        "--workers",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "60",
+    ]);
+    wait_workers_listening(&r, 2);
+    let mut held = TcpStream::connect(addr).unwrap();
+    let mut hello = [0u8; 7];
+    held.read_exact(&mut hello).unwrap();
+    r.signal(Signal::SIGINT);
+    r.wait_stderr(T, |l| l.contains("stopping"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(alive(r.pid), "the first SIGINT drains (up to 60 s)");
+    let t = Instant::now();
+    r.signal(Signal::SIGINT);
+    r.wait_exit(T);
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[test]
+fn sighup_sigusr1_and_sigusr2_never_kill_the_primary() {
+    let (mut r, addr) = serve(&["--workers", "1", "--listen", "127.0.0.1:0"]);
+    wait_workers_listening(&r, 1);
+    for sig in [Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2] {
+        r.signal(sig);
+    }
+    r.wait_stderr(T, |l| l.contains("SIGUSR1") && l.contains("LogStatus"));
+    r.wait_stderr(T, |l| l.contains("status:"));
+    assert!(alive(r.pid));
+    echo_request(addr, "still here\n").unwrap();
+    assert_eq!(status_json(&r)["workers"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn workers_stop_with_the_primary_even_when_their_stderr_reader_is_gone() {
+    // Bug: a dead `| tee` made every log write fail; the failed write panicked before the
+    // worker asked itself to stop, and the workers served the port forever.
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let mut child = Command::new(netcluster_bin())
+        .args([
+            "serve",
+            "--workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "1",
+            "--control",
+        ])
+        .arg(&control)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take()); // the reader dies
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(line.starts_with("listening on "), "{line}");
+    let pids: Vec<u32> = eventually(T, "two workers", || {
+        let out = Command::new(netcluster_bin())
+            .args(["status", "--json", "--control"])
+            .arg(&control)
+            .output()
+            .ok()?;
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let pids = worker_pids(&s);
+        (pids.len() == 2).then(|| pids.into_iter().map(|(_, p)| p).collect())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + T;
+    while pids.iter().any(|&p| alive(p)) {
+        if Instant::now() > deadline {
+            let info: Vec<String> = pids
+                .iter()
+                .map(|p| {
+                    let st =
+                        std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+                    let wchan =
+                        std::fs::read_to_string(format!("/proc/{p}/wchan")).unwrap_or_default();
+                    let stack =
+                        std::fs::read_to_string(format!("/proc/{p}/stack")).unwrap_or_default();
+                    format!("{p}: wchan={wchan} {st} {stack}")
+                })
+                .collect();
+            panic!("workers still alive: {info:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_relative_unix_path_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(netcluster_bin());
+    cmd.args(["serve", "--workers", "2", "--listen", "rel.sock"])
+        .current_dir(dir.path());
+    let mut r = Running::from_command(cmd);
+    let line = r.wait_stdout(T, |l| l.starts_with("listening on "));
+    let path = dir.path().join("rel.sock");
+    assert_eq!(line, format!("listening on unix:{}", path.display()));
+    wait_workers_listening(&r, 2);
+    for _ in 0..4 {
+        let mut s = UnixStream::connect(&path).unwrap();
+        let mut hello = [0u8; 7];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello, b"hello\r\n");
+    }
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait_exit(T).code(), Some(0));
+    assert!(!path.exists(), "the socket file is removed");
+}
+
+#[test]
+fn a_bind_error_says_its_reason_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (status, _, err) = run_to_end(
+        &netcluster_bin(),
+        &[
+            "serve",
+            "--workers",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        T,
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+    assert!(err.contains(&format!("listen 127.0.0.1:{port}")), "{err}");
+}
+
+#[test]
+fn a_stale_unix_socket_is_replaced_and_a_live_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.sock");
+    // What a crashed primary leaves: a socket file nothing listens on.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let p = path.to_string_lossy().to_string();
+    let mut r = Running::start(
+        &netcluster_bin(),
+        &["serve", "--workers", "1", "--listen", &p],
+    );
+    r.wait_stdout(T, |l| l.starts_with("listening on unix:"));
+    wait_workers_listening(&r, 1);
+    let mut s = UnixStream::connect(&path).unwrap();
+    let mut hello = [0u8; 7];
+    s.read_exact(&mut hello).unwrap();
+    // A second primary on the same path must not steal it.
+    let (status, _, err) = run_to_end(
+        &netcluster_bin(),
+        &["serve", "--workers", "1", "--listen", &p],
+        T,
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another server is listening on this socket"),
+        "{err}"
+    );
+    // And the first still serves.
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.read_exact(&mut hello).unwrap();
+}
