@@ -783,7 +783,7 @@ impl Supervisor {
                 last_exit: s.last_exit.clone(),
             })
             .collect();
-        let workers = self
+        let mut workers: Vec<WorkerStatus> = self
             .workers
             .values()
             .map(|w| {
@@ -809,6 +809,8 @@ impl Supervisor {
                 }
             })
             .collect();
+        // By slot, then age; workers without a slot (being replaced or drained) last.
+        workers.sort_by_key(|w| (w.slot.unwrap_or(usize::MAX), w.id));
         let status = Status {
             schema: STATUS_SCHEMA,
             pid: std::process::id(),
