@@ -474,6 +474,37 @@ fn workers_stop_with_the_primary_even_when_their_stderr_reader_is_gone() {
 }
 
 #[test]
+fn the_http_app_answers_with_keep_alive() {
+    let (r, addr) = serve(&["--workers", "2", "--listen", "127.0.0.1:0", "--app", "http"]);
+    wait_workers_listening(&r, 2);
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    // Two requests on one connection, then one that closes it.
+    for close in [false, false, true] {
+        let req = if close {
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        } else {
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        };
+        s.write_all(req.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"hello\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    }
+    assert_eq!(
+        s.read(&mut [0u8; 1]).unwrap(),
+        0,
+        "Connection: close is honoured"
+    );
+}
+
+#[test]
 fn a_relative_unix_path_is_served() {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(netcluster_bin());

@@ -89,6 +89,8 @@ pub struct WorkerStatus {
     pub restarts: u32,
     /// Milliseconds since it was started.
     pub uptime_ms: u64,
+    /// Milliseconds since it entered its current state.
+    pub in_state_ms: u64,
     /// Resident memory in bytes, when `/proc` tells.
     pub rss_bytes: Option<u64>,
 }

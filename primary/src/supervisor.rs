@@ -102,9 +102,18 @@ struct Worker {
     ping: Option<(u64, delay_queue::Key)>,
     kill_timer: Option<delay_queue::Key>,
     task: tokio::task::Id,
+    /// When it entered its current phase.
+    since: Instant,
 }
 
 impl Worker {
+    /// The one way a worker's phase changes: by the transition table.
+    fn apply(&mut self, t: Transition) -> Result<(), crate::worker::state::Refused> {
+        self.phase = self.phase.next(t)?;
+        self.since = Instant::now();
+        Ok(())
+    }
+
     fn info(&self) -> WorkerInfo {
         WorkerInfo {
             id: self.id,
@@ -551,6 +560,7 @@ impl Supervisor {
             ping: None,
             kill_timer: None,
             task: task.id(),
+            since: Instant::now(),
         };
         let info = worker.info();
         self.workers.insert(id, worker);
@@ -805,6 +815,7 @@ impl Supervisor {
                         .and_then(|s| self.slots.get(&s))
                         .map_or(0, |s| s.restarts),
                     uptime_ms: millis(now.saturating_duration_since(w.started)),
+                    in_state_ms: millis(now.saturating_duration_since(w.since)),
                     rss_bytes: crate::status::rss_bytes(w.pid),
                 }
             })
@@ -952,9 +963,8 @@ impl Supervisor {
         };
         let deadline = Instant::now() + drain + KILL_GRACE;
         let was_serving = w.phase.serving() || w.phase == Phase::Starting;
-        match w.phase.next(Transition::Drain { reason, deadline }) {
-            Ok(p) => w.phase = p,
-            Err(_) => return,
+        if w.apply(Transition::Drain { reason, deadline }).is_err() {
+            return;
         }
         w.expected_exit = true;
         w.exited_after_disconnect = true;
@@ -1115,12 +1125,9 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        match w.phase.next(Transition::Hello) {
-            Ok(p) => w.phase = p,
-            Err(_) => {
-                self.violation(id, "a second Hello");
-                return;
-            }
+        if w.apply(Transition::Hello).is_err() {
+            self.violation(id, "a second Hello");
+            return;
         }
         if worker_id != id || pid != w.pid {
             tracing::warn!(
@@ -1236,9 +1243,7 @@ impl Supervisor {
             }
             return;
         }
-        if let Ok(p) = w.phase.next(Transition::Listened) {
-            w.phase = p;
-        }
+        let _ = w.apply(Transition::Listened);
         w.listeners.insert(listener);
         let paused = w.ping.is_some();
         if let Some(l) = self.registry.get_mut(listener) {
@@ -1507,9 +1512,8 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        match w.phase.next(Transition::ChannelClosed) {
-            Ok(p) => w.phase = p,
-            Err(_) => return,
+        if w.apply(Transition::ChannelClosed).is_err() {
+            return;
         }
         tracing::debug!(worker = id, "channel closed");
         let listeners: Vec<u64> = std::mem::take(&mut w.listeners).into_iter().collect();
@@ -1538,10 +1542,9 @@ impl Supervisor {
         let Some(mut w) = self.workers.remove(&id) else {
             return;
         };
-        w.phase = w
-            .phase
-            .next(Transition::Exited(exit))
-            .unwrap_or(Phase::Dead(exit));
+        if w.apply(Transition::Exited(exit)).is_err() {
+            w.phase = Phase::Dead(exit);
+        }
         self.task_workers.remove(&w.task);
         if let Some(key) = w.kill_timer.take() {
             self.timers.try_remove(&key);
