@@ -234,6 +234,8 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     settings.timeouts.ready = args.ready_timeout;
     let workers = settings.workers;
     let mut cluster = Cluster::new(settings);
+    // Nothing here reads events: keep none (the log says what happens).
+    drop(cluster.take_events());
     let handle = cluster.handle();
     // The control socket first: a second primary on the same path fails before it binds
     // anything, and once `listening on` is printed the primary answers `netcluster status`.

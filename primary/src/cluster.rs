@@ -231,7 +231,7 @@ impl ClusterHandle {
 pub struct Cluster {
     handle: ClusterHandle,
     settings: Settings,
-    events: Events,
+    events: Option<Events>,
     supervisor: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -252,7 +252,7 @@ impl Cluster {
                 events: weak,
             },
             settings,
-            events: Events::new(events_rx),
+            events: Some(Events::new(events_rx)),
             supervisor: Some(join),
         }
     }
@@ -314,7 +314,17 @@ impl Cluster {
 
     /// The next event; `None` once the cluster has stopped and every event was read.
     pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.next().await
+        match &mut self.events {
+            Some(events) => events.next().await,
+            None => None,
+        }
+    }
+
+    /// Takes the cluster's own event subscription (made when the cluster was, so it misses
+    /// nothing), to read it elsewhere — or to drop it, for a program that never reads events,
+    /// so that no event is kept for it. [`Cluster::next_event`] returns `None` afterwards.
+    pub fn take_events(&mut self) -> Option<Events> {
+        self.events.take()
     }
 
     /// The live workers.

@@ -90,7 +90,9 @@ pub(crate) struct Listener {
     /// The operator's name for it (`--listen NAME=ADDR`), or the address as given.
     pub name: String,
     pub address: BoundAddress,
-    pub fd: OwnedFd,
+    /// The socket; `None` once closed at a stop (the listener's other state lives on until
+    /// its connections are handed off).
+    fd: Option<OwnedFd>,
     /// Configured by the operator: open for as long as the primary runs.
     pub pinned: bool,
     /// Workers that listen on it.
@@ -101,6 +103,17 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
+    /// The listening socket, while it is open.
+    pub fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.fd.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Closes the primary's copy of the socket (workers keep theirs); a Unix socket file is
+    /// removed when the listener is dropped.
+    pub fn close_socket(&mut self) -> Option<OwnedFd> {
+        self.fd.take()
+    }
+
     /// The round-robin state, if the listener is round robin.
     pub fn round_robin(&mut self) -> Option<&mut RoundRobin> {
         match &mut self.mode {
@@ -214,7 +227,7 @@ impl Registry {
                 key: key.clone(),
                 name,
                 address,
-                fd,
+                fd: Some(fd),
                 pinned: pinned.is_some(),
                 members: BTreeSet::new(),
                 unlink,
@@ -246,15 +259,22 @@ impl Registry {
             ));
         };
         Ok(match &l.mode {
-            Mode::Shared => (
-                l.address.clone(),
-                Grant::Shared,
-                Some(
-                    l.fd.as_fd()
-                        .try_clone_to_owned()
-                        .map_err(|e| ListenError::new(&l.key.target, e))?,
-                ),
-            ),
+            Mode::Shared => {
+                let fd = l.socket().ok_or_else(|| {
+                    ListenError::new(
+                        &l.key.target,
+                        io::Error::new(io::ErrorKind::NotConnected, "the listener is closed"),
+                    )
+                })?;
+                (
+                    l.address.clone(),
+                    Grant::Shared,
+                    Some(
+                        fd.try_clone_to_owned()
+                            .map_err(|e| ListenError::new(&l.key.target, e))?,
+                    ),
+                )
+            }
             Mode::RoundRobin(_) => (l.address.clone(), Grant::RoundRobin { handle: id }, None),
             Mode::ReusePort => (l.address.clone(), Grant::ReusePort, None),
         })
@@ -507,7 +527,13 @@ mod tests {
         assert_eq!(grant, Grant::RoundRobin { handle: b.id });
         assert!(fd.is_none(), "the socket stays in the primary");
         let (dup, gate) = b.acceptor.expect("acceptor");
-        assert_eq!(inode(&dup), inode(&r.get(b.id).expect("l").fd));
+        let original = r
+            .get(b.id)
+            .expect("l")
+            .socket()
+            .expect("open")
+            .try_clone_to_owned();
+        assert_eq!(inode(&dup), inode(&original.expect("dup")));
         assert!(!gate.is_closed());
         drop(r.remove(b.id));
         assert!(

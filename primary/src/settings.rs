@@ -70,6 +70,8 @@ pub struct Limits {
     /// Bad frames and over-limit requests a worker may send before it is killed.
     pub violations: u32,
     /// Events kept for a subscriber that reads slowly (a slower one gets [`Event::Lagged`]).
+    /// With user messages of up to 64 KiB, this bounds what a flood of them can make the
+    /// primary hold for a subscriber that does not read: 256 × 64 KiB = 16 MiB by default.
     ///
     /// [`Event::Lagged`]: crate::Event::Lagged
     pub events: usize,
@@ -85,7 +87,7 @@ impl Default for Limits {
             requests: 16,
             queue: 1024,
             violations: 32,
-            events: 1024,
+            events: 256,
             accept_ahead: 16,
         }
     }

@@ -9,7 +9,7 @@
 //! arrive.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,11 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 const GRAVEYARD: usize = 256;
 /// Connections taken from a round-robin listener's backlog when it closes at a stop.
 const BACKLOG_DRAIN: usize = 4096;
+/// Requests over a limit refused in a row before the worker counts as flooding and is killed.
+const OVER_LIMIT_STREAK: u32 = 1000;
+/// Hand-offs a worker may let expire in a row before it is killed (it answers pings but not
+/// hand-offs).
+const SILENT_HANDOFFS: u32 = 3;
 
 /// Deadlines the loop keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +102,10 @@ struct Worker {
     expected_exit: bool,
     /// Count requests it has in flight.
     requests: u32,
+    /// Requests refused in a row for being over a limit; reset by one within the limits.
+    over_limit: u32,
+    /// Hand-offs it let expire in a row; reset by an answer in time.
+    silent_handoffs: u32,
     violations: u32,
     /// A ping it has not answered yet.
     ping: Option<(u64, delay_queue::Key)>,
@@ -556,6 +565,8 @@ impl Supervisor {
             exited_after_disconnect: false,
             expected_exit: false,
             requests: 0,
+            over_limit: 0,
+            silent_handoffs: 0,
             violations: 0,
             ping: None,
             kill_timer: None,
@@ -867,20 +878,21 @@ impl Supervisor {
             let _ = wait.reply.send(Err(Error::Stopping));
         }
         // Round robin: stop accepting, take what already completed its handshake from the
-        // backlog, and hand off everything accepted before the workers are told to stop.
+        // backlog, and hand off everything accepted before the workers are told to stop. Then
+        // the primary's copy of every socket closes, so no connection completes its handshake
+        // into a backlog that nobody will accept from (workers drain theirs as they stop).
         for l in self.registry.iter_mut() {
-            let fd = l.fd.as_fd().try_clone_to_owned();
-            if let Mode::RoundRobin(rr) = &mut l.mode {
+            let fd = l.close_socket();
+            if let (Mode::RoundRobin(rr), Some(fd)) = (&mut l.mode, &fd) {
                 rr.stop_accepting();
-                if let Ok(fd) = fd {
-                    for _ in 0..BACKLOG_DRAIN {
-                        match netcluster_protocol::fd::accept_nonblocking(fd.as_fd()) {
-                            Ok(conn) => rr.push_fd(conn),
-                            Err(_) => break,
-                        }
+                for _ in 0..BACKLOG_DRAIN {
+                    match netcluster_protocol::fd::accept_nonblocking(fd.as_fd()) {
+                        Ok(conn) => rr.push_fd(conn),
+                        Err(_) => break,
                     }
                 }
             }
+            drop(fd);
         }
         let ids: Vec<u64> = self.registry.iter().map(|l| l.id).collect();
         for id in ids {
@@ -1076,6 +1088,9 @@ impl Supervisor {
                     .map(|rr| rr.ack(id, seq, accepted));
                 match result {
                     Some(Ok(())) => {
+                        if let Some(w) = self.workers.get_mut(&id) {
+                            w.silent_handoffs = 0;
+                        }
                         if let Some(key) = self.handoff_timers.remove(&(handle, id)) {
                             self.timers.try_remove(&key);
                         }
@@ -1284,11 +1299,11 @@ impl Supervisor {
         }
         let dup = netcluster_protocol::fd::dup_raw(fd).map_err(named)?;
         handle::check_listening(dup.as_fd()).map_err(named)?;
-        let ino = inode(&dup);
+        let ino = inode(dup.as_fd());
         if let Some(l) = self
             .registry
             .iter()
-            .find(|l| ino.is_some() && inode(&l.fd) == ino)
+            .find(|l| ino.is_some() && l.socket().and_then(inode) == ino)
         {
             return Ok(l.id);
         }
@@ -1331,9 +1346,20 @@ impl Supervisor {
                 },
                 Vec::new(),
             );
-            self.violation(id, "too many count requests in flight");
+            // A burst past the limit is refused, not punished; a worker that does nothing but
+            // push past it is flooding.
+            w.over_limit = w.over_limit.saturating_add(1);
+            if w.over_limit > OVER_LIMIT_STREAK {
+                self.kill(
+                    id,
+                    &format!(
+                        "{OVER_LIMIT_STREAK} count requests in a row over its limit of {limit}"
+                    ),
+                );
+            }
             return;
         }
+        w.over_limit = 0;
         if self.stopping.is_some() {
             let _ = w.tx.try_send(
                 ToWorker::CountResult {
@@ -1783,7 +1809,16 @@ impl Supervisor {
                         worker,
                         "did not answer a hand-off in time; its connection goes to another worker"
                     );
-                    if self.workers.get(&worker).is_some_and(|w| w.phase.serving()) {
+                    let streak = self.workers.get_mut(&worker).map_or(0, |w| {
+                        w.silent_handoffs = w.silent_handoffs.saturating_add(1);
+                        w.silent_handoffs
+                    });
+                    if streak >= SILENT_HANDOFFS {
+                        self.kill(
+                            worker,
+                            &format!("it let {streak} hand-offs in a row expire"),
+                        );
+                    } else if self.workers.get(&worker).is_some_and(|w| w.phase.serving()) {
                         self.suspect(worker);
                     }
                     self.dispatch(listener);
@@ -1894,7 +1929,7 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn inode(fd: &OwnedFd) -> Option<(u64, u64)> {
+fn inode(fd: impl AsFd) -> Option<(u64, u64)> {
     nix::sys::stat::fstat(fd.as_fd())
         .ok()
         .map(|s| (s.st_dev, s.st_ino))

@@ -595,6 +595,31 @@ impl Listener {
         }
     }
 
+    /// A connection already waiting in the backlog, without waiting for one: `None` when there
+    /// is none (or for round robin, whose backlog is the primary's).
+    fn accept_now(&mut self) -> Option<io::Result<Incoming>> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match self {
+            Listener::Tcp(l) => match l.poll_accept(&mut cx) {
+                std::task::Poll::Ready(Ok((s, _))) => Some(Ok(Incoming {
+                    socket: Socket::tcp(s),
+                    handoff: None,
+                })),
+                std::task::Poll::Ready(Err(e)) => Some(Err(e)),
+                std::task::Poll::Pending => None,
+            },
+            Listener::Unix(l) => match l.poll_accept(&mut cx) {
+                std::task::Poll::Ready(Ok((s, _))) => Some(Ok(Incoming {
+                    socket: Socket::unix(s),
+                    handoff: None,
+                })),
+                std::task::Poll::Ready(Err(e)) => Some(Err(e)),
+                std::task::Poll::Pending => None,
+            },
+            Listener::RoundRobin { .. } => None,
+        }
+    }
+
     /// Answers a hand-off (round robin only).
     async fn ack(&self, handoff: Option<(u64, u64)>, accepted: bool) {
         if let (Listener::RoundRobin { worker, .. }, Some((handle, seq))) = (self, handoff) {
@@ -695,6 +720,51 @@ struct Stops {
     cancel: Option<tokio_util::sync::CancellationToken>,
 }
 
+/// Connections a stopping worker takes from a listener's backlog before closing it.
+const BACKLOG_DRAIN: usize = 1024;
+
+/// Runs the handler for an accepted connection, or drops it at `maxConnections`.
+async fn serve_incoming(inner: &Arc<Inner>, listener: &Listener, incoming: Incoming) {
+    let Incoming {
+        mut socket,
+        handoff,
+    } = incoming;
+    let max = inner.max_connections.load(Ordering::Relaxed);
+    if *inner.connections.borrow() >= max {
+        if handoff.is_some() && !inner.options.drop_max_connection {
+            // Round robin: at the limit, another worker takes it.
+            listener.ack(handoff, false).await;
+            return;
+        }
+        listener.ack(handoff, true).await;
+        let info = match (socket.local_address(), socket.remote_address()) {
+            (Some(local), Some(remote)) => Some(DropInfo::new(local, remote)),
+            _ => None,
+        };
+        drop(socket);
+        let callback = lock(&inner.on_drop).clone();
+        if let Some(callback) = callback {
+            callback(info);
+        }
+        return;
+    }
+    listener.ack(handoff, true).await;
+    inner.served.fetch_add(1, Ordering::Relaxed);
+    socket.set_origin(Some(Origin {
+        id: inner.id,
+        remotes: Arc::downgrade(&inner.remotes),
+    }));
+    apply_options(&inner.options, &mut socket);
+    inner.connections.send_modify(|n| *n += 1);
+    inner.active.send_modify(|n| *n += 1);
+    let guard = ConnectionGuard(inner.clone());
+    let fut = (inner.handler)(socket);
+    tokio::spawn(async move {
+        fut.await;
+        drop(guard);
+    });
+}
+
 async fn accept_loop(
     inner: Arc<Inner>,
     mut listener: Listener,
@@ -723,13 +793,26 @@ async fn accept_loop(
         }
     };
     tokio::pin!(worker_stopping, cancelled);
+    // Once the worker stops: what already completed its handshake is taken from the backlog
+    // and served (closing the listener would reset it), then the loop ends.
+    let mut draining = 0usize;
     loop {
+        if draining > 0 {
+            draining -= 1;
+            let Some(accepted) = listener.accept_now() else {
+                break;
+            };
+            if let Ok(incoming) = accepted {
+                serve_incoming(&inner, &listener, incoming).await;
+            }
+            continue;
+        }
         tokio::select! {
             _ = &mut stop => break,
             () = &mut worker_stopping => {
                 // The worker is stopping: this server closes like server.close().
                 take_if_ours(&inner, generation);
-                break;
+                draining = BACKLOG_DRAIN;
             }
             () = &mut cancelled => {
                 // The listen's signal was aborted: close like server.close().
@@ -737,41 +820,8 @@ async fn accept_loop(
                 break;
             }
             accepted = listener.accept() => match accepted {
-                Ok(Incoming { mut socket, handoff }) => {
-                    let max = inner.max_connections.load(Ordering::Relaxed);
-                    if *inner.connections.borrow() >= max {
-                        if handoff.is_some() && !inner.options.drop_max_connection {
-                            // Round robin: at the limit, another worker takes it.
-                            listener.ack(handoff, false).await;
-                            continue;
-                        }
-                        listener.ack(handoff, true).await;
-                        let info = match (socket.local_address(), socket.remote_address()) {
-                            (Some(local), Some(remote)) => Some(DropInfo::new(local, remote)),
-                            _ => None,
-                        };
-                        drop(socket);
-                        let callback = lock(&inner.on_drop).clone();
-                        if let Some(callback) = callback {
-                            callback(info);
-                        }
-                        continue;
-                    }
-                    listener.ack(handoff, true).await;
-                    inner.served.fetch_add(1, Ordering::Relaxed);
-                    socket.set_origin(Some(Origin {
-                        id: inner.id,
-                        remotes: Arc::downgrade(&inner.remotes),
-                    }));
-                    apply_options(&inner.options, &mut socket);
-                    inner.connections.send_modify(|n| *n += 1);
-                    inner.active.send_modify(|n| *n += 1);
-                    let guard = ConnectionGuard(inner.clone());
-                    let fut = (inner.handler)(socket);
-                    tokio::spawn(async move {
-                        fut.await;
-                        drop(guard);
-                    });
+                Ok(incoming) => {
+                    serve_incoming(&inner, &listener, incoming).await;
                     // Accept one connection per turn (libuv's UV_TCP_SINGLE_ACCEPT idea): the
                     // new connection's task runs before this loop accepts again, which leaves
                     // other processes sharing the socket their chance at the queue instead of
