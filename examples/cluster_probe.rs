@@ -17,7 +17,10 @@
 //! | `stop` | `cluster.disconnect()`, then exit |
 //!
 //! `--crash` makes every worker exit with code 1 at once; `--respawn-max-ms N` restarts exited
-//! workers (50 ms, doubling, capped at N ms). Fork lines carry `at_ms=` since the start.
+//! workers (`--respawn-initial-ms`, default 50 ms, doubling, capped at N ms). Fork lines carry
+//! `at_ms=` since the start. `--child-fds` makes each worker, before it touches the cluster
+//! API, start this program with `--list-fds` and print what the child inherited
+//! (`worker ID child fds 0=/dev/null,1=pipe:[…],… channel socket:[…]`).
 //!
 //! `--abandon HOST:PORT` makes each worker start a listen and give it up before the answer
 //! (`worker ID abandoned=true listening=false`). `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
@@ -80,6 +83,8 @@ struct Args {
     whoami: bool,
     crash: bool,
     respawn_max_ms: Option<u64>,
+    respawn_initial_ms: Option<u64>,
+    child_fds: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -114,6 +119,14 @@ fn parse_args() -> Result<Args, String> {
             "--spawn-child" => args.spawn_child = true,
             "--whoami" => args.whoami = true,
             "--crash" => args.crash = true,
+            "--child-fds" => args.child_fds = true,
+            "--respawn-initial-ms" => {
+                let v = it.next().ok_or("--respawn-initial-ms needs a value")?;
+                args.respawn_initial_ms = Some(
+                    v.parse()
+                        .map_err(|_| format!("--respawn-initial-ms {v:?}"))?,
+                );
+            }
             "--respawn-max-ms" => {
                 let v = it.next().ok_or("--respawn-max-ms needs a value")?;
                 args.respawn_max_ms =
@@ -128,6 +141,24 @@ fn parse_args() -> Result<Args, String> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     netcluster::init_tracing();
+    if std::env::args().nth(1).as_deref() == Some("--list-fds") {
+        // The descriptors this process holds, as `FD=TARGET` (the runtime's own are there
+        // too: an inherited channel shows as a `socket:`).
+        let mut fds: Vec<(i32, String)> = std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.filter_map(|e| {
+                    let fd: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+                    Some((fd, target.to_string_lossy().into_owned()))
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        fds.sort();
+        let list: Vec<String> = fds.iter().map(|(fd, t)| format!("{fd}={t}")).collect();
+        println!("{}", list.join(","));
+        return ExitCode::SUCCESS;
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -161,7 +192,7 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
     // Node's behaviour by default: a worker that exits stays dead (the tests follow Node's
     // cases); `--respawn-max-ms` restarts it, from 50 ms doubling up to that cap.
     let respawn = args.respawn_max_ms.map(|max| Backoff {
-        initial: std::time::Duration::from_millis(50),
+        initial: std::time::Duration::from_millis(args.respawn_initial_ms.unwrap_or(50)),
         max: std::time::Duration::from_millis(max),
         reset_after: std::time::Duration::from_secs(60),
     });
@@ -390,6 +421,22 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
     if args.crash {
         // A program that fails at once, every time.
         std::process::exit(1);
+    }
+    if args.child_fds {
+        // Before anything touches the cluster API: what does a child inherit?
+        let out = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("--list-fds")
+            .output()
+            .await?;
+        let channel = std::env::var(netcluster::protocol::env::CHANNEL_FD)
+            .ok()
+            .and_then(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok())
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        println!(
+            "worker {id} child fds {} channel {channel}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
     }
     let me = cluster::worker()
         .await?

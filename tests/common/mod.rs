@@ -59,6 +59,14 @@ impl Running {
         r
     }
 
+    /// Starts a prepared command with a pipe to its stdin.
+    pub fn start_interactive_command(mut cmd: Command) -> Running {
+        cmd.stdin(Stdio::piped());
+        let mut r = Running::spawn(cmd);
+        r.stdin = r.child.as_mut().and_then(|c| c.stdin.take());
+        r
+    }
+
     /// Writes one line to the process's stdin.
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("started with start_interactive");
