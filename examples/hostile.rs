@@ -396,11 +396,20 @@ async fn hostile(attack: &str) -> std::io::Result<()> {
                         }
                         "acks" => {
                             let sender = async {
+                                // Hand-offs never sent: listeners that do not exist, and
+                                // numbers far past any sent on the real one. (An answer to
+                                // its own hand-off in flight would just be accepting it.)
                                 for seq in 0..10_000u64 {
                                     let _ = send(ToPrimary::Accepted {
-                                        handle: seq % 7,
+                                        handle: 1000 + seq % 7,
                                         seq,
                                         accepted: seq % 2 == 0,
+                                    })
+                                    .await;
+                                    let _ = send(ToPrimary::Accepted {
+                                        handle: 1,
+                                        seq: u64::MAX - seq,
+                                        accepted: true,
                                     })
                                     .await;
                                     let _ = send(ToPrimary::CountReply {

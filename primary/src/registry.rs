@@ -95,6 +95,9 @@ pub(crate) struct Listener {
     fd: Option<OwnedFd>,
     /// Configured by the operator: open for as long as the primary runs.
     pub pinned: bool,
+    /// The primary made this socket (it was not given to it: `{fd}`, systemd), so it may
+    /// change it (e.g. refuse new connections at a stop).
+    pub owned: bool,
     /// Workers that listen on it.
     pub members: BTreeSet<u32>,
     /// A Unix socket file the primary created, removed when the listener closes.
@@ -229,6 +232,7 @@ impl Registry {
                 address,
                 fd: Some(fd),
                 pinned: pinned.is_some(),
+                owned: !matches!(key.target, ListenTarget::Fd(_)),
                 members: BTreeSet::new(),
                 unlink,
                 mode,

@@ -111,7 +111,10 @@ pub(crate) struct Conn {
 pub(crate) struct Accepted {
     /// The listener's id.
     pub listener: u64,
-    pub conn: Conn,
+    /// A connection, or `None` when the task has stopped and closed its copy of the listening
+    /// socket (the supervisor's copy is then the last: it drains the backlog and closes it
+    /// with nothing in between, so no connection that completed its handshake is reset).
+    pub conn: Option<Conn>,
 }
 
 /// Starts accepting on `fd` (a duplicate the task owns) for listener `listener`, within
@@ -128,6 +131,25 @@ pub(crate) fn spawn_acceptor(
 ) -> io::Result<()> {
     let io = register_async(fd, tokio::io::Interest::READABLE)?;
     tokio::spawn(async move {
+        run_acceptor(listener, io, address, gate.clone(), to.clone()).await;
+        let _ = to
+            .send(Accepted {
+                listener,
+                conn: None,
+            })
+            .await;
+    });
+    Ok(())
+}
+
+async fn run_acceptor(
+    listener: u64,
+    io: tokio::io::unix::AsyncFd<OwnedFd>,
+    address: String,
+    gate: Arc<Gate>,
+    to: mpsc::Sender<Accepted>,
+) {
+    {
         let mut backoff = Duration::ZERO;
         let mut warned = None::<Instant>;
         loop {
@@ -151,7 +173,14 @@ pub(crate) fn spawn_acceptor(
                         fd: Arc::new(fd),
                         _ticket: gate.ticket(),
                     };
-                    if to.send(Accepted { listener, conn }).await.is_err() {
+                    if to
+                        .send(Accepted {
+                            listener,
+                            conn: Some(conn),
+                        })
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -180,8 +209,7 @@ pub(crate) fn spawn_acceptor(
                 }
             }
         }
-    });
-    Ok(())
+    }
 }
 
 #[derive(Debug)]

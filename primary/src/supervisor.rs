@@ -47,6 +47,9 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 const GRAVEYARD: usize = 256;
 /// Connections taken from a round-robin listener's backlog when it closes at a stop.
 const BACKLOG_DRAIN: usize = 4096;
+/// At a stop, how long handshakes under way get to land in the accept queues after new ones
+/// are refused (a round trip, with room).
+const HANDSHAKE_GRACE: Duration = Duration::from_millis(100);
 /// Requests over a limit refused in a row before the worker counts as flooding and is killed.
 const OVER_LIMIT_STREAK: u32 = 1000;
 /// Hand-offs a worker may let expire in a row before it is killed (it answers pings but not
@@ -80,6 +83,7 @@ enum Timer {
     Ready {
         wait: u64,
     },
+    StopGrace,
     StopFlush,
     StopKill,
     StopGiveUp,
@@ -171,6 +175,8 @@ struct StatusWait {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopPhase {
+    /// No new handshake starts; those under way land in the accept queues.
+    Refusing,
     /// Round-robin connections already accepted are being handed off.
     Flushing,
     /// Workers are finishing their connections.
@@ -861,7 +867,7 @@ impl Supervisor {
         }
         tracing::info!(?mode, "stopping");
         self.stopping = Some(Stopping {
-            phase: StopPhase::Flushing,
+            phase: StopPhase::Refusing,
             replies: reply.into_iter().collect(),
             exits: Vec::new(),
             given_up: false,
@@ -877,33 +883,45 @@ impl Supervisor {
             }
             let _ = wait.reply.send(Err(Error::Stopping));
         }
-        // Round robin: stop accepting, take what already completed its handshake from the
-        // backlog, and hand off everything accepted before the workers are told to stop. Then
-        // the primary's copy of every socket closes, so no connection completes its handshake
-        // into a backlog that nobody will accept from (workers drain theirs as they stop).
-        for l in self.registry.iter_mut() {
-            let fd = l.close_socket();
-            if let (Mode::RoundRobin(rr), Some(fd)) = (&mut l.mode, &fd) {
-                rr.stop_accepting();
-                for _ in 0..BACKLOG_DRAIN {
-                    match netcluster_protocol::fd::accept_nonblocking(fd.as_fd()) {
-                        Ok(conn) => rr.push_fd(conn),
-                        Err(_) => break,
-                    }
+        // First no new handshake starts on the primary's own sockets; the handshakes under way
+        // get a round trip to land in the accept queues, where they will be served.
+        for l in self.registry.iter() {
+            if let (true, Some(fd)) = (l.owned, l.socket()) {
+                if let Err(e) = handle::refuse_new_connections(fd) {
+                    tracing::debug!(listener = %l.address, "cannot filter new connections: {e}");
                 }
             }
-            drop(fd);
+        }
+        if mode == StopMode::Now {
+            self.close_listeners();
+            self.kill_all();
+        } else {
+            self.timers.insert(Timer::StopGrace, HANDSHAKE_GRACE);
+        }
+    }
+
+    /// The stop's handshake grace is over: every listener closes its socket, round-robin ones
+    /// once their accept task has let go (then the primary takes what waits in the backlog and
+    /// closes it at once, [`Supervisor::acceptor_done`]), and what was accepted is handed off
+    /// before the workers are told to drain. Workers drain their own copies as they stop.
+    fn close_listeners(&mut self) {
+        if let Some(s) = &mut self.stopping {
+            if s.phase == StopPhase::Refusing {
+                s.phase = StopPhase::Flushing;
+            }
+        }
+        for l in self.registry.iter_mut() {
+            match &mut l.mode {
+                Mode::RoundRobin(rr) => rr.stop_accepting(),
+                _ => drop(l.close_socket()),
+            }
         }
         let ids: Vec<u64> = self.registry.iter().map(|l| l.id).collect();
         for id in ids {
             self.dispatch(id);
         }
-        if mode == StopMode::Now {
-            self.kill_all();
-        } else {
-            self.timers
-                .insert(Timer::StopFlush, self.settings.drain_timeout);
-        }
+        self.timers
+            .insert(Timer::StopFlush, self.settings.drain_timeout);
         self.check_flushed();
     }
 
@@ -916,8 +934,9 @@ impl Supervisor {
             return;
         }
         let serving = self.workers.values().any(|w| w.phase.serving());
+        // Idle: every round-robin socket closed (its backlog taken) and nothing left to hand.
         let idle = self.registry.iter().all(|l| match &l.mode {
-            Mode::RoundRobin(rr) => rr.is_idle(),
+            Mode::RoundRobin(rr) => rr.is_idle() && l.socket().is_none(),
             _ => true,
         });
         if idle || !serving {
@@ -1730,6 +1749,10 @@ impl Supervisor {
     // ---- round robin ---------------------------------------------------------------------
 
     fn accepted(&mut self, accepted: Accepted) {
+        let Some(conn) = accepted.conn else {
+            self.acceptor_done(accepted.listener);
+            return;
+        };
         let Some(rr) = self
             .registry
             .get_mut(accepted.listener)
@@ -1737,8 +1760,32 @@ impl Supervisor {
         else {
             return;
         };
-        rr.push(accepted.conn);
+        rr.push(conn);
         self.dispatch(accepted.listener);
+    }
+
+    /// A round-robin listener's accept task has stopped and closed its copy of the socket.
+    /// At a stop the primary's copy is now the last: take the backlog, then close it, with
+    /// nothing in between.
+    fn acceptor_done(&mut self, id: u64) {
+        if self.stopping.is_none() {
+            return;
+        }
+        let Some(l) = self.registry.get_mut(id) else {
+            return;
+        };
+        let fd = l.close_socket();
+        if let (Some(rr), Some(fd)) = (l.round_robin(), &fd) {
+            for _ in 0..BACKLOG_DRAIN {
+                match netcluster_protocol::fd::accept_nonblocking(fd.as_fd()) {
+                    Ok(conn) => rr.push_fd(conn),
+                    Err(_) => break,
+                }
+            }
+        }
+        drop(fd);
+        self.dispatch(id);
+        self.check_flushed();
     }
 
     /// Hands listener `l`'s waiting connections to its free workers.
@@ -1878,6 +1925,7 @@ impl Supervisor {
                     ))));
                 }
             }
+            Timer::StopGrace => self.close_listeners(),
             Timer::StopFlush => self.begin_drain(),
             Timer::StopKill => {
                 for w in self.workers.values() {

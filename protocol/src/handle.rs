@@ -316,6 +316,49 @@ pub fn adopt_listener(fd: OwnedFd, backlog: u32) -> io::Result<(OwnedFd, BoundAd
     Ok((socket.into(), bound))
 }
 
+/// Makes a listening TCP socket start no new handshake: a socket filter drops every packet
+/// that opens a connection (SYN without ACK), while the handshakes already under way complete
+/// (their final ACK passes) and join the accept queue, and what is queued stays to be accepted.
+/// Give in-flight handshakes a moment (a round trip), then drain the socket and close it: no
+/// connection completes its handshake only to be reset by the close, and a client whose SYN was
+/// dropped retries and finds the port closed. Unix sockets are left alone.
+///
+/// The filter reads the TCP flags at offset 13 of the TCP header, where the kernel's socket
+/// filter for TCP starts (`tcp_filter`).
+///
+/// # Errors
+/// The error of `setsockopt(SO_ATTACH_FILTER)`.
+pub fn refuse_new_connections(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use socket2::SockFilter;
+    let sock = socket2::SockRef::from(&fd);
+    match sock.domain()? {
+        Domain::IPV4 | Domain::IPV6 => sock.attach_filter(&[
+            // A = the TCP flags byte.
+            SockFilter::new(0x30, 0, 0, 13), // BPF_LD | BPF_B | BPF_ABS
+            // A &= SYN | ACK.
+            SockFilter::new(0x54, 0, 0, 0x12), // BPF_ALU | BPF_AND | BPF_K
+            // SYN alone: drop; anything else: keep.
+            SockFilter::new(0x15, 0, 1, 0x02), // BPF_JMP | BPF_JEQ | BPF_K
+            SockFilter::new(0x06, 0, 0, 0),    // BPF_RET | BPF_K: drop
+            SockFilter::new(0x06, 0, 0, u32::MAX), // BPF_RET | BPF_K: keep all
+        ]),
+        _ => Ok(()),
+    }
+}
+
+/// Removes a socket filter left by [`refuse_new_connections`] (a socket inherited from a
+/// primary that stopped, or from systemd's store); a socket without one is fine.
+///
+/// # Errors
+/// The error of `setsockopt(SO_DETACH_FILTER)` other than "no filter".
+pub fn accept_new_connections(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    let sock = socket2::SockRef::from(&fd);
+    match sock.detach_filter() {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
 /// Checks that `fd` is a listening stream socket (TCP or Unix) and returns its address, without
 /// changing it: for descriptors handed to a primary (inherited ones, systemd's), which must
 /// already listen.
@@ -605,6 +648,28 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let u = std::os::unix::net::UnixListener::bind(dir.path().join("s")).expect("unix");
         assert_eq!(describe_fd(u.as_fd()), "a listening Unix stream socket");
+    }
+
+    #[test]
+    fn a_refusing_listener_keeps_its_queue_and_completes_no_new_handshake() {
+        use std::os::fd::AsFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let queued = std::net::TcpStream::connect(addr).expect("connect");
+        refuse_new_connections(l.as_fd()).expect("filter");
+        // The one already queued is still there to accept.
+        let (mut served, _) = l.accept().expect("accept the queued one");
+        std::io::Write::write_all(&mut served, b"x").expect("write");
+        let mut b = [0u8; 1];
+        std::io::Read::read_exact(&mut &queued, &mut b).expect("read");
+        // A new one does not complete its handshake.
+        let late =
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300));
+        assert!(late.is_err(), "a handshake completed through the filter");
+        accept_new_connections(l.as_fd()).expect("detach");
+        accept_new_connections(l.as_fd()).expect("detach twice is fine");
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+            .expect("accepting again");
     }
 
     #[test]
