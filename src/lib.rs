@@ -9,6 +9,7 @@
 //!   worker's connection to it ([`cluster::worker`]).
 //! - [`protocol`]: the wire protocol (crate `netcluster-protocol`).
 //! - [`apps`]: the applications `netcluster serve` runs.
+//! - [`cli`]: the command line's value parsers.
 
 // The README's Rust examples are compiled (not run) as doc tests of this crate.
 #[doc = include_str!("../README.md")]
@@ -16,6 +17,9 @@
 pub struct ReadmeDoctests;
 
 pub mod apps;
+pub mod cli;
+#[doc(hidden)]
+pub mod fuzzing;
 
 pub use netcluster_protocol as protocol;
 pub use netcluster_worker::net;
@@ -24,8 +28,9 @@ pub use netcluster_worker::net;
 pub mod cluster {
     pub use netcluster_primary::{
         Backoff, Cluster, ClusterBuilder, ClusterHandle, DEFAULT_DRAIN_TIMEOUT, Error, Event,
-        Events, Limits, ScaleReport, ScaleTo, SchedulingPolicy, SendHandle, Settings, Status,
-        StopMode, Timeouts, UserMessage, WorkerHandle, WorkerInfo, WorkerState, inherited_fds,
+        Events, Limits, Readiness, ReloadReport, ScaleReport, ScaleTo, SchedulingPolicy,
+        SendHandle, Settings, Status, StopMode, Timeouts, UserMessage, WorkerHandle, WorkerInfo,
+        WorkerKind, WorkerState, inherited_fds,
     };
     pub use netcluster_primary::{control, registry, signals};
     pub use netcluster_worker::cluster::{

@@ -7,7 +7,6 @@
 //! - `netcluster status|scale|stop` talk to a running primary over its control socket.
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,10 +15,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use netcluster::apps::App;
+use netcluster::cli::{parse_named_listen, parse_secs, parse_signal};
 use netcluster::cluster::control::{self, Request};
-use netcluster::cluster::{self, Cluster, Role, SchedulingPolicy, Settings};
+use netcluster::cluster::{self, Cluster, Readiness, Role, SchedulingPolicy, Settings, WorkerKind};
 use netcluster::net::ListenOptions;
-use netcluster::protocol::handle::check_unix_path;
 use netcluster::protocol::message::{ListenParams, ListenTarget};
 
 /// Node.js-style cluster: a primary shares listening sockets with worker processes.
@@ -56,6 +55,12 @@ enum Command {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Rolling reload: every slot gets a new worker, started before the old one drains;
+    /// returns once every slot runs the new generation (or says why not).
+    Reload {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -76,10 +81,11 @@ struct ServeArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     workers: Option<u32>,
 
-    /// Where to listen: HOST:PORT, [IPV6]:PORT, PORT (every interface) or a Unix socket path.
-    /// Port 0 picks a free port. May be given more than once.
-    #[arg(long, value_name = "ADDR", value_parser = parse_listen, default_value = "127.0.0.1:8124")]
-    listen: Vec<ListenTarget>,
+    /// Where to listen: [NAME=]HOST:PORT, [IPV6]:PORT, PORT (every interface) or a Unix socket
+    /// path. Port 0 picks a free port. May be given more than once; a program worker gets them
+    /// at descriptors 3, 4, … in this order, NAME in LISTEN_FDNAMES.
+    #[arg(long, value_name = "ADDR", value_parser = parse_named_listen, default_value = "127.0.0.1:8124")]
+    listen: Vec<(Option<String>, ListenTarget)>,
 
     /// The app the workers run: echo (the seeds' echo server) or http (hello, keep-alive).
     #[arg(long, value_name = "APP", default_value = "echo")]
@@ -105,72 +111,38 @@ struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
     restart_max: Duration,
 
-    /// Seconds a new worker has to become ready (listening on every listener).
+    /// Seconds a new worker has to become ready (listening on every listener; a program
+    /// worker: READY=1 on its NOTIFY_SOCKET).
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
     ready_timeout: Duration,
-}
 
-/// Parses a `--listen` value into a target, with messages that name what was wrong.
-fn parse_listen(s: &str) -> Result<ListenTarget, String> {
-    let port = |p: &str| -> Result<u16, String> {
-        p.parse::<u16>().map_err(|_| {
-            format!("invalid port {p:?} in {s:?}: a port is a whole number from 0 to 65535")
-        })
-    };
-    if s.is_empty() {
-        return Err("empty address".into());
-    }
-    if let Some(rest) = s.strip_prefix('[') {
-        let (ip, p) = rest
-            .split_once("]:")
-            .ok_or_else(|| format!("{s:?}: an IPv6 address is written [ADDRESS]:PORT"))?;
-        let ip: std::net::Ipv6Addr = ip
-            .parse()
-            .map_err(|_| format!("{s:?}: {ip:?} is not an IPv6 address"))?;
-        return Ok(ListenTarget::Tcp(SocketAddr::new(IpAddr::V6(ip), port(p)?)));
-    }
-    if s.bytes().all(|b| b.is_ascii_digit()) {
-        return Ok(ListenTarget::TcpAny(port(s)?));
-    }
-    if !s.contains('/') {
-        if let Some((host, p)) = s.rsplit_once(':') {
-            let p = port(p)?;
-            if host.contains(':') {
-                return Err(format!("{s:?}: write an IPv6 address as [ADDRESS]:PORT"));
-            }
-            if let Ok(ip) = host.parse::<IpAddr>() {
-                return Ok(ListenTarget::Tcp(SocketAddr::new(ip, p)));
-            }
-            let addr = (host, p)
-                .to_socket_addrs()
-                .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
-                .next()
-                .ok_or_else(|| format!("{host:?} has no address"))?;
-            return Ok(ListenTarget::Tcp(addr));
-        }
-    }
-    let path = PathBuf::from(s);
-    check_unix_path(&path).map_err(|e| e.to_string())?;
-    Ok(ListenTarget::Unix(path))
-}
+    /// For a program that never says READY=1: it is ready once it has run this long.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    ready_after: Option<Duration>,
 
-/// The longest duration any option takes: a day.
-const MAX_SECS: f64 = 86_400.0;
+    /// The signal that asks a program worker to stop (SIGKILL follows at the drain deadline).
+    #[arg(long, value_name = "SIGNAL", default_value = "TERM", value_parser = parse_signal)]
+    stop_signal: nix::sys::signal::Signal,
 
-/// Parses seconds (`10`, `0.5`), refusing what is not a duration a primary can wait for.
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a duration in seconds"));
-    }
-    if secs > MAX_SECS {
-        return Err(format!(
-            "{s} seconds is longer than the maximum of {MAX_SECS} (a day)"
-        ));
-    }
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a duration in seconds"))
+    /// Pass a program worker's stdout and stderr through as they are, without the `[slot N]`
+    /// prefix on each line.
+    #[arg(long)]
+    no_prefix: bool,
+
+    /// How many slots a rolling reload replaces at a time.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    reload_batch: u32,
+
+    /// COMMAND is a program that uses netcluster's cluster API (it gets the channel, like the
+    /// built-in apps), not any program.
+    #[arg(long, requires = "command")]
+    native: bool,
+
+    /// Run COMMAND [ARGS...] as each worker instead of a built-in app. Its listeners arrive the
+    /// systemd way (descriptors 3, 4, … with LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID), and it
+    /// says it is ready with READY=1 on NOTIFY_SOCKET (or see --ready-after).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<std::ffi::OsString>,
 }
 
 /// The listen options a worker uses for a target: the same key the primary shared it under.
@@ -208,6 +180,7 @@ fn main() -> ExitCode {
         Command::Status { json, control } => runtime.block_on(status(json, control)),
         Command::Scale { workers, control } => runtime.block_on(scale(workers, control)),
         Command::Stop { control } => runtime.block_on(stop(control)),
+        Command::Reload { control } => runtime.block_on(reload(control)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -232,6 +205,33 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
         backoff.reset_after = backoff.reset_after.max(backoff.max);
     }
     settings.timeouts.ready = args.ready_timeout;
+    settings.stop_signal = args.stop_signal;
+    settings.prefix_output = !args.no_prefix;
+    settings.reload_batch = args.reload_batch as usize;
+    if let Some(after) = args.ready_after {
+        settings.readiness = Readiness::After(after);
+    }
+    if let Some((program, rest)) = args.command.split_first() {
+        settings.exec = program.into();
+        settings.args = rest.to_vec();
+        if !args.native {
+            settings.kind = WorkerKind::Program;
+            match args.policy {
+                Some(SchedulingPolicy::RoundRobin) => {
+                    // clap's own exit code for a bad argument.
+                    eprintln!(
+                        "netcluster: --policy round-robin needs netcluster's protocol, which \
+                         COMMAND does not speak: use --policy reuseport (each worker its own \
+                         socket, balanced by the kernel) or --policy shared (one socket for \
+                         all), or --native if COMMAND uses netcluster's cluster API"
+                    );
+                    std::process::exit(2);
+                }
+                Some(p) => settings.policy = p,
+                None => settings.policy = SchedulingPolicy::ReusePort,
+            }
+        }
+    }
     let workers = settings.workers;
     let mut cluster = Cluster::new(settings);
     // Nothing here reads events: keep none (the log says what happens).
@@ -248,9 +248,9 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("control socket at {}", control.path().display());
     {
         let mut out = std::io::stdout().lock();
-        for target in &args.listen {
+        for (name, target) in &args.listen {
             let address = handle
-                .share(target.clone(), ListenParams::default(), None)
+                .share(target.clone(), ListenParams::default(), name.clone())
                 .await?;
             writeln!(out, "listening on {address}")?;
         }
@@ -258,7 +258,20 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     }
     cluster::signals::spawn(handle.clone(), cluster::signals::Hooks::default())
         .context("cannot install signal handlers")?;
-    tracing::info!(workers, policy = %cluster.settings().policy, app = %args.app, "starting workers");
+    match cluster.settings().kind {
+        WorkerKind::Program => tracing::info!(
+            workers,
+            policy = %cluster.settings().policy,
+            program = %cluster.settings().exec.display(),
+            "starting workers"
+        ),
+        WorkerKind::Native => tracing::info!(
+            workers,
+            policy = %cluster.settings().policy,
+            app = %args.app,
+            "starting workers"
+        ),
+    }
     match handle.scale(workers).await {
         Ok(_) => tracing::info!("{workers} workers ready"),
         Err(e) => tracing::error!("workers not ready: {e}"),
@@ -274,7 +287,7 @@ async fn worker(args: ServeArgs) -> anyhow::Result<()> {
         .await?
         .context("started as a worker without a channel")?;
     let mut servers = Vec::new();
-    for target in &args.listen {
+    for (_, target) in &args.listen {
         let server = args.app.server(Some(me.clone()));
         server.listen(listen_options(target)).await?;
         servers.push(server);
@@ -334,6 +347,19 @@ async fn scale(workers: u32, control: ControlArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn reload(control: ControlArgs) -> anyhow::Result<()> {
+    let value = ask(&control, Request::Reload).await?;
+    let report: cluster::ReloadReport =
+        serde_json::from_value(value).context("the primary's reply has an unknown shape")?;
+    println!(
+        "reloaded {} slots to generation {} in {} ms",
+        report.replaced.len(),
+        report.generation,
+        report.took_ms
+    );
+    Ok(())
+}
+
 async fn stop(control: ControlArgs) -> anyhow::Result<()> {
     let value = ask(&control, Request::Stop).await?;
     let n = value
@@ -342,62 +368,4 @@ async fn stop(control: ControlArgs) -> anyhow::Result<()> {
         .unwrap_or(0);
     println!("stopped ({n} workers exited)");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn listen_values() {
-        assert_eq!(
-            parse_listen("127.0.0.1:0"),
-            Ok(ListenTarget::Tcp("127.0.0.1:0".parse().expect("addr")))
-        );
-        assert_eq!(
-            parse_listen("[::1]:8124"),
-            Ok(ListenTarget::Tcp("[::1]:8124".parse().expect("addr")))
-        );
-        assert_eq!(parse_listen("8124"), Ok(ListenTarget::TcpAny(8124)));
-        assert_eq!(
-            parse_listen("/tmp/echo.sock"),
-            Ok(ListenTarget::Unix("/tmp/echo.sock".into()))
-        );
-        assert_eq!(
-            parse_listen("echo.sock"),
-            Ok(ListenTarget::Unix("echo.sock".into()))
-        );
-        assert!(
-            matches!(parse_listen("localhost:80"), Ok(ListenTarget::Tcp(a)) if a.ip().is_loopback())
-        );
-    }
-
-    #[test]
-    fn bad_listen_values_say_what_is_wrong() {
-        let e = parse_listen("127.0.0.1:70000").expect_err("port");
-        assert!(e.contains("invalid port \"70000\""), "{e}");
-        let e = parse_listen("70000").expect_err("port");
-        assert!(e.contains("0 to 65535"), "{e}");
-        let e = parse_listen(&format!("/tmp/{}", "x".repeat(200))).expect_err("long");
-        assert!(e.contains("at most 107 fit in sun_path"), "{e}");
-        let e = parse_listen("[::1]8124").expect_err("v6");
-        assert!(e.contains("[ADDRESS]:PORT"), "{e}");
-        let e = parse_listen("::1:80").expect_err("v6 without brackets");
-        assert!(e.contains("[ADDRESS]:PORT"), "{e}");
-    }
-
-    #[test]
-    fn durations_are_capped_at_parse_time() {
-        assert_eq!(parse_secs("0.5"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_secs("86400"), Ok(Duration::from_secs(86_400)));
-        let e = parse_secs("1e19").expect_err("too long");
-        assert_eq!(
-            e,
-            "1e19 seconds is longer than the maximum of 86400 (a day)"
-        );
-        assert!(parse_secs("-1").is_err());
-        assert!(parse_secs("inf").is_err());
-        assert!(parse_secs("NaN").is_err());
-        assert!(parse_secs("ten").is_err());
-    }
 }

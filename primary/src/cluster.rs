@@ -115,6 +115,17 @@ impl ClusterHandle {
         self.request(|reply| Command::Scale { to, reply }).await?
     }
 
+    /// Rolling reload: every slot gets a worker of a new generation (see the module
+    /// documentation of the reload in `docs/operations.md`); returns once every slot runs it and
+    /// the old workers have drained.
+    ///
+    /// # Errors
+    /// [`Error::NotReady`] naming the slot whose new worker failed and why (the slots not
+    /// replaced keep their old workers); [`Error::Stopping`].
+    pub async fn reload(&self) -> Result<crate::ReloadReport, Error> {
+        self.request(|reply| Command::Reload { reply }).await?
+    }
+
     /// The live workers.
     ///
     /// # Errors

@@ -110,4 +110,7 @@ pub(crate) enum Command {
         mode: StopMode,
         reply: Option<Reply<Vec<Event>>>,
     },
+    Reload {
+        reply: Reply<Result<crate::supervisor::ReloadReport, Error>>,
+    },
 }

@@ -113,14 +113,9 @@ impl Response {
     }
 }
 
-/// What a control request is answered with; the program that runs the primary gives the
-/// operations the library cannot do by itself (reload, upgrade).
+/// What a control request is answered with beyond what the library does itself: the program
+/// that runs the primary gives the operations that need it (a primary upgrade execs it).
 pub trait Operations: Send + Sync + 'static {
-    /// Carries out a rolling reload; the reply's `result` on success.
-    fn reload(
-        &self,
-        cluster: ClusterHandle,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>;
     /// Carries out a primary upgrade; the reply's `result` on success.
     fn upgrade(
         &self,
@@ -128,17 +123,11 @@ pub trait Operations: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>;
 }
 
-/// No reload or upgrade: those requests get an error reply.
+/// No upgrade: that request gets an error reply.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoOperations;
 
 impl Operations for NoOperations {
-    fn reload(
-        &self,
-        _: ClusterHandle,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>> {
-        Box::pin(async { Err("reload is not available in this program".to_string()) })
-    }
     fn upgrade(
         &self,
         _: ClusterHandle,
@@ -389,6 +378,21 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
         Ok(Err(e)) => return Err(format!("cannot read the request: {e}")),
         Ok(Ok(_)) => {}
     }
+    parse_request(&line)
+}
+
+/// Parses one request line of the control protocol: at most [`MAX_REQUEST`] bytes of JSON with
+/// a `version` this primary speaks.
+///
+/// ```
+/// use netcluster_primary::control::{parse_request, Request};
+/// assert_eq!(parse_request(br#"{"version":1,"command":"scale","workers":3}"#), Ok(Request::Scale { workers: 3 }));
+/// assert!(parse_request(b"{").unwrap_err().starts_with("malformed request"));
+/// ```
+///
+/// # Errors
+/// What is wrong with it, in words for the reply.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     if line.len() > MAX_REQUEST {
         return Err(format!("request larger than {MAX_REQUEST} bytes"));
     }
@@ -396,7 +400,7 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
         return Err("empty request".into());
     }
     let value: serde_json::Value =
-        serde_json::from_slice(&line).map_err(|e| format!("malformed request: {e}"))?;
+        serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
     match value.get("version").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(CONTROL_VERSION) => {}
         Some(v) => {
@@ -439,8 +443,8 @@ async fn answer(request: Request, cluster: &ClusterHandle, ops: &dyn Operations)
             Ok(exits) => Response::ok(serde_json::json!({ "workers_exited": exits.len() })),
             Err(e) => Response::err(e),
         },
-        Request::Reload => match ops.reload(cluster.clone()).await {
-            Ok(v) => Response::ok(v),
+        Request::Reload => match cluster.reload().await {
+            Ok(r) => json(serde_json::to_value(r)),
             Err(e) => Response::err(e),
         },
         Request::Upgrade => match ops.upgrade(cluster.clone()).await {

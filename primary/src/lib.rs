@@ -33,10 +33,11 @@ pub use error::Error;
 pub use event::{Event, Events, UserMessage, WorkerInfo};
 pub use registry::SchedulingPolicy;
 pub use settings::{
-    Backoff, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Limits, MAX_WORKERS, Settings, Timeouts,
-    inherited_fds,
+    Backoff, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Limits, MAX_WORKERS, Readiness, Settings,
+    Timeouts, WorkerKind, inherited_fds,
 };
 pub use spawn::{GENERATION_ENV, SLOT_ENV};
-pub use status::{ListenerStatus, STATUS_SCHEMA, SlotStatus, Status, WorkerStatus};
+pub use status::{ListenerStatus, ReloadStatus, STATUS_SCHEMA, SlotStatus, Status, WorkerStatus};
+pub use supervisor::ReloadReport;
 pub use worker::handle::{SendHandle, WorkerHandle};
 pub use worker::state::WorkerState;

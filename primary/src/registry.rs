@@ -78,8 +78,42 @@ impl std::fmt::Display for SchedulingPolicy {
 pub(crate) enum Mode {
     Shared,
     RoundRobin(RoundRobin),
-    /// The socket is a bound, never listening reservation of the port.
-    ReusePort,
+    /// The listener's own socket is a bound, never listening reservation of the port; each
+    /// slot has its own `SO_REUSEPORT` socket on it, which belongs to the slot (the primary
+    /// keeps it, so a worker that exits or is replaced never closes it and its queued
+    /// connections wait for the slot's next worker).
+    ReusePort(Slots),
+}
+
+/// A reuseport listener's sockets, one per slot.
+#[derive(Debug, Default)]
+pub(crate) struct Slots {
+    sockets: BTreeMap<usize, OwnedFd>,
+    /// The slots in the order of the kernel's reuseport group (the order the sockets started
+    /// listening; a socket that leaves is replaced by the last), for steering.
+    pub group: Vec<usize>,
+    params: ListenParams,
+}
+
+impl Slots {
+    /// Slot `slot`'s socket, if it has one.
+    pub fn get(&self, slot: usize) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.sockets.get(&slot).map(AsFd::as_fd)
+    }
+
+    /// Every slot's socket.
+    pub fn sockets(&self) -> impl Iterator<Item = (usize, std::os::fd::BorrowedFd<'_>)> {
+        self.sockets.iter().map(|(&s, fd)| (s, fd.as_fd()))
+    }
+
+    /// Takes slot `slot`'s socket out of the listener (and out of the group order, as the
+    /// kernel does once it stops listening: the last socket takes its place).
+    pub fn remove(&mut self, slot: usize) -> Option<OwnedFd> {
+        if let Some(i) = self.group.iter().position(|&s| s == slot) {
+            self.group.swap_remove(i);
+        }
+        self.sockets.remove(&slot)
+    }
 }
 
 /// One listening socket of the primary.
@@ -89,6 +123,8 @@ pub(crate) struct Listener {
     pub key: ListenKey,
     /// The operator's name for it (`--listen NAME=ADDR`), or the address as given.
     pub name: String,
+    /// Its name in a worker's `LISTEN_FDNAMES` (no `:`).
+    pub fdname: String,
     pub address: BoundAddress,
     /// The socket; `None` once closed at a stop (the listener's other state lives on until
     /// its connections are handed off).
@@ -106,9 +142,44 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    /// The listening socket, while it is open.
+    /// The listening socket, while it is open (for reuseport: the reservation of the port).
     pub fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.fd.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Every socket of the listener that listens: its own, or each slot's.
+    pub fn listening(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        match &self.mode {
+            Mode::ReusePort(slots) => slots.sockets().map(|(_, fd)| fd).collect(),
+            _ => self.socket().into_iter().collect(),
+        }
+    }
+
+    /// Slot `slot`'s socket of a reuseport listener, made (bound and listening with
+    /// `SO_REUSEPORT`) when the slot has none yet.
+    ///
+    /// # Errors
+    /// When the socket cannot be made (`EMFILE`), naming the address.
+    pub fn slot_socket(
+        &mut self,
+        slot: usize,
+    ) -> Result<Option<std::os::fd::BorrowedFd<'_>>, ListenError> {
+        let Mode::ReusePort(slots) = &mut self.mode else {
+            return Ok(None);
+        };
+        if !slots.sockets.contains_key(&slot) {
+            let BoundAddress::Tcp(addr) = self.address else {
+                return Ok(None);
+            };
+            let params = ListenParams {
+                reuse_port: true,
+                ..slots.params.clone()
+            };
+            let (fd, _) = handle::bind_listener(&ListenTarget::Tcp(addr), &params)?;
+            slots.sockets.insert(slot, fd);
+            slots.group.push(slot);
+        }
+        Ok(slots.get(slot))
     }
 
     /// Closes the primary's copy of the socket (workers keep theirs); a Unix socket file is
@@ -215,7 +286,10 @@ impl Registry {
         };
         let mode = match (mode, self.policy) {
             (Some(gate), _) => Mode::RoundRobin(RoundRobin::new(gate, self.accept_ahead)),
-            (None, SchedulingPolicy::ReusePort) if tcp => Mode::ReusePort,
+            (None, SchedulingPolicy::ReusePort) if tcp => Mode::ReusePort(Slots {
+                params: params.clone(),
+                ..Slots::default()
+            }),
             (None, _) => Mode::Shared,
         };
         let unlink = match &key.target {
@@ -223,12 +297,14 @@ impl Registry {
             _ => None,
         };
         let name = pinned.clone().unwrap_or_else(|| key.target.to_string());
+        let fdname = fd_name(&name, id);
         self.listeners.insert(
             id,
             Listener {
                 id,
                 key: key.clone(),
                 name,
+                fdname,
                 address,
                 fd: Some(fd),
                 pinned: pinned.is_some(),
@@ -250,12 +326,24 @@ impl Registry {
         self.listeners.get_mut(&id)
     }
 
-    /// What a worker is granted for listener `id`: the socket itself (shared), a round-robin
-    /// handle, or the address to bind with `SO_REUSEPORT`.
+    /// What a worker of `slot` is granted for listener `id`: the socket itself (shared; for
+    /// reuseport, the slot's socket) or a round-robin handle.
     ///
     /// # Errors
-    /// When the socket cannot be duplicated (`EMFILE`), naming the address.
-    pub fn grant(&self, id: u64) -> Result<(BoundAddress, Grant, Option<OwnedFd>), ListenError> {
+    /// When the socket cannot be made or duplicated (`EMFILE`), naming the address.
+    pub fn grant(
+        &mut self,
+        id: u64,
+        slot: Option<usize>,
+    ) -> Result<(BoundAddress, Grant, Option<OwnedFd>), ListenError> {
+        if let (Some(l), Some(slot)) = (self.listeners.get_mut(&id), slot) {
+            if let Some(fd) = l.slot_socket(slot)? {
+                let dup = fd
+                    .try_clone_to_owned()
+                    .map_err(|e| ListenError::new(&l.key.target, e))?;
+                return Ok((l.address.clone(), Grant::Shared, Some(dup)));
+            }
+        }
         let Some(l) = self.listeners.get(&id) else {
             return Err(ListenError::new(
                 format!("listener {id}"),
@@ -280,7 +368,8 @@ impl Registry {
                 )
             }
             Mode::RoundRobin(_) => (l.address.clone(), Grant::RoundRobin { handle: id }, None),
-            Mode::ReusePort => (l.address.clone(), Grant::ReusePort, None),
+            // A worker without a slot: the port, to bind itself.
+            Mode::ReusePort(_) => (l.address.clone(), Grant::ReusePort, None),
         })
     }
 
@@ -328,6 +417,21 @@ impl Registry {
     pub fn close_all(&mut self) {
         self.by_key.clear();
         self.listeners.clear();
+    }
+}
+
+/// A `LISTEN_FDNAMES` name for a listener: the operator's name when it is one (letters,
+/// digits, `-`, `_`, `.`), else `listenN`.
+fn fd_name(name: &str, id: u64) -> String {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        name.to_string()
+    } else {
+        format!("listen{id}")
     }
 }
 
@@ -406,7 +510,7 @@ mod tests {
             None => r.bind(key, &p, None).expect("bind").id,
         };
         r.get_mut(id).expect("bound").members.insert(worker);
-        let (address, _, fd) = r.grant(id).expect("grant");
+        let (address, _, fd) = r.grant(id, None).expect("grant");
         (id, fd, address)
     }
 
@@ -502,15 +606,35 @@ mod tests {
     }
 
     #[test]
-    fn reuse_port_policy_grants_an_address_and_keeps_a_reservation() {
+    fn reuse_port_gives_each_slot_its_own_socket_on_one_port() {
         let mut r = Registry::new(SchedulingPolicy::ReusePort, 4);
         let b = r
             .bind(&tcp0(0), &ListenParams::default(), None)
             .expect("reserve");
-        let (address, grant, fd) = r.grant(b.id).expect("grant");
+        let (address, grant, one) = r.grant(b.id, Some(1)).expect("slot 1");
+        assert_eq!(grant, Grant::Shared);
+        assert_ne!(address.port(), Some(0));
+        let (address2, _, two) = r.grant(b.id, Some(2)).expect("slot 2");
+        assert_eq!(address, address2, "one port");
+        let (_, _, one_again) = r.grant(b.id, Some(1)).expect("slot 1 again");
+        let (one, two, one_again) = (one.expect("fd"), two.expect("fd"), one_again.expect("fd"));
+        assert_ne!(inode(&one), inode(&two), "a socket per slot");
+        assert_eq!(inode(&one), inode(&one_again), "the slot keeps its socket");
+        let slots = match &mut r.get_mut(b.id).expect("l").mode {
+            Mode::ReusePort(slots) => slots,
+            _ => panic!("reuseport"),
+        };
+        assert_eq!(slots.group, vec![1, 2]);
+        assert!(slots.remove(1).is_some());
+        assert_eq!(
+            slots.group,
+            vec![2],
+            "the last takes the leaving one's place"
+        );
+        // A worker without a slot gets the port to bind itself.
+        let (_, grant, fd) = r.grant(b.id, None).expect("no slot");
         assert_eq!(grant, Grant::ReusePort);
         assert!(fd.is_none());
-        assert_ne!(address.port(), Some(0));
         // Unix sockets cannot reuse ports: they are shared.
         let dir = tempfile::tempdir().expect("tmp");
         let unix = ListenKey {
@@ -518,7 +642,7 @@ mod tests {
             ordinal: 0,
         };
         let u = r.bind(&unix, &ListenParams::default(), None).expect("unix");
-        assert_eq!(r.grant(u.id).expect("grant").1, Grant::Shared);
+        assert_eq!(r.grant(u.id, Some(1)).expect("grant").1, Grant::Shared);
     }
 
     #[test]
@@ -527,7 +651,7 @@ mod tests {
         let b = r
             .bind(&tcp0(0), &ListenParams::default(), None)
             .expect("bind");
-        let (_, grant, fd) = r.grant(b.id).expect("grant");
+        let (_, grant, fd) = r.grant(b.id, Some(1)).expect("grant");
         assert_eq!(grant, Grant::RoundRobin { handle: b.id });
         assert!(fd.is_none(), "the socket stays in the primary");
         let (dup, gate) = b.acceptor.expect("acceptor");

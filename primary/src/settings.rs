@@ -118,6 +118,31 @@ impl Default for Timeouts {
     }
 }
 
+/// What kind of program the workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerKind {
+    /// A program that uses netcluster's cluster API (`netcluster::net`): it gets the channel
+    /// and every feature of the protocol (round robin, shared listens, counts, messages).
+    #[default]
+    Native,
+    /// Any program: it gets its listeners the systemd way (descriptors 3, 4, … with
+    /// `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`) and a `NOTIFY_SOCKET` of its own, and
+    /// nothing else of the primary's. Round robin is not available (it needs the protocol).
+    Program,
+}
+
+/// When a program worker counts as ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Readiness {
+    /// When it sends `READY=1` to its `NOTIFY_SOCKET` (from any of its processes:
+    /// `systemd-notify --ready` in a script works).
+    #[default]
+    Notify,
+    /// When it is still running this long after it started (einhorn's timer), or sooner if it
+    /// sends `READY=1`.
+    After(Duration),
+}
+
 /// How a cluster starts its workers.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -149,6 +174,16 @@ pub struct Settings {
     /// Descriptors workers may name in `listen({fd})` besides the ones this process inherited
     /// ([`inherited_fds`]); each must be a listening socket.
     pub given_fds: Vec<Arc<OwnedFd>>,
+    /// Native workers (the default) or any program.
+    pub kind: WorkerKind,
+    /// When a program worker is ready.
+    pub readiness: Readiness,
+    /// The signal that asks a program worker to stop (it is killed at the drain deadline).
+    pub stop_signal: nix::sys::signal::Signal,
+    /// Prefix each line a program worker writes to stdout or stderr with `[slot N]`.
+    pub prefix_output: bool,
+    /// How many slots a rolling reload replaces at a time.
+    pub reload_batch: usize,
 }
 
 impl Settings {
@@ -172,6 +207,11 @@ impl Settings {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             given_fds: Vec::new(),
+            kind: WorkerKind::Native,
+            readiness: Readiness::Notify,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            prefix_output: true,
+            reload_batch: 1,
         })
     }
 
@@ -301,6 +341,41 @@ impl ClusterBuilder {
     #[must_use]
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
         self.settings.timeouts = timeouts;
+        self
+    }
+
+    /// Runs any `program` as the workers, with its listeners passed the systemd way (see
+    /// [`WorkerKind::Program`]).
+    #[must_use]
+    pub fn program<I, S>(mut self, program: impl Into<PathBuf>, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.settings.exec = program.into();
+        self.settings.args = args.into_iter().map(Into::into).collect();
+        self.settings.kind = WorkerKind::Program;
+        self
+    }
+
+    /// When a program worker is ready.
+    #[must_use]
+    pub fn readiness(mut self, readiness: Readiness) -> Self {
+        self.settings.readiness = readiness;
+        self
+    }
+
+    /// The signal that asks a program worker to stop.
+    #[must_use]
+    pub fn stop_signal(mut self, signal: nix::sys::signal::Signal) -> Self {
+        self.settings.stop_signal = signal;
+        self
+    }
+
+    /// How many slots a rolling reload replaces at a time (at least one).
+    #[must_use]
+    pub fn reload_batch(mut self, n: usize) -> Self {
+        self.settings.reload_batch = n.max(1);
         self
     }
 

@@ -63,9 +63,9 @@ pub fn action(signal: Signal, interrupts_before: u32) -> Option<Action> {
     })
 }
 
-/// Handles [`HANDLED`] for `cluster` until it stops. `reload` and `upgrade` carry out those
-/// actions (they are given by the program that knows how); without them the signal is logged
-/// as not available.
+/// Handles [`HANDLED`] for `cluster` until it stops. A reload is the library's; an upgrade is
+/// carried out by `hooks.upgrade` (given by the program that knows how), and without it the
+/// signal is logged as not available.
 ///
 /// # Errors
 /// When a handler cannot be installed.
@@ -111,10 +111,18 @@ pub fn spawn(cluster: ClusterHandle, hooks: Hooks) -> io::Result<tokio::task::Jo
                         }
                     });
                 }
-                Action::Reload => match &hooks.reload {
-                    Some(f) => f(cluster),
-                    None => tracing::warn!("{sig}: reload is not available"),
-                },
+                Action::Reload => {
+                    tokio::spawn(async move {
+                        match cluster.reload().await {
+                            Ok(r) => tracing::info!(
+                                "{sig}: reloaded to generation {} in {} ms",
+                                r.generation,
+                                r.took_ms
+                            ),
+                            Err(e) => tracing::error!("{sig}: {e}"),
+                        }
+                    });
+                }
                 Action::Upgrade => match &hooks.upgrade {
                     Some(f) => f(cluster),
                     None => tracing::warn!("{sig}: upgrade is not available"),
@@ -131,11 +139,10 @@ pub fn spawn(cluster: ClusterHandle, hooks: Hooks) -> io::Result<tokio::task::Jo
     }))
 }
 
-/// How reload and upgrade are carried out, when the program offers them.
+/// What the program offers beyond the library: a primary upgrade needs the program's own
+/// binary and arguments.
 #[derive(Default)]
 pub struct Hooks {
-    /// Starts a rolling reload.
-    pub reload: Option<Box<dyn Fn(ClusterHandle) + Send + Sync>>,
     /// Starts a primary upgrade.
     pub upgrade: Option<Box<dyn Fn(ClusterHandle) + Send + Sync>>,
 }
@@ -143,7 +150,6 @@ pub struct Hooks {
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
-            .field("reload", &self.reload.is_some())
             .field("upgrade", &self.upgrade.is_some())
             .finish()
     }

@@ -26,12 +26,27 @@ pub struct Status {
     pub workers_wanted: usize,
     /// Whether it is stopping.
     pub stopping: bool,
+    /// The rolling reload under way, if any.
+    pub reload: Option<ReloadStatus>,
+    /// Why the last reload failed (until the next one starts).
+    pub last_reload_error: Option<String>,
     /// Every listener.
     pub listeners: Vec<ListenerStatus>,
     /// Every slot (a place in the pool, 1..=N).
     pub slots: Vec<SlotStatus>,
     /// Every live worker.
     pub workers: Vec<WorkerStatus>,
+}
+
+/// A rolling reload under way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// The generation the slots move to.
+    pub generation: u64,
+    /// Slots replaced so far.
+    pub done: usize,
+    /// Slots in all.
+    pub slots: usize,
 }
 
 /// One listener.
@@ -77,8 +92,12 @@ pub struct WorkerStatus {
     pub pid: u32,
     /// Its generation.
     pub generation: u64,
+    /// `native` (netcluster's channel) or `program` (systemd-style descriptors).
+    pub kind: String,
     /// `starting`, `online`, `listening`, `draining`, `disconnected`.
     pub state: String,
+    /// A program worker's last `STATUS=` notification.
+    pub status_text: Option<String>,
     /// Whether it answered the primary's last question in time.
     pub responsive: bool,
     /// Open connections, `None` when it did not answer.
@@ -110,6 +129,16 @@ impl Status {
             if self.workers_wanted == 1 { "" } else { "s" },
             if self.stopping { ", stopping" } else { "" }
         );
+        if let Some(r) = &self.reload {
+            let _ = writeln!(
+                out,
+                "reloading to generation {}: {} of {} slots done",
+                r.generation, r.done, r.slots
+            );
+        }
+        if let Some(e) = &self.last_reload_error {
+            let _ = writeln!(out, "last reload: {e}");
+        }
         let _ = writeln!(out);
         let _ = writeln!(
             out,
@@ -169,6 +198,14 @@ impl Status {
                         .unwrap_or_default(),
                 );
             }
+        }
+        for w in self.workers.iter().filter(|w| w.status_text.is_some()) {
+            let _ = writeln!(
+                out,
+                "worker {} says: {}",
+                w.id,
+                w.status_text.as_deref().unwrap_or_default()
+            );
         }
         if self.workers.iter().any(|w| !w.responsive) {
             let _ = writeln!(out, "\n! = did not answer the primary in time");

@@ -265,6 +265,17 @@ impl Channel {
         Ok(Some((msg, got.fds)))
     }
 
+    /// One receive without waiting: what [`Channel::recv`] would return, or
+    /// `Err(ChannelError::Io(WouldBlock))` when nothing is queued (for the fuzzers, which drive
+    /// the receive path without a reactor loop).
+    ///
+    /// # Errors
+    /// As [`Channel::recv`].
+    #[doc(hidden)]
+    pub fn recv_now<M: Frame>(&self) -> Result<Option<(M, Vec<OwnedFd>)>, ChannelError> {
+        self.try_recv()
+    }
+
     /// Sends raw bytes with descriptors, bypassing the codec (for tests of the receiving side's
     /// checks).
     ///

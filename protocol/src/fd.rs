@@ -360,11 +360,9 @@ fn set_cloexec_raw(fd: RawFd) {
     }
 }
 
-/// Runs before `main` in every program that links this crate: a worker's channel (named by
-/// [`crate::env::CHANNEL_FD`]) becomes close-on-exec at once, so a program the worker starts
-/// before it first calls into the cluster API does not inherit it. Only a descriptor that is
-/// really a `SOCK_SEQPACKET` socket is touched.
-extern "C" fn cloexec_channel_at_start() {
+/// Marks a worker's channel (named by [`crate::env::CHANNEL_FD`]) close-on-exec, if it really
+/// is a `SOCK_SEQPACKET` socket. Called before `main` by [`crate::start`].
+pub(crate) fn cloexec_channel_at_start() {
     let Some(value) = std::env::var_os(crate::env::CHANNEL_FD) else {
         return;
     };
@@ -374,22 +372,6 @@ extern "C" fn cloexec_channel_at_start() {
     if is_seqpacket(fd) {
         set_cloexec_raw(fd);
     }
-}
-
-/// The constructor table entry for [`cloexec_channel_at_start`] (what the `ctor` crate does,
-/// in five lines). Referenced by [`cloexec_at_start_installed`] so the linker keeps it.
-#[used]
-// SAFETY: `.init_array` holds pointers to functions that take no arguments the callee reads
-// and return nothing; the C runtime calls each once before `main`, which is this function's
-// contract. It touches only the descriptor named by the environment.
-#[unsafe(link_section = ".init_array")]
-static CLOEXEC_CHANNEL_AT_START: extern "C" fn() = cloexec_channel_at_start;
-
-/// Whether the pre-`main` constructor that marks the channel close-on-exec is linked in (it
-/// always is on Linux; the function exists so the table entry is referenced).
-pub fn cloexec_at_start_installed() -> bool {
-    let f: extern "C" fn() = CLOEXEC_CHANNEL_AT_START;
-    f as usize != 0
 }
 
 #[cfg(test)]

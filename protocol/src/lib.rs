@@ -6,6 +6,8 @@
 //! - [`channel`]: an async `SOCK_SEQPACKET` channel that sends a message plus descriptors.
 //! - [`handle`]: binding and validating listening sockets.
 //! - [`env`](mod@env): the environment variables that make a process a worker.
+//! - [`start`]: what runs before `main` (the channel's close-on-exec, the exec shim).
+//! - [`steer`]: accept-queue lengths and reuseport steering, to move listeners without loss.
 
 pub mod channel;
 pub mod codec;
@@ -13,6 +15,8 @@ pub mod env;
 pub mod fd;
 pub mod handle;
 pub mod message;
+pub mod start;
+pub mod steer;
 
 pub use channel::{Channel, ChannelError};
 pub use codec::CodecError;

@@ -1,28 +1,48 @@
 //! A minimal HTTP/1.1 application: answers every request with `200 OK` and `hello\n`, with
-//! keep-alive. On the worker's stop it finishes the request in progress and closes each
-//! keep-alive connection (hyper's graceful shutdown), so a draining worker loses no request.
+//! keep-alive.
+//!
+//! When the worker stops, no request is lost: the request in progress is finished, every
+//! response from then on carries `Connection: close` (so a client that keeps its connection
+//! busy learns of the close with its answer and opens its next connection elsewhere), and a
+//! connection still idle after [`IDLE_GRACE`] is closed. Closing an idle keep-alive connection
+//! at once would race with a client sending its next request on it.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
+use hyper::header::{CONNECTION, HeaderValue};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 use crate::cluster::Worker;
 use crate::net::{Server, Socket};
 
-async fn hello(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(Response::new(Full::new(Bytes::from_static(b"hello\n"))))
-}
+/// How long a keep-alive connection may stay idle once the worker stops.
+pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves HTTP on one connection until the client closes it or `worker` (if any) stops.
 pub async fn serve_connection(socket: Socket, worker: Option<Arc<Worker>>) {
-    let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(socket), hyper::service::service_fn(hello));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let flag = stopping.clone();
+    let service = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+        let closing = flag.load(Ordering::Relaxed);
+        async move {
+            let mut res = Response::new(Full::new(Bytes::from_static(b"hello\n")));
+            if closing {
+                res.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(socket), service);
     tokio::pin!(conn);
-    let stopping = async {
+    let stop = async {
         match &worker {
             Some(w) => {
                 w.shutdown_requested().await;
@@ -31,9 +51,15 @@ pub async fn serve_connection(socket: Socket, worker: Option<Arc<Worker>>) {
         }
     };
     tokio::select! {
+        _ = conn.as_mut() => return,
+        () = stop => {}
+    }
+    // Stopping: answers say `Connection: close` from now on; a connection left idle that long
+    // is closed.
+    stopping.store(true, Ordering::Relaxed);
+    tokio::select! {
         _ = conn.as_mut() => {}
-        () = stopping => {
-            // Finish the request in progress, then close the keep-alive connection.
+        () = tokio::time::sleep(IDLE_GRACE) => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }

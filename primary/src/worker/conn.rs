@@ -73,6 +73,12 @@ impl WorkerTx {
     }
 }
 
+/// A queue whose worker has no channel (a program worker): every send finds it closed.
+pub(crate) fn closed_tx() -> WorkerTx {
+    let (tx, _rx) = mpsc::channel(1);
+    WorkerTx { tx }
+}
+
 /// What a worker's reader reports to the supervisor.
 #[derive(Debug)]
 pub(crate) enum FromWorker {
@@ -84,6 +90,100 @@ pub(crate) enum FromWorker {
     Closed,
     /// The process was reaped.
     Exited(io::Result<std::process::ExitStatus>),
+    /// A datagram on its `NOTIFY_SOCKET` (`READY=1`, `STATUS=…`, …).
+    Notify(String),
+}
+
+/// A program worker's reader: it has no channel, so this only waits for the exit.
+pub(crate) async fn run_program(
+    id: u32,
+    mut child: tokio::process::Child,
+    to_supervisor: mpsc::Sender<(u32, FromWorker)>,
+) {
+    let status = child.wait().await;
+    let _ = to_supervisor.send((id, FromWorker::Exited(status))).await;
+}
+
+/// Reads a worker's notification socket until `stop` (the worker's record is gone), then
+/// removes the socket file. Datagrams are read whole up to 4 KiB (systemd's own limit is
+/// larger, but no notification of a worker needs more).
+pub(crate) async fn run_notify(
+    id: u32,
+    sock: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+    to_supervisor: mpsc::Sender<(u32, FromWorker)>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let sock = match tokio::net::UnixDatagram::from_std(sock) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(worker = id, "cannot read the notification socket: {e}");
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            got = sock.recv(&mut buf) => match got {
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    if to_supervisor.send((id, FromWorker::Notify(text))).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(worker = id, "notification socket: {e}");
+                    break;
+                }
+            },
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Copies a program worker's output to the primary's, each line prefixed. A line is cut at
+/// 16 KiB; when the primary's own output does not take a line within 100 ms (a stalled
+/// terminal or pipe), the line is dropped rather than holding up the worker.
+pub(crate) async fn forward_output(
+    from: impl tokio::io::AsyncRead + Unpin,
+    prefix: String,
+    to_stderr: bool,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut lines = tokio::io::BufReader::new(from);
+    let mut line = Vec::with_capacity(256);
+    let mut dropped = 0u64;
+    loop {
+        line.clear();
+        line.extend_from_slice(prefix.as_bytes());
+        match (&mut lines)
+            .take(16 * 1024)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if !line.ends_with(b"\n") {
+            line.push(b'\n');
+        }
+        let write = async {
+            if to_stderr {
+                tokio::io::stderr().write_all(&line).await
+            } else {
+                tokio::io::stdout().write_all(&line).await
+            }
+        };
+        match tokio::time::timeout(Duration::from_millis(100), write).await {
+            Ok(Ok(())) => {}
+            _ => dropped = dropped.saturating_add(1),
+        }
+    }
+    if dropped > 0 {
+        tracing::debug!("{prefix}{dropped} lines of output dropped (the primary's output stalled)");
+    }
 }
 
 /// Starts the writer and returns its queue. The writer ends when every [`WorkerTx`] is dropped

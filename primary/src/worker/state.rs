@@ -49,6 +49,8 @@ pub enum DrainReason {
     Disconnect,
     /// Its slot was scaled away.
     ScaleDown,
+    /// A worker of a newer generation took its slot over.
+    Replaced,
     /// The cluster is stopping.
     Stop,
 }

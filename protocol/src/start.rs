@@ -1,0 +1,147 @@
+//! What runs before `main` in every program that links netcluster: one constructor in
+//! `.init_array` (what the `ctor` crate does, in a few lines), which
+//!
+//! 1. marks a worker's channel close-on-exec, so a program the worker starts before it first
+//!    calls into the cluster API never inherits it;
+//! 2. with [`env::LISTEN_PID_SELF`](crate::env::LISTEN_PID_SELF) set, sets `LISTEN_PID` to this
+//!    process's own pid (libsystemd and the sd-notify crate ignore `LISTEN_FDS` otherwise, and
+//!    a parent cannot know the pid before it forks);
+//! 3. with [`env::EXEC`](crate::env::EXEC) set, acts as the **exec shim** of a program worker:
+//!    closes every descriptor past its listeners (`3 .. 3 + LISTEN_FDS`), so nothing else of the
+//!    primary's reaches the program, and executes `argv[1..]` in place, keeping its pid (so the
+//!    `LISTEN_PID` it set is the program's). A program that cannot be executed gets a message
+//!    on stderr and exit code 127, as from a shell.
+//!
+//! Only environment the primary sets for its workers triggers anything; in every other process
+//! the constructor only reads two variables.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, c_char, c_int};
+
+use crate::env;
+
+/// The constructor: see the module documentation.
+extern "C" fn at_start(argc: c_int, argv: *const *const c_char, _envp: *const *const c_char) {
+    crate::fd::cloexec_channel_at_start();
+    let shim = std::env::var_os(env::EXEC).is_some_and(|v| v == "1");
+    let own_pid = std::env::var_os(env::LISTEN_PID_SELF).is_some_and(|v| v == "1");
+    if !shim && !own_pid {
+        return;
+    }
+    let pid = std::process::id().to_string();
+    // SAFETY: before `main` the process has one thread, so nothing reads the environment
+    // while it changes; the strings are NUL-terminated literals or CStrings that outlive the
+    // calls.
+    unsafe {
+        let listen_pid = CString::new(pid).unwrap_or_default();
+        libc::setenv(c"LISTEN_PID".as_ptr(), listen_pid.as_ptr(), 1);
+        unset(env::LISTEN_PID_SELF);
+        unset(env::EXEC);
+    }
+    if !shim {
+        return;
+    }
+    let keep = 3 + std::env::var(env::LISTEN_FDS)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    close_from(keep);
+    exec_rest(argc, argv);
+}
+
+/// Removes an environment variable.
+///
+/// # Safety
+/// Only before `main` (one thread).
+unsafe fn unset(name: &str) {
+    if let Ok(name) = CString::new(name) {
+        // SAFETY: the caller guarantees no other thread reads the environment.
+        unsafe { libc::unsetenv(name.as_ptr()) };
+    }
+}
+
+/// Closes every descriptor from `first` up.
+fn close_from(first: u32) {
+    // SAFETY: close_range only closes descriptors; the caller owns none above `first` (they
+    // were inherited for nobody in this process).
+    let rc = unsafe { libc::close_range(first, u32::MAX, 0) };
+    if rc == 0 {
+        return;
+    }
+    // Kernels before 5.9: close what /proc lists.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd: &i32| u32::try_from(fd).is_ok_and(|f| f >= first))
+        .collect();
+    for fd in fds {
+        // SAFETY: as above; a number that is already closed (the directory's own) gives EBADF.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Executes `argv[1..]`, searching `PATH`; on failure writes why to stderr and exits 127.
+fn exec_rest(argc: c_int, argv: *const *const c_char) -> ! {
+    let args = arguments(argc, argv);
+    let program = args.get(1).cloned();
+    if let Some(program) = &program {
+        let mut ptrs: Vec<*const c_char> = args[1..].iter().map(|a| a.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        // SAFETY: `ptrs` is a NULL-terminated array of pointers to NUL-terminated strings
+        // owned by `args`, alive across the call; execvp returns only on failure.
+        unsafe { libc::execvp(program.as_ptr(), ptrs.as_ptr()) };
+    }
+    let err = std::io::Error::last_os_error();
+    let name = program
+        .as_deref()
+        .map_or_else(|| "nothing".into(), |p| p.to_string_lossy().into_owned());
+    let msg = format!("netcluster: cannot run {name}: {err}\n");
+    // SAFETY: write(2) of a buffer we own; _exit ends the process without running anything
+    // of the half-started program's.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    }
+}
+
+/// The process's arguments: from the constructor's parameters where the C library passes them
+/// (glibc), else from `/proc/self/cmdline`.
+fn arguments(argc: c_int, argv: *const *const c_char) -> Vec<CString> {
+    if cfg!(target_env = "gnu") && !argv.is_null() && argc > 0 {
+        let n = usize::try_from(argc).unwrap_or(0);
+        return (0..n)
+            .filter_map(|i| {
+                // SAFETY: glibc passes main's argc/argv to init_array functions: `argv` holds
+                // `argc` valid NUL-terminated strings.
+                let p = unsafe { *argv.add(i) };
+                (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_owned())
+            })
+            .collect();
+    }
+    std::fs::read("/proc/self/cmdline")
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .filter_map(|a| CString::new(a).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The constructor table entry. Referenced by [`installed`] so the linker keeps it.
+#[used]
+// SAFETY: the C runtime calls each `.init_array` entry once before `main`, with (argc, argv,
+// envp) under glibc; `at_start` reads them only there and touches nothing but what its module
+// documentation says.
+#[unsafe(link_section = ".init_array")]
+static AT_START: extern "C" fn(c_int, *const *const c_char, *const *const c_char) = at_start;
+
+/// Whether the pre-`main` constructor is linked in (it always is on Linux; the function exists
+/// so the table entry is referenced).
+pub fn installed() -> bool {
+    let f: extern "C" fn(c_int, *const *const c_char, *const *const c_char) = AT_START;
+    f as usize != 0
+}

@@ -1,0 +1,217 @@
+//! Parsing the `netcluster` command line's values, with messages that say what was wrong.
+//! Kept in the library so that the parsers are unit-tested and fuzzed (`fuzz/`).
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::protocol::handle::check_unix_path;
+use crate::protocol::message::ListenTarget;
+
+/// The longest duration any option takes: a day.
+pub const MAX_SECS: f64 = 86_400.0;
+
+/// Parses a `--listen` value: `HOST:PORT`, `[IPV6]:PORT`, `PORT` (every interface) or a Unix
+/// socket path. A host name is resolved with the system resolver.
+///
+/// ```
+/// use netcluster::cli::parse_listen;
+/// use netcluster::protocol::message::ListenTarget;
+/// assert_eq!(parse_listen("8124"), Ok(ListenTarget::TcpAny(8124)));
+/// assert!(parse_listen("127.0.0.1:70000").unwrap_err().contains("0 to 65535"));
+/// ```
+///
+/// # Errors
+/// What is wrong with the value, quoting it.
+pub fn parse_listen(s: &str) -> Result<ListenTarget, String> {
+    parse_listen_with(s, |host, port| {
+        (host, port)
+            .to_socket_addrs()
+            .map(Iterator::collect)
+            .map_err(|e| format!("cannot resolve {host:?}: {e}"))
+    })
+}
+
+/// A `--listen` value with an optional name: `NAME=ADDR` (the name goes in a program worker's
+/// `LISTEN_FDNAMES` and in `status`), or `ADDR`. A name is letters, digits, `-`, `_` and `.`;
+/// anything else before a `=` (a path such as `/tmp/a=b.sock`) is part of the address.
+///
+/// ```
+/// use netcluster::cli::parse_named_listen;
+/// use netcluster::protocol::message::ListenTarget;
+/// assert_eq!(
+///     parse_named_listen("web=8080"),
+///     Ok((Some("web".to_string()), ListenTarget::TcpAny(8080)))
+/// );
+/// assert_eq!(parse_named_listen("8080"), Ok((None, ListenTarget::TcpAny(8080))));
+/// ```
+///
+/// # Errors
+/// What is wrong with the address.
+pub fn parse_named_listen(s: &str) -> Result<(Option<String>, ListenTarget), String> {
+    if let Some((name, addr)) = s.split_once('=') {
+        let is_name = !name.is_empty()
+            && name.len() <= 255
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if is_name {
+            return Ok((Some(name.to_string()), parse_listen(addr)?));
+        }
+    }
+    Ok((None, parse_listen(s)?))
+}
+
+/// A signal by name, with or without `SIG` (`TERM`, `SIGQUIT`, `int`).
+///
+/// # Errors
+/// When it names no signal.
+pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse()
+        .map_err(|_| format!("{s:?} is not a signal name (TERM, INT, QUIT, USR1, …)"))
+}
+
+/// [`parse_listen`] with the host name resolver given (the fuzzer's never resolves).
+///
+/// # Errors
+/// As [`parse_listen`].
+pub fn parse_listen_with(
+    s: &str,
+    resolve: impl Fn(&str, u16) -> Result<Vec<SocketAddr>, String>,
+) -> Result<ListenTarget, String> {
+    let port = |p: &str| -> Result<u16, String> {
+        p.parse::<u16>().map_err(|_| {
+            format!("invalid port {p:?} in {s:?}: a port is a whole number from 0 to 65535")
+        })
+    };
+    if s.is_empty() {
+        return Err("empty address".into());
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (ip, p) = rest
+            .split_once("]:")
+            .ok_or_else(|| format!("{s:?}: an IPv6 address is written [ADDRESS]:PORT"))?;
+        let ip: std::net::Ipv6Addr = ip
+            .parse()
+            .map_err(|_| format!("{s:?}: {ip:?} is not an IPv6 address"))?;
+        return Ok(ListenTarget::Tcp(SocketAddr::new(IpAddr::V6(ip), port(p)?)));
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(ListenTarget::TcpAny(port(s)?));
+    }
+    if !s.contains('/') {
+        if let Some((host, p)) = s.rsplit_once(':') {
+            let p = port(p)?;
+            if host.contains(':') {
+                return Err(format!("{s:?}: write an IPv6 address as [ADDRESS]:PORT"));
+            }
+            if let Ok(ip) = host.parse::<IpAddr>() {
+                return Ok(ListenTarget::Tcp(SocketAddr::new(ip, p)));
+            }
+            if host.is_empty() {
+                return Err(format!(
+                    "{s:?}: the host is empty (write PORT for every interface)"
+                ));
+            }
+            let addr = resolve(host, p)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| format!("{host:?} has no address"))?;
+            return Ok(ListenTarget::Tcp(addr));
+        }
+    }
+    if s.contains('\0') {
+        return Err(format!("{s:?}: a path cannot contain a NUL byte"));
+    }
+    let path = PathBuf::from(s);
+    check_unix_path(&path).map_err(|e| e.to_string())?;
+    Ok(ListenTarget::Unix(path))
+}
+
+/// Parses seconds (`10`, `0.5`), refusing what is not a duration a primary can wait for: at
+/// most [`MAX_SECS`].
+///
+/// # Errors
+/// What is wrong with the value.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a duration in seconds"));
+    }
+    if secs > MAX_SECS {
+        return Err(format!(
+            "{s} seconds is longer than the maximum of {MAX_SECS} (a day)"
+        ));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a duration in seconds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_values() {
+        assert_eq!(
+            parse_listen("127.0.0.1:0"),
+            Ok(ListenTarget::Tcp("127.0.0.1:0".parse().expect("addr")))
+        );
+        assert_eq!(
+            parse_listen("[::1]:8124"),
+            Ok(ListenTarget::Tcp("[::1]:8124".parse().expect("addr")))
+        );
+        assert_eq!(parse_listen("8124"), Ok(ListenTarget::TcpAny(8124)));
+        assert_eq!(
+            parse_listen("/tmp/echo.sock"),
+            Ok(ListenTarget::Unix("/tmp/echo.sock".into()))
+        );
+        assert_eq!(
+            parse_listen("echo.sock"),
+            Ok(ListenTarget::Unix("echo.sock".into()))
+        );
+        assert!(
+            matches!(parse_listen("localhost:80"), Ok(ListenTarget::Tcp(a)) if a.ip().is_loopback())
+        );
+    }
+
+    #[test]
+    fn bad_listen_values_say_what_is_wrong() {
+        let e = parse_listen("127.0.0.1:70000").expect_err("port");
+        assert!(e.contains("invalid port \"70000\""), "{e}");
+        let e = parse_listen("70000").expect_err("port");
+        assert!(e.contains("0 to 65535"), "{e}");
+        let e = parse_listen(&format!("/tmp/{}", "x".repeat(200))).expect_err("long");
+        assert!(e.contains("at most 107 fit in sun_path"), "{e}");
+        let e = parse_listen("[::1]8124").expect_err("v6");
+        assert!(e.contains("[ADDRESS]:PORT"), "{e}");
+        let e = parse_listen("::1:80").expect_err("v6 without brackets");
+        assert!(e.contains("[ADDRESS]:PORT"), "{e}");
+        let e = parse_listen(":80").expect_err("no host");
+        assert!(e.contains("the host is empty"), "{e}");
+        let e = parse_listen("a\0b").expect_err("nul");
+        assert!(e.contains("NUL"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_capped_at_parse_time() {
+        assert_eq!(parse_secs("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_secs("86400"), Ok(Duration::from_secs(86_400)));
+        let e = parse_secs("1e19").expect_err("too long");
+        assert_eq!(
+            e,
+            "1e19 seconds is longer than the maximum of 86400 (a day)"
+        );
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("inf").is_err());
+        assert!(parse_secs("NaN").is_err());
+        assert!(parse_secs("ten").is_err());
+    }
+}
