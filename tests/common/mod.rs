@@ -563,3 +563,169 @@ pub fn wait_workers_listening(r: &Running, n: usize) -> serde_json::Value {
         (workers.len() == n && workers.iter().all(|w| w["state"] == "listening")).then_some(s)
     })
 }
+
+/// A steady mixed HTTP load: `fresh` clients open a new connection per request (`Connection:
+/// close`), `kept` clients keep one connection for many requests (reconnecting only when the
+/// server says `Connection: close`). Every request is counted; nothing is retried.
+pub struct HttpLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<thread::JoinHandle<LoadReport>>,
+}
+
+impl HttpLoad {
+    /// Starts the clients; each pauses `pause` between requests.
+    pub fn start(
+        addr: std::net::SocketAddr,
+        fresh: usize,
+        kept: usize,
+        pause: Duration,
+    ) -> HttpLoad {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let ok = std::sync::Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for i in 0..fresh + kept {
+            let keep_alive = i >= fresh;
+            let stop = stop.clone();
+            let ok = ok.clone();
+            threads.push(thread::spawn(move || {
+                let mut report = LoadReport::default();
+                let mut conn: Option<std::net::TcpStream> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    match http_request(addr, &mut conn, keep_alive) {
+                        Ok(()) => {
+                            report.ok += 1;
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            conn = None;
+                            report.failed += 1;
+                            if report.errors.len() < 20 {
+                                let what = if keep_alive {
+                                    "keep-alive"
+                                } else {
+                                    "new connection"
+                                };
+                                report.errors.push(format!("{what}: {e}"));
+                            }
+                        }
+                    }
+                    thread::sleep(pause);
+                }
+                report
+            }));
+        }
+        HttpLoad { stop, ok, threads }
+    }
+
+    /// Requests answered so far.
+    pub fn ok_so_far(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further requests have been answered.
+    pub fn wait_for_more(&self, more: u64, timeout: Duration) {
+        let target = self.ok_so_far() + more;
+        eventually(timeout, "the HTTP load to make progress", || {
+            (self.ok_so_far() >= target).then_some(())
+        });
+    }
+
+    /// Stops the clients and returns what they saw.
+    pub fn stop(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = LoadReport::default();
+        for t in self.threads {
+            total.merge(t.join().expect("client thread"));
+        }
+        total
+    }
+}
+
+/// One `GET /` on `conn` (opened if `None`; kept for the next request when `keep_alive` and
+/// the server does not say `Connection: close`). The answer must be a 200 with `hello` in it.
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    conn: &mut Option<std::net::TcpStream>,
+    keep_alive: bool,
+) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut stream = match conn.take() {
+        Some(s) => s,
+        None => {
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.set_write_timeout(Some(Duration::from_secs(10)))?;
+            s
+        }
+    };
+    let req: &[u8] = if keep_alive {
+        b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+    } else {
+        b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    };
+    stream.write_all(req)?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("closed after {} bytes of the answer", buf.len()),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        return Err(std::io::Error::other(format!("answer {head:?}")));
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no content-length in {head:?}")))?;
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed in the body",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    if !String::from_utf8_lossy(&buf[head_end..]).starts_with("hello") {
+        return Err(std::io::Error::other("the body is not hello"));
+    }
+    let closing = head.lines().any(|l| l.trim() == "connection: close");
+    if keep_alive && !closing {
+        *conn = Some(stream);
+    }
+    Ok(())
+}
+
+/// Descriptors process `pid` holds.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The pids of `r`'s workers, by slot.
+pub fn worker_pids_of(r: &Running) -> Vec<u32> {
+    let s = status_json(r);
+    s["workers"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
+                .collect()
+        })
+        .unwrap_or_default()
+}

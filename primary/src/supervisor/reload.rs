@@ -239,11 +239,12 @@ impl Supervisor {
         tracing::error!("{message}");
         for (_, rep) in r.running {
             self.timers.try_remove(&rep.timer);
+            // Stopped like any worker, not killed: a program has its listeners from the start
+            // and may have accepted connections before it said it was ready.
             if let Some(w) = self.workers.get_mut(&rep.new) {
-                w.expected_exit = true;
                 w.slot = None;
-                let _ = signal_pid(w.pid, Signal::SIGKILL);
             }
+            self.drain(rep.new, DrainReason::Replaced);
         }
         self.last_reload = Some(message.clone());
         for reply in r.replies {
