@@ -352,10 +352,11 @@ async fn reload(control: ControlArgs) -> anyhow::Result<()> {
     let report: cluster::ReloadReport =
         serde_json::from_value(value).context("the primary's reply has an unknown shape")?;
     println!(
-        "reloaded {} slots to generation {} in {} ms",
+        "reloaded {} slots to generation {} in {} ms (all new serving after {} ms)",
         report.replaced.len(),
         report.generation,
-        report.took_ms
+        report.took_ms,
+        report.serving_ms
     );
     Ok(())
 }

@@ -217,7 +217,13 @@ fn a_flood_of_messages_held_for_a_subscriber_that_never_reads_is_bounded() {
     // the primary keeps for a subscriber that never reads, not about killing the flooder.
     let mut h = Hostile::start(
         "messages",
-        &["--lazy-events", "--handoff-ms", "60000", "--ping-ms", "60000"],
+        &[
+            "--lazy-events",
+            "--handoff-ms",
+            "60000",
+            "--ping-ms",
+            "60000",
+        ],
     );
     h.r.wait_stdout(T, |l| l.starts_with("healthy 2 pid "));
     std::thread::sleep(Duration::from_millis(300));

@@ -24,6 +24,8 @@ pub struct ReloadReport {
     pub generation: u64,
     /// `(slot, old worker, new worker)` for every slot replaced.
     pub replaced: Vec<(usize, Option<u32>, u32)>,
+    /// From the request until every slot was served by the new generation, in milliseconds.
+    pub serving_ms: u64,
     /// From the request to the last old worker's exit, in milliseconds.
     pub took_ms: u64,
 }
@@ -46,6 +48,8 @@ pub(super) struct Reloading {
     replaced: Vec<(usize, Option<u32>, u32)>,
     replies: Vec<Reply<Result<ReloadReport, Error>>>,
     started: Instant,
+    /// When the last slot switched to the new generation.
+    serving: Option<Instant>,
 }
 
 impl Supervisor {
@@ -77,6 +81,7 @@ impl Supervisor {
             replaced: Vec::new(),
             replies: vec![reply],
             started: Instant::now(),
+            serving: None,
         });
         self.reload_progress();
     }
@@ -171,6 +176,7 @@ impl Supervisor {
         tracing::info!(slot, old = ?old, new, "slot reloaded");
         if let Some(r) = &mut self.reloading {
             r.replaced.push((slot, old, new));
+            r.serving = Some(Instant::now());
             if let Some(old) = old {
                 r.draining.insert(old);
             }
@@ -199,6 +205,11 @@ impl Supervisor {
         let report = ReloadReport {
             generation: r.generation,
             replaced: r.replaced,
+            serving_ms: millis(
+                r.serving
+                    .unwrap_or(r.started)
+                    .saturating_duration_since(r.started),
+            ),
             took_ms: millis(r.started.elapsed()),
         };
         tracing::info!(
