@@ -3,10 +3,10 @@
 //!
 //! 1. marks a worker's channel close-on-exec, so a program the worker starts before it first
 //!    calls into the cluster API never inherits it;
-//! 2. with [`env::LISTEN_PID_SELF`](crate::env::LISTEN_PID_SELF) set, sets `LISTEN_PID` to this
+//! 2. with [`env::LISTEN_PID_SELF`] set, sets `LISTEN_PID` to this
 //!    process's own pid (libsystemd and the sd-notify crate ignore `LISTEN_FDS` otherwise, and
 //!    a parent cannot know the pid before it forks);
-//! 3. with [`env::EXEC`](crate::env::EXEC) set, acts as the **exec shim** of a program worker:
+//! 3. with [`env::EXEC`] set, acts as the **exec shim** of a program worker:
 //!    closes every descriptor past its listeners (`3 .. 3 + LISTEN_FDS`), so nothing else of the
 //!    primary's reaches the program, and executes `argv[1..]` in place, keeping its pid (so the
 //!    `LISTEN_PID` it set is the program's). A program that cannot be executed gets a message
