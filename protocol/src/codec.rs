@@ -1,9 +1,12 @@
-//! Frame encoding: one version byte followed by the postcard encoding of a [`Frame`].
+//! Frame encoding: one version byte ([`Frame::VERSION`]) followed by the postcard encoding of a
+//! [`Frame`].
 //!
 //! Decoding checks, in this order, the size limit, the version byte, the enum variant index and
 //! then the body, so each kind of bad input gets its own [`CodecError`].
 
-use crate::message::{Frame, PROTOCOL_VERSION};
+use crate::message::Frame;
+#[cfg(test)]
+use crate::message::PROTOCOL_VERSION;
 
 /// Largest frame accepted by default (64 KiB). Control messages are far smaller.
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
@@ -40,7 +43,8 @@ pub enum CodecError {
     /// The peer speaks another protocol version.
     #[error("protocol version mismatch: peer speaks {theirs}, this side speaks {ours}")]
     VersionMismatch {
-        /// Our [`PROTOCOL_VERSION`].
+        /// Our version ([`PROTOCOL_VERSION`](crate::message::PROTOCOL_VERSION) for the worker
+        /// protocol).
         ours: u8,
         /// The version byte found in the frame.
         theirs: u8,
@@ -62,7 +66,7 @@ pub enum CodecError {
 /// cannot serialize the value.
 pub fn encode_into<M: Frame>(msg: &M, out: &mut Vec<u8>, max: usize) -> Result<(), CodecError> {
     out.clear();
-    out.push(PROTOCOL_VERSION);
+    out.push(M::VERSION);
     let body =
         postcard::to_extend(msg, std::mem::take(out)).map_err(|e| CodecError::Malformed {
             kind: M::NAME,
@@ -115,9 +119,9 @@ pub fn decode<M: Frame>(frame: &[u8], max: usize) -> Result<M, CodecError> {
             len: 0,
         });
     };
-    if version != PROTOCOL_VERSION {
+    if version != M::VERSION {
         return Err(CodecError::VersionMismatch {
-            ours: PROTOCOL_VERSION,
+            ours: M::VERSION,
             theirs: version,
         });
     }

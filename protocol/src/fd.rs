@@ -352,7 +352,7 @@ pub fn peer_pid(fd: RawFd) -> Option<u32> {
 }
 
 /// Sets `FD_CLOEXEC` on descriptor number `fd` if it is open, leaving its ownership alone.
-fn set_cloexec_raw(fd: RawFd) {
+pub(crate) fn set_cloexec_raw(fd: RawFd) {
     if fd >= 0 {
         // SAFETY: F_SETFD only changes the descriptor's flags; a number that is not open gives
         // EBADF and changes nothing.

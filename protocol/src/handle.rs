@@ -396,6 +396,37 @@ pub fn check_listening(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<BoundAddre
     }
 }
 
+/// Checks that `fd` is a TCP or Unix stream socket and returns the address it is bound to,
+/// whether or not it listens (a reuseport reservation does not).
+///
+/// # Errors
+/// `InvalidInput` saying what the descriptor is instead; the error of `getsockname(2)`.
+pub fn check_bound(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<BoundAddress> {
+    let not = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}, not a stream socket", describe_fd(fd)),
+        )
+    };
+    let sock = socket2::SockRef::from(&fd);
+    if sock.r#type().map_err(|_| not())? != Type::STREAM {
+        return Err(not());
+    }
+    let domain = sock.domain().map_err(|_| not())?;
+    if domain != Domain::IPV4 && domain != Domain::IPV6 && domain != Domain::UNIX {
+        return Err(not());
+    }
+    let addr = sock.local_addr()?;
+    Ok(match addr.as_socket() {
+        Some(sa) => BoundAddress::Tcp(sa),
+        None => BoundAddress::Unix(
+            addr.as_pathname()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        ),
+    })
+}
+
 /// What a descriptor is, in words, for error messages: "a regular file", "a pipe", "a UDP
 /// socket", "a TCP socket that is not listening", "a listening Unix stream socket", "not open".
 pub fn describe_fd(fd: std::os::fd::BorrowedFd<'_>) -> String {

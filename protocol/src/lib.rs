@@ -5,6 +5,7 @@
 //! - [`fd`]: `sendmsg`/`recvmsg` with `SCM_RIGHTS` (the project's only `unsafe` code).
 //! - [`channel`]: an async `SOCK_SEQPACKET` channel that sends a message plus descriptors.
 //! - [`handle`]: binding and validating listening sockets.
+//! - [`handover`]: how a primary hands its listeners to the next (a primary upgrade).
 //! - [`env`](mod@env): the environment variables that make a process a worker.
 //! - [`start`]: what runs before `main` (the channel's close-on-exec, the exec shim).
 //! - [`steer`]: accept-queue lengths and reuseport steering, to move listeners without loss.
@@ -14,6 +15,7 @@ pub mod codec;
 pub mod env;
 pub mod fd;
 pub mod handle;
+pub mod handover;
 pub mod message;
 pub mod start;
 pub mod steer;

@@ -31,6 +31,10 @@ pub const DEFAULT_BACKLOG: u32 = 511;
 pub trait Frame: Serialize + DeserializeOwned {
     /// Name used in error messages ("ToWorker", "ToPrimary").
     const NAME: &'static str;
+    /// The version byte its frames start with (default [`PROTOCOL_VERSION`]; the primary
+    /// hand-over of an upgrade has its own, so that the worker protocol can change between
+    /// two binaries that still hand over to each other).
+    const VERSION: u8 = PROTOCOL_VERSION;
     /// Number of enum variants; a frame naming a higher variant index is an unknown variant.
     const VARIANTS: u32;
     /// How many file descriptors travel with this message.

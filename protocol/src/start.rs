@@ -12,8 +12,13 @@
 //!    `LISTEN_PID` it set is the program's). A program that cannot be executed gets a message
 //!    on stderr and exit code 127, as from a shell.
 //!
-//! Only environment the primary sets for its workers triggers anything; in every other process
-//! the constructor only reads two variables.
+//! 4. in a process that is not a netcluster worker, **takes the listeners systemd passed**
+//!    (`LISTEN_FDS` with `LISTEN_PID` equal to its pid, named by `LISTEN_FDNAMES`, read with the
+//!    `sd-notify` crate) and unsets the three variables, so that no thread or child of the
+//!    process ever sees them; [`systemd_listeners`] hands them out once.
+//!
+//! Only environment the primary or systemd set triggers anything; in every other process the
+//! constructor only reads a few variables.
 
 #![allow(unsafe_code)]
 
@@ -24,6 +29,8 @@ use crate::env;
 /// The constructor: see the module documentation.
 extern "C" fn at_start(argc: c_int, argv: *const *const c_char, _envp: *const *const c_char) {
     crate::fd::cloexec_channel_at_start();
+    cloexec_upgrade_channel();
+    take_systemd_listeners();
     let shim = std::env::var_os(env::EXEC).is_some_and(|v| v == "1");
     let own_pid = std::env::var_os(env::LISTEN_PID_SELF).is_some_and(|v| v == "1");
     if !shim && !own_pid {
@@ -48,6 +55,73 @@ extern "C" fn at_start(argc: c_int, argv: *const *const c_char, _envp: *const *c
         .unwrap_or(0);
     close_from(keep);
     exec_rest(argc, argv);
+}
+
+/// What systemd passed this process, taken before `main`.
+static SYSTEMD: std::sync::Mutex<Option<Vec<(i32, String)>>> = std::sync::Mutex::new(None);
+/// The descriptor numbers systemd passed (whether or not they were taken since).
+static SYSTEMD_NUMBERS: std::sync::OnceLock<Vec<i32>> = std::sync::OnceLock::new();
+
+/// Before `main`, in a primary started by an upgrade: its end of the hand-over goes no further
+/// than this process.
+fn cloexec_upgrade_channel() {
+    let Some(fd) = std::env::var(crate::handover::UPGRADE_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    if crate::fd::is_seqpacket(fd) {
+        crate::fd::set_cloexec_raw(fd);
+    }
+}
+
+/// The descriptor numbers systemd passed this process (its `LISTEN_FDS`), which are not the
+/// process's to give workers by number.
+pub fn systemd_fd_numbers() -> &'static [i32] {
+    SYSTEMD_NUMBERS.get().map_or(&[], Vec::as_slice)
+}
+
+/// Before `main`, in a process that is not a netcluster worker: takes systemd's listeners and
+/// unsets `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES`.
+fn take_systemd_listeners() {
+    let worker = std::env::var_os(env::WORKER_ID).is_some()
+        || std::env::var_os(env::CHANNEL_FD).is_some()
+        || std::env::var_os(env::EXEC).is_some();
+    if worker || std::env::var_os(env::LISTEN_FDS).is_none() {
+        return;
+    }
+    // Only the listeners meant for this pid (the crate checks LISTEN_PID); they are made
+    // close-on-exec.
+    let taken: Vec<(i32, String)> = sd_notify::listen_fds_with_names()
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    // SAFETY: before `main` the process has one thread, so nothing reads the environment while
+    // it changes.
+    unsafe {
+        unset(env::LISTEN_FDS);
+        unset(env::LISTEN_PID);
+        unset(env::LISTEN_FDNAMES);
+    }
+    let _ = SYSTEMD_NUMBERS.set(taken.iter().map(|(fd, _)| *fd).collect());
+    if let Ok(mut stash) = SYSTEMD.lock() {
+        *stash = Some(taken);
+    }
+}
+
+/// The listeners systemd passed this process (socket activation, or its file-descriptor
+/// store), with their names (`LISTEN_FDNAMES`; systemd's default is `unknown`), each owned
+/// once: the first call takes them, later calls get none. Empty when systemd passed none, or
+/// passed them for another pid.
+pub fn systemd_listeners() -> Vec<(std::os::fd::OwnedFd, String)> {
+    let taken = SYSTEMD
+        .lock()
+        .map(|mut s| s.take().unwrap_or_default())
+        .unwrap_or_default();
+    taken
+        .into_iter()
+        .filter_map(|(fd, name)| crate::fd::claim_inherited(fd).ok().map(|fd| (fd, name)))
+        .collect()
 }
 
 /// Removes an environment variable.
