@@ -215,6 +215,50 @@ impl ClusterHandle {
         .await
     }
 
+    /// Hands over to another primary (an upgrade): the workers drain as at a graceful stop,
+    /// but the listening sockets are left exactly as they are — no filter, no waiting for
+    /// their queues, no socket file removed — since the other primary accepts from them.
+    /// Returns without waiting for the workers; [`Cluster::wait`] does.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`] if it had already stopped.
+    pub async fn hand_over(&self) -> Result<(), Error> {
+        self.commands
+            .send(Command::Stop {
+                mode: StopMode::Handover,
+                reply: None,
+            })
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// Takes a listening socket over instead of binding one (systemd's, one from systemd's
+    /// file-descriptor store, or a predecessor's in an upgrade), pinned under `adopt.target`:
+    /// workers that listen on that key share it. Returns the address it is bound to.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when the key is taken, [`Error::Listen`] when the socket is not
+    /// a bound socket, [`Error::Stopping`].
+    pub async fn adopt(&self, adopt: crate::registry::Adopt) -> Result<BoundAddress, Error> {
+        self.request(|reply| Command::Adopt { adopt, reply })
+            .await?
+    }
+
+    /// Duplicates of every listener's sockets with their keys and names, the generation and
+    /// the number of workers: what the next primary needs to take over (an upgrade).
+    ///
+    /// # Errors
+    /// When a socket cannot be duplicated (`EMFILE`).
+    pub async fn export(&self) -> Result<crate::command::Export, Error> {
+        self.request(|reply| Command::Export { reply }).await?
+    }
+
+    /// Sends systemd `READY=1` once every worker is ready (now, if they are): for a program
+    /// that set [`Settings::announce_ready`] to false until it is the service's main process.
+    pub async fn announce_ready(&self) {
+        let _ = self.commands.send(Command::AnnounceReady).await;
+    }
+
     /// Asks for a stop without waiting for it (for signal handlers).
     pub(crate) fn stop_nowait(&self, mode: StopMode) {
         let _ = self.commands.try_send(Command::Stop { mode, reply: None });

@@ -150,10 +150,13 @@ pub fn default_path() -> PathBuf {
     PathBuf::from(format!("/tmp/netcluster-{uid}")).join("control.sock")
 }
 
-/// A running control socket; dropping it (or [`ControlSocket::close`]) removes the file.
+/// A running control socket; dropping it (or [`ControlSocket::close`]) removes the file —
+/// unless another primary's socket has replaced it there (an upgrade).
 #[derive(Debug)]
 pub struct ControlSocket {
     path: PathBuf,
+    /// The socket file's device and inode, to remove only our own.
+    inode: (u64, u64),
     task: tokio::task::JoinHandle<()>,
     clients: Arc<tokio::sync::Mutex<JoinSet<()>>>,
 }
@@ -181,7 +184,11 @@ impl ControlSocket {
 impl Drop for ControlSocket {
     fn drop(&mut self) {
         self.task.abort();
-        let _ = std::fs::remove_file(&self.path);
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -232,32 +239,83 @@ pub fn serve(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(named("stat", e)),
     }
-    // Bind, make it 0600, and only then listen: nobody can connect in between.
+    let (listener, inode) = bind_private(path).map_err(|(what, e)| named(what, e))?;
+    Ok(start(path, inode, listener, cluster, ops))
+}
+
+/// Creates the control socket at `path` in place of the one there — a running primary's —
+/// atomically (bound beside it, then renamed over it): a client connects to one primary or the
+/// other, never to none. For the new primary of an upgrade, once it serves.
+///
+/// # Errors
+/// [`Error::Io`] naming the path.
+pub fn serve_replacing(
+    path: &Path,
+    cluster: ClusterHandle,
+    ops: Arc<dyn Operations>,
+) -> Result<ControlSocket, Error> {
+    let named = |what: &str, e: io::Error| {
+        Error::io(format!("control socket {}: {what}", path.display()), e)
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        private_dir(dir).map_err(|e| named("its directory", e))?;
+    }
+    let mut beside = path.as_os_str().to_owned();
+    beside.push(format!(".{}.new", std::process::id()));
+    let beside = PathBuf::from(beside);
+    let _ = std::fs::remove_file(&beside);
+    let (listener, inode) = bind_private(&beside).map_err(|(what, e)| named(what, e))?;
+    if let Err(e) = std::fs::rename(&beside, path) {
+        let _ = std::fs::remove_file(&beside);
+        return Err(named("rename over the old one", e));
+    }
+    Ok(start(path, inode, listener, cluster, ops))
+}
+
+/// A failed step of [`bind_private`]: what was being done, and the OS's answer.
+type StepError = (&'static str, io::Error);
+
+/// Binds a Unix socket at `path`, makes it 0600, and only then listens: nobody can connect in
+/// between. Returns the listener and the socket file's (device, inode).
+fn bind_private(path: &Path) -> Result<(UnixListener, (u64, u64)), StepError> {
     let socket = socket2::Socket::new(
         socket2::Domain::UNIX,
         socket2::Type::STREAM.cloexec().nonblocking(),
         None,
     )
-    .map_err(|e| named("socket", e))?;
-    let addr = socket2::SockAddr::unix(path).map_err(|e| named("address", e))?;
-    socket.bind(&addr).map_err(|e| named("bind", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
-        let _ = std::fs::remove_file(path);
-        named("chmod 0600", e)
-    })?;
-    socket.listen(64).map_err(|e| {
-        let _ = std::fs::remove_file(path);
-        named("listen", e)
-    })?;
+    .map_err(|e| ("socket", e))?;
+    let addr = socket2::SockAddr::unix(path).map_err(|e| ("address", e))?;
+    socket.bind(&addr).map_err(|e| ("bind", e))?;
+    let undo = |what: &'static str| {
+        move |e: io::Error| {
+            let _ = std::fs::remove_file(path);
+            (what, e)
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(undo("chmod 0600"))?;
+    let meta = std::fs::symlink_metadata(path).map_err(undo("stat"))?;
+    socket.listen(64).map_err(undo("listen"))?;
     let std_listener: std::os::unix::net::UnixListener = socket.into();
-    let listener = UnixListener::from_std(std_listener).map_err(|e| named("register", e))?;
+    let listener = UnixListener::from_std(std_listener).map_err(undo("register"))?;
+    Ok((listener, (meta.dev(), meta.ino())))
+}
+
+fn start(
+    path: &Path,
+    inode: (u64, u64),
+    listener: UnixListener,
+    cluster: ClusterHandle,
+    ops: Arc<dyn Operations>,
+) -> ControlSocket {
     let clients = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
     let task = tokio::spawn(accept_loop(listener, cluster, ops, clients.clone()));
-    Ok(ControlSocket {
+    ControlSocket {
         path: path.to_path_buf(),
+        inode,
         task,
         clients,
-    })
+    }
 }
 
 /// Creates `dir` mode 0700 if missing; an existing one must belong to this user and be closed

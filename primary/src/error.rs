@@ -73,6 +73,9 @@ pub enum Error {
     /// The cluster's supervisor has ended.
     #[error("the cluster has stopped")]
     Stopped,
+    /// A primary upgrade failed (the message says how, and that the old primary serves on).
+    #[error("upgrade failed: {0}")]
+    Upgrade(String),
 }
 
 impl Error {
@@ -103,6 +106,7 @@ impl From<Error> for io::Error {
             Error::BadWorkerCount(_) | Error::InvalidInput(_) => io::ErrorKind::InvalidInput,
             Error::Encode(_) => io::ErrorKind::InvalidData,
             Error::Stopping => io::ErrorKind::Interrupted,
+            Error::Upgrade(_) => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
     }

@@ -10,6 +10,8 @@
 //! - [`Event`], [`Events`]: Node's cluster events, to any number of subscribers.
 //! - [`signals`]: OS signals as commands. [`control`]: the control socket and its client.
 //! - [`Status`]: what `netcluster status` shows.
+//! - [`systemd`]: socket activation, `sd_notify`, the file-descriptor store.
+//! - [`upgrade`]: replacing the primary's own binary without closing a listener.
 //! - [`registry`]: listeners and the [`SchedulingPolicy`].
 
 mod cluster;
@@ -25,13 +27,15 @@ pub mod signals;
 mod spawn;
 mod status;
 mod supervisor;
+pub mod systemd;
+pub mod upgrade;
 mod worker;
 
 pub use cluster::{Cluster, ClusterHandle};
-pub use command::{ScaleReport, ScaleTo, StopMode};
+pub use command::{Export, Exported, ScaleReport, ScaleTo, StopMode};
 pub use error::Error;
 pub use event::{Event, Events, UserMessage, WorkerInfo};
-pub use registry::SchedulingPolicy;
+pub use registry::{Adopt, SchedulingPolicy};
 pub use settings::{
     Backoff, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Limits, MAX_WORKERS, Readiness, Settings,
     Timeouts, WorkerKind, inherited_fds,
@@ -39,5 +43,6 @@ pub use settings::{
 pub use spawn::{GENERATION_ENV, SLOT_ENV};
 pub use status::{ListenerStatus, ReloadStatus, STATUS_SCHEMA, SlotStatus, Status, WorkerStatus};
 pub use supervisor::ReloadReport;
+pub use upgrade::{Incoming, UpgradeReport, Upgrader};
 pub use worker::handle::{SendHandle, WorkerHandle};
 pub use worker::state::WorkerState;

@@ -209,6 +209,31 @@ impl Drop for Listener {
     }
 }
 
+/// A listening socket the primary takes over instead of binding: from systemd, from its
+/// file-descriptor store, or from the primary it replaces (an upgrade).
+#[derive(Debug)]
+pub struct Adopt {
+    /// What workers listen on to share it (the address it is bound to).
+    pub target: ListenTarget,
+    /// For port 0: which port-0 listen of a worker it answers.
+    pub ordinal: u32,
+    /// The operator's name for it.
+    pub name: Option<String>,
+    /// Its name in a program worker's `LISTEN_FDNAMES`.
+    pub fdname: Option<String>,
+    /// The socket (for reuseport: the reservation of the port, if any).
+    pub socket: Option<OwnedFd>,
+    /// A reuseport listener's slot sockets, in the kernel's group order.
+    pub slots: Vec<(usize, OwnedFd)>,
+    /// Open for as long as the primary runs.
+    pub pinned: bool,
+    /// A netcluster primary made it (this one's predecessor): it may be changed at a stop. A
+    /// systemd socket is not: it is the operator's.
+    pub owned: bool,
+    /// A reuseport listener: `socket` (if any) only reserves the port, and `slots` listen.
+    pub reuseport: bool,
+}
+
 /// A listener just bound; for round robin, what the accept task needs.
 #[derive(Debug)]
 pub(crate) struct Bound {
@@ -318,6 +343,113 @@ impl Registry {
         Ok(Bound { id, acceptor })
     }
 
+    /// Takes `adopt`'s sockets over as the listener of its key (the key must not be bound).
+    ///
+    /// # Errors
+    /// When the socket cannot be duplicated for a round-robin accept task, or there is none.
+    pub fn adopt(&mut self, adopt: Adopt) -> Result<Bound, ListenError> {
+        let key = ListenKey {
+            target: adopt.target.clone(),
+            ordinal: adopt.ordinal,
+        };
+        let named = |e: io::Error| ListenError::new(&key.target, e);
+        let first_slot = adopt.slots.first().map(|(_, fd)| fd.as_fd());
+        let address = match (&adopt.socket, first_slot) {
+            (Some(fd), _) => handle::check_bound(fd.as_fd()),
+            (None, Some(fd)) => handle::check_bound(fd),
+            (None, None) => Err(io::Error::new(io::ErrorKind::InvalidInput, "no socket")),
+        }
+        .map_err(named)?;
+        // Like the sockets the primary binds: accept tasks and workers never block on them
+        // (systemd passes its sockets blocking).
+        for fd in adopt
+            .socket
+            .iter()
+            .chain(adopt.slots.iter().map(|(_, fd)| fd))
+        {
+            socket2::SockRef::from(fd)
+                .set_nonblocking(true)
+                .map_err(named)?;
+        }
+        if adopt.owned {
+            // A primary that stopped gracefully left its filter refusing new connections on
+            // the sockets it gave systemd's store: this one takes connections again.
+            let sockets = adopt
+                .socket
+                .iter()
+                .chain(adopt.slots.iter().map(|(_, fd)| fd));
+            for fd in sockets {
+                handle::accept_new_connections(fd.as_fd()).map_err(named)?;
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let tcp = matches!(address, BoundAddress::Tcp(_));
+        let (mode, acceptor) = match self.policy {
+            _ if adopt.reuseport && !(tcp && self.policy == SchedulingPolicy::ReusePort) => {
+                return Err(named(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "a reuseport listener cannot be taken over under the {} policy",
+                        self.policy
+                    ),
+                )));
+            }
+            SchedulingPolicy::RoundRobin => {
+                let Some(fd) = &adopt.socket else {
+                    return Err(named(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "no socket",
+                    )));
+                };
+                let gate = Gate::new(self.accept_ahead);
+                let dup = fd.as_fd().try_clone_to_owned().map_err(named)?;
+                (
+                    Mode::RoundRobin(RoundRobin::new(gate.clone(), self.accept_ahead)),
+                    Some((dup, gate)),
+                )
+            }
+            // One socket given, not made per slot: it is shared (a systemd socket).
+            SchedulingPolicy::ReusePort if adopt.reuseport => {
+                let mut slots = Slots {
+                    params: ListenParams::default(),
+                    ..Slots::default()
+                };
+                for (slot, fd) in adopt.slots {
+                    slots.group.push(slot);
+                    slots.sockets.insert(slot, fd);
+                }
+                (Mode::ReusePort(slots), None)
+            }
+            _ => (Mode::Shared, None),
+        };
+        let name = adopt.name.clone().unwrap_or_else(|| key.target.to_string());
+        let fdname = adopt.fdname.clone().unwrap_or_else(|| fd_name(&name, id));
+        self.listeners.insert(
+            id,
+            Listener {
+                id,
+                key: key.clone(),
+                name,
+                fdname,
+                address,
+                fd: adopt.socket,
+                pinned: adopt.pinned,
+                owned: adopt.owned,
+                members: BTreeSet::new(),
+                // A socket file the predecessor made is this primary's to remove; systemd's
+                // are systemd's.
+                unlink: match (&key.target, adopt.owned) {
+                    (ListenTarget::Unix(path), true) => Some(path.clone()),
+                    _ => None,
+                },
+                mode,
+            },
+        );
+        self.by_key.insert(key, id);
+        Ok(Bound { id, acceptor })
+    }
+
     pub fn get(&self, id: u64) -> Option<&Listener> {
         self.listeners.get(&id)
     }
@@ -411,6 +543,14 @@ impl Registry {
             .filter(|l| &l.address == address)
             .map(|l| l.id)
             .collect()
+    }
+
+    /// Leaves every Unix socket file in place when the listeners close: another primary serves
+    /// them now (an upgrade).
+    pub fn disarm_unlinks(&mut self) {
+        for l in self.listeners.values_mut() {
+            l.unlink = None;
+        }
     }
 
     /// Closes every listener (removing the Unix socket files the primary created).

@@ -184,6 +184,16 @@ pub struct Settings {
     pub prefix_output: bool,
     /// How many slots a rolling reload replaces at a time.
     pub reload_batch: usize,
+    /// Give pinned listeners to systemd's file-descriptor store (default: when systemd keeps
+    /// one for this service, `$FDSTORE`), so a primary systemd restarts gets them back.
+    pub fd_store: bool,
+    /// Tell systemd `READY=1` the first time every slot's worker is ready (default true). A
+    /// primary taking over from another (an upgrade) holds it until the hand-over is done:
+    /// see [`ClusterHandle::announce_ready`](crate::ClusterHandle::announce_ready).
+    pub announce_ready: bool,
+    /// The generation of the first workers (default 1; a primary that takes over from another
+    /// continues its count).
+    pub generation: u64,
 }
 
 impl Settings {
@@ -212,6 +222,9 @@ impl Settings {
             stop_signal: nix::sys::signal::Signal::SIGTERM,
             prefix_output: true,
             reload_batch: 1,
+            fd_store: crate::systemd::fd_store_enabled(),
+            announce_ready: true,
+            generation: 1,
         })
     }
 
@@ -236,8 +249,16 @@ pub fn inherited_fds() -> &'static [RawFd] {
                     .collect()
             })
             .unwrap_or_default();
-        // The directory's own descriptor was open while it was read; it is closed now.
-        fds.retain(|&fd| netcluster_protocol::fd::is_open(fd));
+        // The directory's own descriptor was open while it was read; it is closed now. What
+        // systemd passed is taken by `--listen systemd` (and the rest closed), and the end of
+        // an upgrade's hand-over is the primary's own: neither is for workers to name.
+        let upgrade: Option<RawFd> = std::env::var(netcluster_protocol::handover::UPGRADE_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let systemd = netcluster_protocol::start::systemd_fd_numbers();
+        fds.retain(|&fd| {
+            netcluster_protocol::fd::is_open(fd) && !systemd.contains(&fd) && Some(fd) != upgrade
+        });
         fds.sort_unstable();
         fds
     })

@@ -55,10 +55,152 @@ impl Supervisor {
         if port0 {
             self.port0_shares += 1;
         }
+        self.store_in_systemd(id);
         self.registry
             .get(id)
             .map(|l| l.address.clone())
             .ok_or_else(|| Error::InvalidInput("the listener closed".into()))
+    }
+
+    /// Takes a listening socket over (systemd's, the store's, a predecessor's) as a pinned
+    /// listener.
+    pub(super) fn adopt(&mut self, adopt: crate::registry::Adopt) -> Result<BoundAddress, Error> {
+        if self.stopping.is_some() {
+            return Err(Error::Stopping);
+        }
+        let key = ListenKey {
+            target: adopt.target.clone(),
+            ordinal: adopt.ordinal,
+        };
+        if self.registry.find(&key).is_some() {
+            return Err(Error::InvalidInput(format!(
+                "{} is already a listener of this primary",
+                key.target
+            )));
+        }
+        let target = key.target.clone();
+        let bound = self.registry.adopt(adopt)?;
+        if let Some((fd, gate)) = bound.acceptor {
+            if let Err(e) = round_robin::spawn_acceptor(
+                bound.id,
+                fd,
+                target.to_string(),
+                gate,
+                self.accepts_tx.clone(),
+            ) {
+                drop(self.registry.remove(bound.id));
+                return Err(Error::Listen(ListenError::new(&target, e)));
+            }
+        }
+        if matches!(&target, ListenTarget::Tcp(a) if a.port() == 0) {
+            self.port0_shares = self.port0_shares.max(key.ordinal.saturating_add(1));
+        }
+        self.store_in_systemd(bound.id);
+        self.registry
+            .get(bound.id)
+            .map(|l| l.address.clone())
+            .ok_or_else(|| Error::InvalidInput("the listener closed".into()))
+    }
+
+    /// This primary is the one serving now (the new primary of an upgrade, after `TakeOver`):
+    /// systemd hears `READY=1` once every worker is ready; the sockets it owns take new
+    /// connections even if the old primary began a stop meanwhile; and the listeners the old
+    /// primary's workers had opened that none of this one's uses close.
+    pub(super) fn took_over(&mut self) {
+        self.settings.announce_ready = true;
+        self.announce_ready_if_ready();
+        for l in self.registry.iter() {
+            if l.owned {
+                for fd in l.listening() {
+                    if let Err(e) = handle::accept_new_connections(fd) {
+                        tracing::debug!(listener = %l.address, "cannot clear a socket filter: {e}");
+                    }
+                }
+            }
+        }
+        let unused: Vec<u64> = self
+            .registry
+            .iter()
+            .filter(|l| !l.pinned && l.members.is_empty())
+            .map(|l| l.id)
+            .collect();
+        for id in unused {
+            self.maybe_close(id);
+        }
+    }
+
+    /// Duplicates of every listener's sockets, with their keys and names, for the primary that
+    /// takes over (an upgrade).
+    pub(super) fn export(&self) -> Result<Vec<crate::command::Exported>, Error> {
+        let mut out = Vec::new();
+        for l in self.registry.iter() {
+            let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+                fd.try_clone_to_owned()
+                    .map_err(|e| Error::io(format!("duplicate the socket of {}", l.address), e))
+            };
+            let socket = l.socket().map(dup).transpose()?;
+            let slots = match &l.mode {
+                Mode::ReusePort(slots) => slots
+                    .group
+                    .iter()
+                    // A slot being retired keeps its socket only until its queue is empty.
+                    .filter(|s| self.slots.contains_key(s))
+                    .filter_map(|&s| slots.get(s).map(|fd| (s, fd)))
+                    .map(|(s, fd)| dup(fd).map(|fd| (s, fd)))
+                    .collect::<Result<Vec<_>, _>>()?,
+                _ => Vec::new(),
+            };
+            out.push(crate::command::Exported {
+                target: l.key.target.clone(),
+                ordinal: l.key.ordinal,
+                name: l.name.clone(),
+                fdname: l.fdname.clone(),
+                pinned: l.pinned,
+                owned: l.owned,
+                reuseport: matches!(l.mode, Mode::ReusePort(_)),
+                socket,
+                slots,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Gives listener `id`'s sockets to systemd's file-descriptor store, when it keeps them:
+    /// the pinned ones this primary (or its predecessor) made — systemd's own sockets are in
+    /// its socket units already. A reuseport listener's slots go as `NAME.slotN`; each socket is
+    /// given once.
+    pub(super) fn store_in_systemd(&mut self, id: u64) {
+        if !self.settings.fd_store {
+            return;
+        }
+        let Some(l) = self.registry.get(id) else {
+            return;
+        };
+        if !l.pinned || !l.owned {
+            return;
+        }
+        let sockets: Vec<(Option<usize>, std::os::fd::BorrowedFd<'_>)> = match &l.mode {
+            Mode::ReusePort(slots) => slots.sockets().map(|(s, fd)| (Some(s), fd)).collect(),
+            _ => l.socket().map(|fd| (None, fd)).into_iter().collect(),
+        };
+        let mut stored = Vec::new();
+        for (slot, fd) in sockets {
+            if self.stored.contains(&(id, slot)) {
+                continue;
+            }
+            let name = match slot {
+                Some(s) => format!("{}.slot{s}", l.fdname),
+                None => l.fdname.clone(),
+            };
+            match crate::systemd::store(fd, &name) {
+                Ok(()) => stored.push((id, slot)),
+                Err(e) => tracing::warn!(
+                    listener = %l.address,
+                    "cannot give the listener to systemd's file-descriptor store: {e}"
+                ),
+            }
+        }
+        self.stored.extend(stored);
     }
 
     /// Binds `key` and starts its accept task if it is round robin.
@@ -180,6 +322,7 @@ impl Supervisor {
         }
         let _ = w.apply(Transition::Listened);
         w.listeners.insert(listener);
+        let new_slot_socket = slot.is_some_and(|s| !self.stored.contains(&(listener, Some(s))));
         let paused = w.ping.is_some();
         if let Some(l) = self.registry.get_mut(listener) {
             l.members.insert(id);
@@ -191,6 +334,9 @@ impl Supervisor {
                     rr.pause(id);
                 }
             }
+        }
+        if new_slot_socket {
+            self.store_in_systemd(listener);
         }
         tracing::info!(worker = id, %address, "worker listening");
         let fd = match key.target {
@@ -406,7 +552,9 @@ impl Supervisor {
             return;
         };
         let fd = l.close_socket();
-        if let (Some(rr), Some(fd)) = (l.round_robin(), &fd) {
+        let handover = self.stopping.as_ref().is_some_and(|s| s.handover);
+        // Under a hand-over the backlog is the next primary's, which accepts from it.
+        if let (false, Some(rr), Some(fd)) = (handover, l.round_robin(), &fd) {
             for _ in 0..BACKLOG_DRAIN {
                 match netcluster_protocol::fd::accept_nonblocking(fd.as_fd()) {
                     Ok(conn) => rr.push_fd(conn),

@@ -36,6 +36,7 @@ use crate::worker::conn::{self, FromWorker, OutFd, SendFailed, WorkerTx};
 use crate::worker::state::{DrainReason, Exit, Phase, Transition};
 
 mod listen;
+mod notify;
 mod ops;
 mod reload;
 mod retire;
@@ -65,6 +66,8 @@ const OVER_LIMIT_STREAK: u32 = 1000;
 /// Hand-offs a worker may let expire in a row before it is killed (it answers pings but not
 /// hand-offs).
 const SILENT_HANDOFFS: u32 = 3;
+/// How often systemd's `STATUS=` line is brought up to date (when it changed).
+const SYSTEMD_STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// Deadlines the loop keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +108,10 @@ enum Timer {
     StopFlush,
     StopKill,
     StopGiveUp,
+    /// `WATCHDOG=1` to systemd.
+    Watchdog,
+    /// `STATUS=` to systemd, when it changed.
+    SystemdStatus,
 }
 
 /// A live worker.
@@ -217,6 +224,8 @@ struct Stopping {
     given_up: bool,
     /// A queue poll is armed.
     polling: bool,
+    /// Another primary took the listeners over (an upgrade): they are left as they are.
+    handover: bool,
 }
 
 /// A dead worker, remembered for look-ups.
@@ -267,6 +276,14 @@ pub(crate) struct Supervisor {
     /// Reuseport slots leaving (scale down), emptied before their sockets close.
     retiring: BTreeMap<usize, retire::Retiring>,
     retire_polling: bool,
+    /// systemd's notification socket, if it listens.
+    notifier: Option<crate::systemd::Notifier>,
+    /// `READY=1` was sent for the start.
+    ready_announced: bool,
+    /// The last `STATUS=` sent.
+    systemd_status: String,
+    /// Sockets given to systemd's file-descriptor store: (listener, slot).
+    stored: std::collections::HashSet<(u64, Option<usize>)>,
 }
 
 impl Supervisor {
@@ -274,6 +291,15 @@ impl Supervisor {
         let (from_workers_tx, from_workers) = mpsc::channel(1024);
         let (accepts_tx, accepts) = mpsc::channel(1024);
         let registry = Registry::new(settings.policy, settings.limits.accept_ahead);
+        let notifier = crate::systemd::Notifier::from_env();
+        let mut timers = DelayQueue::new();
+        if let Some(every) = notifier.as_ref().and_then(|n| n.watchdog_interval()) {
+            timers.insert(Timer::Watchdog, every);
+        }
+        if notifier.is_some() {
+            timers.insert(Timer::SystemdStatus, SYSTEMD_STATUS_EVERY);
+        }
+        let generation = settings.generation.max(1);
         Supervisor {
             settings,
             started: Instant::now(),
@@ -283,7 +309,7 @@ impl Supervisor {
             from_workers,
             accepts_tx,
             accepts,
-            timers: DelayQueue::new(),
+            timers,
             tasks: JoinSet::new(),
             task_workers: HashMap::new(),
             events,
@@ -291,7 +317,7 @@ impl Supervisor {
             graveyard: VecDeque::new(),
             slots: BTreeMap::new(),
             next_id: 1,
-            generation: 1,
+            generation,
             registry,
             counts: Counts::default(),
             handoff_timers: HashMap::new(),
@@ -306,6 +332,10 @@ impl Supervisor {
             last_reload: None,
             retiring: BTreeMap::new(),
             retire_polling: false,
+            notifier,
+            ready_announced: false,
+            systemd_status: String::new(),
+            stored: std::collections::HashSet::new(),
         }
     }
 
@@ -485,6 +515,18 @@ impl Supervisor {
             }
             Command::Stop { mode, reply } => self.stop(mode, reply),
             Command::Reload { reply } => self.reload(reply),
+            Command::Adopt { adopt, reply } => {
+                let _ = reply.send(self.adopt(adopt));
+            }
+            Command::Export { reply } => {
+                let result = self.export().map(|listeners| crate::command::Export {
+                    listeners,
+                    generation: self.generation,
+                    workers: self.slots.len(),
+                });
+                let _ = reply.send(result);
+            }
+            Command::AnnounceReady => self.took_over(),
         }
     }
 
@@ -750,6 +792,21 @@ impl Supervisor {
                 }
                 self.timers
                     .insert(Timer::StopGiveUp, Duration::from_secs(5));
+            }
+            Timer::Watchdog => {
+                if let Some(n) = &self.notifier {
+                    n.watchdog();
+                    if let Some(every) = n.watchdog_interval() {
+                        self.timers.insert(Timer::Watchdog, every);
+                    }
+                }
+            }
+            Timer::SystemdStatus => {
+                if self.notifier.is_some() {
+                    self.send_systemd_status();
+                    self.timers
+                        .insert(Timer::SystemdStatus, SYSTEMD_STATUS_EVERY);
+                }
             }
             Timer::StopGiveUp => {
                 if let Some(s) = &mut self.stopping {

@@ -112,6 +112,7 @@ impl Supervisor {
                 i += 1;
             }
         }
+        self.announce_ready_if_ready();
     }
 
     /// Fails the scales waiting on `slot`'s worker, which exited before it was ready.
@@ -284,13 +285,16 @@ impl Supervisor {
             return;
         }
         tracing::info!(?mode, "stopping");
+        let handover = mode == StopMode::Handover;
         self.stopping = Some(Stopping {
             phase: StopPhase::Refusing,
             replies: reply.into_iter().collect(),
             exits: Vec::new(),
             given_up: false,
             polling: false,
+            handover,
         });
+        self.notify_stopping(handover);
         for (_, slot) in self.slots.iter_mut() {
             if let Some((_, key)) = slot.next_attempt.take() {
                 self.timers.try_remove(&key);
@@ -303,6 +307,13 @@ impl Supervisor {
             let _ = wait.reply.send(Err(Error::Stopping));
         }
         self.abandon_reload();
+        if handover {
+            // The sockets are the next primary's now: nothing is filtered, no socket file is
+            // removed, and nothing waits for the queues it keeps accepting from.
+            self.registry.disarm_unlinks();
+            self.close_listeners();
+            return;
+        }
         // First no new handshake starts on the primary's own sockets; the handshakes under way
         // get a round trip to land in the accept queues, where they will be served.
         for l in self.registry.iter() {
@@ -354,6 +365,9 @@ impl Supervisor {
     /// Whether every shared or reuseport socket the primary owns has an empty accept queue
     /// (the workers took what was there).
     fn queues_empty(&self) -> bool {
+        if self.stopping.as_ref().is_some_and(|s| s.handover) {
+            return true;
+        }
         self.registry.iter().all(|l| {
             matches!(l.mode, Mode::RoundRobin(_))
                 || !l.owned

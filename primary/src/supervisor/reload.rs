@@ -83,6 +83,7 @@ impl Supervisor {
             started: Instant::now(),
             serving: None,
         });
+        self.notify_reloading();
         self.reload_progress();
     }
 
@@ -221,6 +222,7 @@ impl Supervisor {
         for reply in r.replies {
             let _ = reply.send(Ok(report.clone()));
         }
+        self.notify_reload_done(None);
         self.next_reload();
     }
 
@@ -261,6 +263,7 @@ impl Supervisor {
         for reply in r.replies {
             let _ = reply.send(Err(Error::NotReady(message.clone())));
         }
+        self.notify_reload_done(Some(&message));
         self.next_reload();
     }
 

@@ -87,6 +87,18 @@ impl Supervisor {
         let id = self.next_id;
         let kind = self.settings.kind;
         let listeners = self.passed_listeners(slot)?;
+        if self.settings.fd_store && !listeners.is_empty() {
+            // A program's slot sockets were just made: systemd keeps them too.
+            let reuseport: Vec<u64> = self
+                .registry
+                .iter()
+                .filter(|l| matches!(l.mode, Mode::ReusePort(_)))
+                .map(|l| l.id)
+                .collect();
+            for l in reuseport {
+                self.store_in_systemd(l);
+            }
+        }
         let notify_dir = match kind {
             WorkerKind::Program => self.notify_dir()?,
             WorkerKind::Native => std::path::PathBuf::new(),
