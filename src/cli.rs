@@ -62,6 +62,57 @@ pub fn parse_named_listen(s: &str) -> Result<(Option<String>, ListenTarget), Str
     Ok((None, parse_listen(s)?))
 }
 
+/// One `--listen` value of `netcluster serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenSpec {
+    /// `[NAME=]ADDR`: bind it (or take it back from systemd's file-descriptor store).
+    Address {
+        /// The operator's name (`LISTEN_FDNAMES`, `status`).
+        name: Option<String>,
+        /// Where.
+        target: ListenTarget,
+    },
+    /// `systemd`: every socket systemd passed (`LISTEN_FDS`); `systemd:NAME`: those named
+    /// NAME in `LISTEN_FDNAMES` (a socket unit's `FileDescriptorName=`).
+    Systemd(Option<String>),
+}
+
+/// Parses a `--listen` value: `systemd`, `systemd:NAME`, or what [`parse_named_listen`] takes.
+/// (A Unix socket file called `systemd` in the current directory is `./systemd`.)
+///
+/// ```
+/// use netcluster::cli::{parse_listen_spec, ListenSpec};
+/// assert_eq!(parse_listen_spec("systemd:web"), Ok(ListenSpec::Systemd(Some("web".into()))));
+/// assert_eq!(parse_listen_spec("systemd"), Ok(ListenSpec::Systemd(None)));
+/// assert!(parse_listen_spec("systemd:").unwrap_err().contains("name"));
+/// ```
+///
+/// # Errors
+/// What is wrong with the value.
+pub fn parse_listen_spec(s: &str) -> Result<ListenSpec, String> {
+    if s == "systemd" {
+        return Ok(ListenSpec::Systemd(None));
+    }
+    if let Some(name) = s.strip_prefix("systemd:") {
+        if name.is_empty() {
+            return Err(
+                "\"systemd:\" needs a name: systemd:NAME takes the sockets whose \
+                 FileDescriptorName= is NAME (or write systemd for all of them)"
+                    .into(),
+            );
+        }
+        if name.len() > 255 || name.contains(':') || name.chars().any(char::is_control) {
+            return Err(format!(
+                "{s:?}: a systemd socket name is at most 255 characters, without ':' or control \
+                 characters"
+            ));
+        }
+        return Ok(ListenSpec::Systemd(Some(name.to_string())));
+    }
+    let (name, target) = parse_named_listen(s)?;
+    Ok(ListenSpec::Address { name, target })
+}
+
 /// A signal by name, with or without `SIG` (`TERM`, `SIGQUIT`, `int`).
 ///
 /// # Errors
@@ -198,6 +249,32 @@ mod tests {
         assert!(e.contains("the host is empty"), "{e}");
         let e = parse_listen("a\0b").expect_err("nul");
         assert!(e.contains("NUL"), "{e}");
+    }
+
+    #[test]
+    fn systemd_listen_values() {
+        assert_eq!(parse_listen_spec("systemd"), Ok(ListenSpec::Systemd(None)));
+        assert_eq!(
+            parse_listen_spec("systemd:admin"),
+            Ok(ListenSpec::Systemd(Some("admin".into())))
+        );
+        assert!(parse_listen_spec("systemd:").is_err());
+        assert!(parse_listen_spec("systemd:a:b").is_err());
+        assert!(parse_listen_spec(&format!("systemd:{}", "x".repeat(256))).is_err());
+        assert_eq!(
+            parse_listen_spec("./systemd"),
+            Ok(ListenSpec::Address {
+                name: None,
+                target: ListenTarget::Unix("./systemd".into())
+            })
+        );
+        assert_eq!(
+            parse_listen_spec("web=127.0.0.1:80"),
+            Ok(ListenSpec::Address {
+                name: Some("web".into()),
+                target: ListenTarget::Tcp("127.0.0.1:80".parse().expect("addr"))
+            })
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`protocol`]: the wire protocol (crate `netcluster-protocol`).
 //! - [`apps`]: the applications `netcluster serve` runs.
 //! - [`cli`]: the command line's value parsers.
+//! - [`serve`]: how `netcluster serve` matches its `--listen` values with systemd's sockets.
 
 // The README's Rust examples are compiled (not run) as doc tests of this crate.
 #[doc = include_str!("../README.md")]
@@ -20,6 +21,7 @@ pub mod apps;
 pub mod cli;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod serve;
 
 pub use netcluster_protocol as protocol;
 pub use netcluster_worker::net;
@@ -32,7 +34,10 @@ pub mod cluster {
         SendHandle, Settings, Status, StopMode, Timeouts, UserMessage, WorkerHandle, WorkerInfo,
         WorkerKind, WorkerState, inherited_fds,
     };
-    pub use netcluster_primary::{control, registry, signals};
+    pub use netcluster_primary::{
+        Export, Exported, Incoming, UpgradeReport, Upgrader, control, registry, signals, systemd,
+        upgrade,
+    };
     pub use netcluster_worker::cluster::{
         ReceivedHandle, ReceivedServer, Role, StopReason, Worker, is_worker, role, worker,
     };

@@ -4,7 +4,8 @@
 //!   worker processes, which serve a built-in app (the seeds' echo server, or HTTP) on the
 //!   shared sockets. It restarts crashed workers, scales on `SIGTTIN`/`SIGTTOU` and on
 //!   request, stops gracefully on `SIGTERM`/`SIGINT`, and answers on a control socket.
-//! - `netcluster status|scale|stop` talk to a running primary over its control socket.
+//! - `netcluster status|scale|stop|reload|upgrade` talk to a running primary over its control
+//!   socket.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,11 +16,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use netcluster::apps::App;
-use netcluster::cli::{parse_named_listen, parse_secs, parse_signal};
+use netcluster::cli::{ListenSpec, parse_listen_spec, parse_secs, parse_signal};
 use netcluster::cluster::control::{self, Request};
-use netcluster::cluster::{self, Cluster, Readiness, Role, SchedulingPolicy, Settings, WorkerKind};
+use netcluster::cluster::{
+    self, Cluster, Incoming, Readiness, Role, SchedulingPolicy, Settings, Upgrader, WorkerKind,
+};
 use netcluster::net::ListenOptions;
 use netcluster::protocol::message::{ListenParams, ListenTarget};
+use netcluster::serve::{Planned, SERVE_LISTEN_ENV};
 
 /// Node.js-style cluster: a primary shares listening sockets with worker processes.
 #[derive(Debug, Parser)]
@@ -61,6 +65,26 @@ enum Command {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Replace the primary with the netcluster binary now on disk, without closing a listener:
+    /// the new primary takes every socket over and starts its workers, and once they are ready
+    /// the old one drains its own and exits. Returns once the new primary serves (or says why
+    /// not: the old one then serves on).
+    Upgrade {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+/// Whether the primary gives its listeners to systemd's file-descriptor store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FdStore {
+    /// When systemd keeps one for the service ($FDSTORE, set by systemd 254 and later from
+    /// FileDescriptorStoreMax=).
+    Auto,
+    /// Always (systemd before 254 does not say whether it keeps one).
+    Yes,
+    /// Never.
+    No,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -82,10 +106,18 @@ struct ServeArgs {
     workers: Option<u32>,
 
     /// Where to listen: [NAME=]HOST:PORT, [IPV6]:PORT, PORT (every interface) or a Unix socket
-    /// path. Port 0 picks a free port. May be given more than once; a program worker gets them
-    /// at descriptors 3, 4, … in this order, NAME in LISTEN_FDNAMES.
-    #[arg(long, value_name = "ADDR", value_parser = parse_named_listen, default_value = "127.0.0.1:8124")]
-    listen: Vec<(Option<String>, ListenTarget)>,
+    /// path; `systemd` for every socket systemd passed (socket activation), `systemd:NAME` for
+    /// those named NAME (FileDescriptorName=). Port 0 picks a free port. May be given more than
+    /// once; a program worker gets them at descriptors 3, 4, … in this order, NAME in
+    /// LISTEN_FDNAMES.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen_spec, default_value = "127.0.0.1:8124")]
+    listen: Vec<ListenSpec>,
+
+    /// Give the listeners to systemd's file-descriptor store (FileDescriptorStoreMax= in the
+    /// unit), so that a primary systemd restarts after a crash gets the same sockets back and
+    /// connections wait in their queues meanwhile.
+    #[arg(long, value_name = "WHEN", value_enum, default_value = "auto")]
+    fd_store: FdStore,
 
     /// The app the workers run: echo (the seeds' echo server) or http (hello, keep-alive).
     #[arg(long, value_name = "APP", default_value = "echo")]
@@ -181,6 +213,7 @@ fn main() -> ExitCode {
         Command::Scale { workers, control } => runtime.block_on(scale(workers, control)),
         Command::Stop { control } => runtime.block_on(stop(control)),
         Command::Reload { control } => runtime.block_on(reload(control)),
+        Command::Upgrade { control } => runtime.block_on(upgrade(control)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -192,6 +225,12 @@ fn main() -> ExitCode {
 }
 
 async fn primary(args: ServeArgs) -> anyhow::Result<()> {
+    // The binary to start at an upgrade: this path, read now (an install replaces the file
+    // behind it).
+    let upgrader =
+        Upgrader::from_current_exe(args.ready_timeout).context("cannot find this executable")?;
+    // Started by an upgrade: the old primary's listeners, its generation and worker count.
+    let mut incoming = Incoming::receive().await?;
     let mut settings = Settings::from_current_exe().context("cannot find this executable")?;
     if let Some(n) = args.workers {
         settings.workers = n as usize;
@@ -208,6 +247,11 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     settings.stop_signal = args.stop_signal;
     settings.prefix_output = !args.no_prefix;
     settings.reload_batch = args.reload_batch as usize;
+    match args.fd_store {
+        FdStore::Auto => {}
+        FdStore::Yes => settings.fd_store = true,
+        FdStore::No => settings.fd_store = false,
+    }
     if let Some(after) = args.ready_after {
         settings.readiness = Readiness::After(after);
     }
@@ -232,32 +276,93 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // The listeners: handed over by the old primary, or from the --listen values (binding
+    // them, or taking systemd's).
+    let listeners: Vec<Planned> = match &mut incoming {
+        Some(inc) => {
+            settings.generation = inc.generation().saturating_add(1);
+            settings.workers = inc.workers();
+            // systemd hears READY=1 from this primary once it is the main process.
+            settings.announce_ready = false;
+            inc.take_listeners()
+                .into_iter()
+                .map(Planned::Adopt)
+                .collect()
+        }
+        None => {
+            let plan =
+                netcluster::serve::plan(&args.listen, cluster::systemd::sockets(), settings.policy)
+                    .map_err(anyhow::Error::msg)?;
+            for (number, name, fd) in plan.unclaimed {
+                tracing::info!(fd = number, %name, "closing a socket systemd passed that no --listen claims");
+                drop(fd);
+            }
+            plan.listeners
+        }
+    };
+    // The built-in workers listen on the same keys (a systemd socket's is its address).
+    let keys: Vec<&ListenTarget> = listeners.iter().map(Planned::target).collect();
+    settings.env.push((
+        SERVE_LISTEN_ENV.into(),
+        serde_json::to_string(&keys)?.into(),
+    ));
     let workers = settings.workers;
     let mut cluster = Cluster::new(settings);
     // Nothing here reads events: keep none (the log says what happens).
     drop(cluster.take_events());
     let handle = cluster.handle();
+    let ops: Arc<dyn control::Operations> = Arc::new(upgrader.clone());
+    let control_path = args.control.clone().unwrap_or_else(control::default_path);
     // The control socket first: a second primary on the same path fails before it binds
     // anything, and once `listening on` is printed the primary answers `netcluster status`.
-    let control_path = args.control.clone().unwrap_or_else(control::default_path);
-    let control = control::serve(
-        &control_path,
-        handle.clone(),
-        Arc::new(control::NoOperations),
-    )?;
-    tracing::info!("control socket at {}", control.path().display());
+    // A primary taking over from an upgrade serves it only once it is the primary.
+    let mut control = match &incoming {
+        Some(_) => None,
+        None => {
+            let c = control::serve(&control_path, handle.clone(), ops.clone())?;
+            tracing::info!("control socket at {}", c.path().display());
+            Some(c)
+        }
+    };
+    let mut failure = None;
     {
         let mut out = std::io::stdout().lock();
-        for (name, target) in &args.listen {
-            let address = handle
-                .share(target.clone(), ListenParams::default(), name.clone())
-                .await?;
-            writeln!(out, "listening on {address}")?;
+        for planned in listeners {
+            let address = match planned {
+                Planned::Share { name, target } => {
+                    handle.share(target, ListenParams::default(), name).await
+                }
+                Planned::Adopt(adopt) => handle.adopt(adopt).await,
+            };
+            match address {
+                Ok(address) => writeln!(out, "listening on {address}")?,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
         }
         out.flush()?;
     }
-    cluster::signals::spawn(handle.clone(), cluster::signals::Hooks::default())
-        .context("cannot install signal handlers")?;
+    if let Some(e) = failure {
+        if let Some(inc) = incoming {
+            return abandon_upgrade(inc, &mut cluster, &e.to_string()).await;
+        }
+        return Err(e.into());
+    }
+    let hooks = |upgrader: Upgrader| cluster::signals::Hooks {
+        upgrade: Some(Box::new(move |cluster| {
+            let upgrader = upgrader.clone();
+            tokio::spawn(async move {
+                // The outcome is logged by the upgrader.
+                let _ = upgrader.upgrade(&cluster).await;
+            });
+        })),
+    };
+    if incoming.is_none() {
+        cluster::signals::spawn(handle.clone(), hooks(upgrader.clone()))
+            .context("cannot install signal handlers")?;
+    }
     match cluster.settings().kind {
         WorkerKind::Program => tracing::info!(
             workers,
@@ -272,22 +377,69 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
             "starting workers"
         ),
     }
-    match handle.scale(workers).await {
+    let scaled = handle.scale(workers).await;
+    match &scaled {
         Ok(_) => tracing::info!("{workers} workers ready"),
         Err(e) => tracing::error!("workers not ready: {e}"),
     }
+    if let Some(inc) = incoming {
+        // The new primary of an upgrade: ready, then it takes over (or is called off).
+        if let Err(e) = scaled {
+            return abandon_upgrade(inc, &mut cluster, &e.to_string()).await;
+        }
+        if let Err(e) = inc.ready().await {
+            handle.hand_over().await.ok();
+            cluster.wait().await;
+            return Err(e.into());
+        }
+        match control::serve_replacing(&control_path, handle.clone(), ops.clone()) {
+            Ok(c) => control = Some(c),
+            Err(e) => {
+                return abandon_upgrade(inc, &mut cluster, &e.to_string()).await;
+            }
+        }
+        inc.serving().await;
+        handle.announce_ready().await;
+        cluster::signals::spawn(handle.clone(), hooks(upgrader.clone()))
+            .context("cannot install signal handlers")?;
+        tracing::info!("took over: this is the primary now");
+    }
     cluster.wait().await;
-    control.close(Duration::from_secs(2)).await;
+    if let Some(c) = control {
+        c.close(Duration::from_secs(2)).await;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The new primary of an upgrade cannot take over: it tells the old one (which serves on),
+/// stops its workers without touching a socket, and exits with the reason.
+async fn abandon_upgrade(inc: Incoming, cluster: &mut Cluster, why: &str) -> anyhow::Result<()> {
+    inc.failed(why).await;
+    cluster.handle().hand_over().await.ok();
+    cluster.wait().await;
+    bail!("cannot take over from the old primary: {why}")
 }
 
 async fn worker(args: ServeArgs) -> anyhow::Result<()> {
     let me = cluster::worker()
         .await?
         .context("started as a worker without a channel")?;
+    // The primary's keys: a `systemd:NAME` value is the address systemd's socket is bound to.
+    let targets: Vec<ListenTarget> = match std::env::var(SERVE_LISTEN_ENV) {
+        Ok(json) => serde_json::from_str(&json)
+            .with_context(|| format!("{SERVE_LISTEN_ENV} from the primary"))?,
+        Err(_) => args
+            .listen
+            .iter()
+            .filter_map(|spec| match spec {
+                ListenSpec::Address { target, .. } => Some(target.clone()),
+                ListenSpec::Systemd(_) => None,
+            })
+            .collect(),
+    };
     let mut servers = Vec::new();
-    for (_, target) in &args.listen {
+    for target in &targets {
         let server = args.app.server(Some(me.clone()));
         server.listen(listen_options(target)).await?;
         servers.push(server);
@@ -357,6 +509,23 @@ async fn reload(control: ControlArgs) -> anyhow::Result<()> {
         report.generation,
         report.took_ms,
         report.serving_ms
+    );
+    Ok(())
+}
+
+async fn upgrade(control: ControlArgs) -> anyhow::Result<()> {
+    let value = ask(&control, Request::Upgrade).await?;
+    let report: cluster::UpgradeReport =
+        serde_json::from_value(value).context("the primary's reply has an unknown shape")?;
+    println!(
+        "upgraded: primary {} → {} (generation {}), {} listeners ({} sockets) handed over in {} ms; \
+         the old primary drains its workers and exits",
+        report.old_pid,
+        report.new_pid,
+        report.generation,
+        report.listeners,
+        report.sockets,
+        report.took_ms
     );
     Ok(())
 }
