@@ -39,7 +39,7 @@ fn reload_under_load(args: &[&str]) {
     let addr = listening_addr(&mut r);
     wait_workers_listening(&r, 2);
     // Idle to idle: under round robin the primary holds the connections it is handing off.
-    let fds_before = fd_count(r.pid);
+    let fds_before = settled_fd_count(r.pid);
     let load = HttpLoad::start(addr, 3, 3, Duration::from_millis(2));
     load.wait_for_more(100, T);
     let mut generations = Vec::new();

@@ -412,6 +412,20 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
     }
 }
 
+/// `check` until it gives a value, or `None` after `timeout`.
+pub fn eventually_or<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// What a client load saw: every request counted.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
@@ -717,6 +731,20 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Descriptors process `pid` holds once the count is steady (the same over 200 ms): a control
+/// client just answered leaves its connection open for a moment.
+pub fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid);
+    loop {
+        thread::sleep(Duration::from_millis(200));
+        let now = fd_count(pid);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// The pids of `r`'s workers, by slot.
 pub fn worker_pids_of(r: &Running) -> Vec<u32> {
     let s = status_json(r);
@@ -728,4 +756,45 @@ pub fn worker_pids_of(r: &Running) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A copy of the `netcluster` binary in `dir`, to be replaced by an upgrade test the way an
+/// install does (a new file renamed over the path).
+pub fn copy_binary(dir: &Path) -> PathBuf {
+    let path = dir.join("netcluster");
+    std::fs::copy(netcluster_bin(), &path).expect("copy the binary");
+    path
+}
+
+/// Replaces the file at `path` with `contents` (mode 0755) the way an install does: written
+/// beside it, then renamed over it (a running binary cannot be written in place).
+pub fn install_over(path: &Path, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let beside = path.with_extension("new");
+    std::fs::write(&beside, contents).expect("write the new binary");
+    std::fs::set_permissions(&beside, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&beside, path).expect("rename over");
+}
+
+/// The pid of `r`'s primary now (it changes with an upgrade).
+pub fn primary_pid(r: &Running) -> u32 {
+    status_json(r)["pid"].as_u64().expect("pid") as u32
+}
+
+/// What each descriptor of process `pid` is (`readlink /proc/PID/fd/N`), by number.
+pub fn fd_table(pid: u32) -> BTreeMap<u32, String> {
+    let dir = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(d) => d,
+        Err(e) => {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            return BTreeMap::from([(u32::MAX, format!("cannot read: {e}; status: {status}"))]);
+        }
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let n: u32 = e.file_name().to_str()?.parse().ok()?;
+        let target = std::fs::read_link(e.path()).ok()?;
+        Some((n, target.to_string_lossy().into_owned()))
+    })
+    .collect()
 }
