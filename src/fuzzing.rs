@@ -104,12 +104,19 @@ pub fn control_request(data: &[u8]) {
     }
 }
 
-/// One `--listen` value (never resolving host names): no panic, and a Unix path that is
-/// accepted fits in `sun_path`.
+/// One `--listen` value (never resolving host names): no panic, a Unix path that is accepted
+/// fits in `sun_path`, and a `systemd:NAME` accepted has a name systemd could have given.
 pub fn listen_value(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {
         return;
     };
+    if s == "systemd" || s.starts_with("systemd:") {
+        // Never resolves: `systemd[:NAME]` is decided before any address is parsed.
+        if let Ok(crate::cli::ListenSpec::Systemd(Some(name))) = crate::cli::parse_listen_spec(s) {
+            assert!(!name.is_empty() && name.len() <= 255 && !name.contains(':'));
+        }
+        return;
+    }
     let parsed = crate::cli::parse_listen_with(s, |_, _| Err("no resolver here".into()));
     if let Ok(crate::protocol::message::ListenTarget::Unix(p)) = parsed {
         assert!(p.as_os_str().len() <= crate::protocol::handle::MAX_UNIX_PATH);

@@ -517,14 +517,17 @@ async fn upgrade(control: ControlArgs) -> anyhow::Result<()> {
     let value = ask(&control, Request::Upgrade).await?;
     let report: cluster::UpgradeReport =
         serde_json::from_value(value).context("the primary's reply has an unknown shape")?;
+    let plural = |n: usize, one: &'static str, many: &'static str| if n == 1 { one } else { many };
     println!(
-        "upgraded: primary {} → {} (generation {}), {} listeners ({} sockets) handed over in {} ms; \
+        "upgraded: primary {} → {} (generation {}), {} {} ({} {}) handed over in {} ms; \
          the old primary drains its workers and exits",
         report.old_pid,
         report.new_pid,
         report.generation,
         report.listeners,
+        plural(report.listeners, "listener", "listeners"),
         report.sockets,
+        plural(report.sockets, "socket", "sockets"),
         report.took_ms
     );
     Ok(())
@@ -536,6 +539,9 @@ async fn stop(control: ControlArgs) -> anyhow::Result<()> {
         .get("workers_exited")
         .and_then(serde_json::Value::as_u64)
         .unwrap_or(0);
-    println!("stopped ({n} workers exited)");
+    println!(
+        "stopped ({n} {} exited)",
+        if n == 1 { "worker" } else { "workers" }
+    );
     Ok(())
 }

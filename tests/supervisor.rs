@@ -366,7 +366,7 @@ fn stop_waits_for_an_open_connection_but_not_past_the_deadline() {
     let t = Instant::now();
     let (status, out, err) = ctl(&r, &["stop"]);
     assert!(status.success(), "{out}{err}");
-    assert!(out.contains("stopped (1 workers exited)"), "{out}");
+    assert!(out.contains("stopped (1 worker exited)"), "{out}");
     let elapsed = t.elapsed();
     // The idle connection held the worker until the 1 s deadline, not the 10 s default.
     assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");

@@ -117,7 +117,11 @@ impl Upgrader {
     pub fn from_current_exe(ready_timeout: Duration) -> std::io::Result<Upgrader> {
         let mut args = std::env::args_os();
         let exe = match args.next().map(PathBuf::from) {
-            Some(p) if p.components().count() > 1 => std::env::current_dir()?.join(p),
+            // `./netcluster` stays a path (`/srv/app/netcluster`, not `/srv/app/./netcluster`):
+            // `components` leaves out the `.`.
+            Some(p) if p.components().count() > 1 => {
+                std::env::current_dir()?.join(p).components().collect()
+            }
             _ => std::env::current_exe()?,
         };
         Ok(Upgrader::new(exe, args.collect(), ready_timeout))
@@ -208,7 +212,12 @@ impl Upgrader {
         };
         let sockets = match up.within(HANDOVER_TIMEOUT, handover).await {
             Ok(Ok(n)) => n,
-            Ok(Err(why)) | Err(why) => return Err(up.abort(why).await),
+            Ok(Err(why)) => {
+                // A channel error because the process is gone says less than that it is gone.
+                let why = up.exited_instead(why, "before it took the hand-over").await;
+                return Err(up.abort(why).await);
+            }
+            Err(why) => return Err(up.abort(why).await),
         };
         up.acknowledged = true;
         // Its workers start and get ready.
@@ -230,7 +239,12 @@ impl Upgrader {
                     .reap("the new primary closed the hand-over before it was ready".into())
                     .await);
             }
-            Ok(Err(e)) => return Err(up.abort(format!("hand-over channel: {e}")).await),
+            Ok(Err(e)) => {
+                let why = up
+                    .exited_instead(format!("hand-over channel: {e}"), "before it was ready")
+                    .await;
+                return Err(up.abort(why).await);
+            }
             Err(why) => return Err(up.abort(why).await),
         }
         if cluster.status().await.map_or(true, |s| s.stopping) {
@@ -312,6 +326,17 @@ impl Upgrade<'_> {
             () = tokio::time::sleep(limit) => Err(format!(
                 "the new primary did not answer within {limit:?}"
             )),
+        }
+    }
+
+    /// `why`, or that the new primary exited `when` if it has (its exit status follows in the
+    /// error).
+    /// A process closes its descriptors a moment before it is a zombie: a peer that reset
+    /// the channel is given 100 ms to be seen exiting.
+    async fn exited_instead(&mut self, why: String, when: &str) -> String {
+        match tokio::time::timeout(Duration::from_millis(100), self.child.wait()).await {
+            Ok(Ok(_)) => format!("the new primary exited {when}"),
+            _ => why,
         }
     }
 
