@@ -9,20 +9,12 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
 
 const T: Duration = Duration::from_secs(60);
 const RELOADS: usize = 20;
-
-fn node_app() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/node-worker/app.js")
-        .to_string_lossy()
-        .into_owned()
-}
 
 fn reload_under_load(args: &[&str]) {
     let mut all = vec![

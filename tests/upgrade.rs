@@ -21,13 +21,6 @@ use common::*;
 const T: Duration = Duration::from_secs(60);
 const UPGRADES: usize = 5;
 
-fn node_app() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/node-worker/app.js")
-        .to_string_lossy()
-        .into_owned()
-}
-
 fn upgrade_under_load(args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let bin = copy_binary(dir.path());

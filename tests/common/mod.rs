@@ -798,3 +798,11 @@ pub fn fd_table(pid: u32) -> BTreeMap<u32, String> {
     })
     .collect()
 }
+
+/// The path of the Node.js example program (`examples/node-worker/app.js`).
+pub fn node_app() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/node-worker/app.js")
+        .to_string_lossy()
+        .into_owned()
+}
