@@ -449,8 +449,9 @@ impl LoadReport {
     }
 }
 
-/// A steady client load on the echo app, in threads of the test: each client connects, reads
-/// `hello\r\n`, sends a line, reads it back and closes, then pauses and does it again.
+/// A steady client load in threads of the test: echo clients ([`Load::echo`]: connect, read
+/// `hello\r\n`, send a line, read it back, close, pause, again) or HTTP clients
+/// ([`Load::start`], also known as [`HttpLoad`]). Every request is counted.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -581,20 +582,13 @@ pub fn wait_workers_listening(r: &Running, n: usize) -> serde_json::Value {
 /// A steady mixed HTTP load: `fresh` clients open a new connection per request (`Connection:
 /// close`), `kept` clients keep one connection for many requests (reconnecting only when the
 /// server says `Connection: close`). Every request is counted; nothing is retried.
-pub struct HttpLoad {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    threads: Vec<thread::JoinHandle<LoadReport>>,
-}
+///
+/// The same client threads as [`Load`] (counted, waited for and stopped the same way).
+pub type HttpLoad = Load;
 
-impl HttpLoad {
+impl Load {
     /// Starts the clients; each pauses `pause` between requests.
-    pub fn start(
-        addr: std::net::SocketAddr,
-        fresh: usize,
-        kept: usize,
-        pause: Duration,
-    ) -> HttpLoad {
+    pub fn start(addr: std::net::SocketAddr, fresh: usize, kept: usize, pause: Duration) -> Load {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let ok = std::sync::Arc::new(AtomicU64::new(0));
@@ -630,30 +624,7 @@ impl HttpLoad {
                 report
             }));
         }
-        HttpLoad { stop, ok, threads }
-    }
-
-    /// Requests answered so far.
-    pub fn ok_so_far(&self) -> u64 {
-        self.ok.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Waits until `more` further requests have been answered.
-    pub fn wait_for_more(&self, more: u64, timeout: Duration) {
-        let target = self.ok_so_far() + more;
-        eventually(timeout, "the HTTP load to make progress", || {
-            (self.ok_so_far() >= target).then_some(())
-        });
-    }
-
-    /// Stops the clients and returns what they saw.
-    pub fn stop(self) -> LoadReport {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let mut total = LoadReport::default();
-        for t in self.threads {
-            total.merge(t.join().expect("client thread"));
-        }
-        total
+        Load { stop, ok, threads }
     }
 }
 
