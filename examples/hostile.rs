@@ -402,14 +402,14 @@ async fn hostile(attack: &str) -> std::io::Result<()> {
                                 for seq in 0..10_000u64 {
                                     let _ = send(ToPrimary::Accepted {
                                         handle: 1000 + seq % 7,
-                                        seq,
-                                        accepted: seq % 2 == 0,
+                                        accepted: vec![seq],
+                                        refused: vec![seq + 1],
                                     })
                                     .await;
                                     let _ = send(ToPrimary::Accepted {
                                         handle: 1,
-                                        seq: u64::MAX - seq,
-                                        accepted: true,
+                                        accepted: (0..64).map(|i| u64::MAX - seq - i).collect(),
+                                        refused: vec![u64::MAX - seq; 64],
                                     })
                                     .await;
                                     let _ = send(ToPrimary::CountReply {
@@ -512,11 +512,11 @@ async fn serve_badly(ch: &Channel, how: Badly) -> std::io::Result<()> {
             ToWorker::Ping { seq } => {
                 let _ = reply(ToPrimary::Pong { seq }).await;
             }
-            ToWorker::Connection { handle, seq, .. } if how != Badly::NoAcks => {
+            ToWorker::Connections { handle, seqs, .. } if how != Badly::NoAcks => {
                 let _ = reply(ToPrimary::Accepted {
                     handle,
-                    seq,
-                    accepted: false,
+                    accepted: Vec::new(),
+                    refused: seqs,
                 })
                 .await;
             }

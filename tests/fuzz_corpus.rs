@@ -134,8 +134,8 @@ fn write_seed_corpus() {
         },
         ToPrimary::Accepted {
             handle: 1,
-            seq: 9,
-            accepted: true,
+            accepted: vec![9, 10],
+            refused: Vec::new(),
         },
         ToPrimary::Pong { seq: 2 },
         ToPrimary::Stats {
@@ -157,9 +157,9 @@ fn write_seed_corpus() {
             address: BoundAddress::Tcp("127.0.0.1:8124".parse().unwrap()),
             grant: Grant::RoundRobin { handle: 1 },
         },
-        ToWorker::Connection {
+        ToWorker::Connections {
             handle: 1,
-            seq: 9,
+            seqs: vec![9],
             expires_ms: 123_456,
         },
         ToWorker::CountResult {

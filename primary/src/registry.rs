@@ -77,7 +77,7 @@ impl std::fmt::Display for SchedulingPolicy {
 #[derive(Debug)]
 pub(crate) enum Mode {
     Shared,
-    RoundRobin(RoundRobin),
+    RoundRobin(Box<RoundRobin>),
     /// The listener's own socket is a bound, never listening reservation of the port; each
     /// slot has its own `SO_REUSEPORT` socket on it, which belongs to the slot (the primary
     /// keeps it, so a worker that exits or is replaced never closes it and its queued
@@ -310,7 +310,7 @@ impl Registry {
             None => None,
         };
         let mode = match (mode, self.policy) {
-            (Some(gate), _) => Mode::RoundRobin(RoundRobin::new(gate, self.accept_ahead)),
+            (Some(gate), _) => Mode::RoundRobin(Box::new(RoundRobin::new(gate, self.accept_ahead))),
             (None, SchedulingPolicy::ReusePort) if tcp => Mode::ReusePort(Slots {
                 params: params.clone(),
                 ..Slots::default()
@@ -405,7 +405,7 @@ impl Registry {
                 let gate = Gate::new(self.accept_ahead);
                 let dup = fd.as_fd().try_clone_to_owned().map_err(named)?;
                 (
-                    Mode::RoundRobin(RoundRobin::new(gate.clone(), self.accept_ahead)),
+                    Mode::RoundRobin(Box::new(RoundRobin::new(gate.clone(), self.accept_ahead))),
                     Some((dup, gate)),
                 )
             }

@@ -4,8 +4,11 @@
 //! This module holds the state machine ([`RoundRobin`]) — pure bookkeeping the supervisor
 //! drives, unit-tested without processes — and the accept task ([`spawn_acceptor`]).
 //!
-//! - At most one hand-off is in flight per worker: a worker is offered the next connection
-//!   only after it answered the previous one.
+//! - Each connection goes to the worker in turn with the fewest hand-offs in flight, at most
+//!   [`WINDOW`] of them: with no load that is plain round robin, one at a time; under load
+//!   several connections travel in one message ([`BATCH`] descriptors in one `sendmsg`) and
+//!   the worker answers them in one message, which is where the primary's cost per
+//!   connection goes down.
 //! - A worker answers accepted or not accepted (it is closing, or at `maxConnections`); a
 //!   connection that is not accepted goes to another worker, and one that every worker refused
 //!   is closed.
@@ -14,12 +17,12 @@
 //! - A hand-off has a deadline. Past it the connection goes to another worker and the silent
 //!   worker is paused (out of the rotation) until it proves alive; the worker itself refuses
 //!   a hand-off it reads after the deadline, so a connection is never served twice.
-//! - The accept task takes at most [`Gate`]'s limit of connections ahead of the workers (one
-//!   per worker in rotation plus a few); the rest wait in the kernel's backlog. Accept errors
+//! - The accept task takes at most [`Gate`]'s limit of connections ahead of the workers (a
+//!   window per worker in rotation plus a few); the rest wait in the kernel's backlog. Accept errors
 //!   (`EMFILE`, `ECONNABORTED`) back the accept task off without delaying hand-offs, which the
 //!   supervisor does.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -212,6 +215,16 @@ async fn run_acceptor(
     }
 }
 
+/// Connections in flight to one worker at most: sent and not answered yet. Under load a
+/// worker has several, so hand-offs travel several to a message and answers come back several
+/// to a message; an idle worker is still preferred (see [`RoundRobin::next_batches`]).
+pub(crate) const WINDOW: usize = 8;
+
+/// Connections in one message at most (within the channel's descriptor limit).
+pub(crate) const BATCH: usize = 8;
+
+const _: () = assert!(BATCH <= netcluster_protocol::fd::MAX_FDS_PER_MESSAGE);
+
 #[derive(Debug)]
 struct Waiting {
     conn: Conn,
@@ -221,16 +234,29 @@ struct Waiting {
 
 #[derive(Debug)]
 struct InFlight {
-    seq: u64,
+    worker: u32,
+    /// The message it went in (its first hand-off number).
+    batch: u64,
     waiting: Waiting,
 }
 
-/// A hand-off to make: send `fd` to `worker` as hand-off `seq` of this listener.
+/// One message's hand-offs still unanswered.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    worker: u32,
+    /// Its last hand-off number.
+    last: u64,
+    unanswered: usize,
+}
+
+/// Hand-offs to make in one message: send `fds` to `worker` as hand-offs `seqs` of this
+/// listener. `id` (the first number) names the message for [`RoundRobin::expire`].
 #[derive(Debug)]
-pub(crate) struct Handoff {
+pub(crate) struct Batch {
     pub worker: u32,
-    pub seq: u64,
-    pub fd: Arc<OwnedFd>,
+    pub id: u64,
+    pub seqs: Vec<u64>,
+    pub fds: Vec<Arc<OwnedFd>>,
 }
 
 /// An answer that does not match a hand-off in flight.
@@ -248,66 +274,127 @@ pub(crate) struct RoundRobin {
     ahead: usize,
     /// Workers in the rotation.
     members: BTreeSet<u32>,
-    /// Members with no hand-off in flight, in turn order.
-    free: VecDeque<u32>,
+    /// Members not paused, in turn order: the next connection goes to the first of those with
+    /// the fewest in flight, which then moves to the back.
+    turn: VecDeque<u32>,
     /// Members out of the rotation until they prove alive.
     paused: BTreeSet<u32>,
     pending: VecDeque<Waiting>,
-    in_flight: HashMap<u32, InFlight>,
+    in_flight: BTreeMap<u64, InFlight>,
+    /// Connections in flight per worker (at most [`WINDOW`]).
+    load: HashMap<u32, usize>,
+    /// Messages with hand-offs still unanswered, by id.
+    sent: HashMap<u64, Sent>,
     next_seq: u64,
     /// Connections closed because every worker refused them.
     pub refused_closed: u64,
 }
 
 impl RoundRobin {
-    /// A listener whose accept task takes at most `ahead` connections beyond one per member.
+    /// A listener whose accept task takes at most `ahead` connections beyond the workers'
+    /// windows.
     pub fn new(gate: Arc<Gate>, ahead: usize) -> RoundRobin {
         gate.set_limit(ahead);
         RoundRobin {
             gate,
             ahead,
             members: BTreeSet::new(),
-            free: VecDeque::new(),
+            turn: VecDeque::new(),
             paused: BTreeSet::new(),
             pending: VecDeque::new(),
-            in_flight: HashMap::new(),
+            in_flight: BTreeMap::new(),
+            load: HashMap::new(),
+            sent: HashMap::new(),
             next_seq: 0,
             refused_closed: 0,
         }
     }
 
     fn update_limit(&self) {
-        self.gate
-            .set_limit(self.members.len().saturating_add(self.ahead));
+        self.gate.set_limit(
+            self.members
+                .len()
+                .saturating_mul(WINDOW)
+                .saturating_add(self.ahead),
+        );
     }
 
     /// Worker `id` joins the rotation.
     pub fn join(&mut self, id: u32) {
         if self.members.insert(id) {
-            self.free.push_back(id);
+            self.turn.push_back(id);
             self.update_limit();
         }
     }
 
-    /// Worker `id` leaves (closed its server, is draining, died): a connection handed to it
-    /// and not yet accepted goes to the next worker.
+    /// Takes hand-off `seq` out of flight: the worker's load and its message's count go down.
+    /// Returns it and, if it was its message's last, the message's id.
+    fn land(&mut self, seq: u64) -> Option<(InFlight, Option<u64>)> {
+        let f = self.in_flight.remove(&seq)?;
+        if let Some(n) = self.load.get_mut(&f.worker) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.load.remove(&f.worker);
+            }
+        }
+        let mut done = None;
+        if let Some(s) = self.sent.get_mut(&f.batch) {
+            s.unanswered = s.unanswered.saturating_sub(1);
+            if s.unanswered == 0 {
+                self.sent.remove(&f.batch);
+                done = Some(f.batch);
+            }
+        }
+        Some((f, done))
+    }
+
+    /// Puts every connection in flight to `worker` (in message `batch` only, if given) back at
+    /// the front of the queue, in order; with `refused`, marked as refused by it.
+    fn requeue(&mut self, worker: u32, batch: Option<u64>, refused: bool) -> usize {
+        let seqs: Vec<u64> = match batch.and_then(|b| self.sent.get(&b).map(|s| (b, s.last))) {
+            Some((first, last)) => self
+                .in_flight
+                .range(first..=last)
+                .filter(|(_, f)| f.worker == worker && f.batch == first)
+                .map(|(&seq, _)| seq)
+                .collect(),
+            None if batch.is_some() => Vec::new(),
+            None => self
+                .in_flight
+                .iter()
+                .filter(|(_, f)| f.worker == worker)
+                .map(|(&seq, _)| seq)
+                .collect(),
+        };
+        for &seq in seqs.iter().rev() {
+            if let Some((f, _)) = self.land(seq) {
+                let mut waiting = f.waiting;
+                if refused {
+                    waiting.refused.push(worker);
+                }
+                self.pending.push_front(waiting);
+            }
+        }
+        seqs.len()
+    }
+
+    /// Worker `id` leaves (closed its server, is draining, died): the connections handed to it
+    /// and not yet accepted go to the next workers.
     pub fn leave(&mut self, id: u32) {
         self.members.remove(&id);
         self.paused.remove(&id);
-        self.free.retain(|&w| w != id);
-        if let Some(lost) = self.in_flight.remove(&id) {
-            self.pending.push_front(lost.waiting);
-        }
+        self.turn.retain(|&w| w != id);
+        self.requeue(id, None, false);
         self.update_limit();
     }
 
-    /// Worker `id` is stopping: it gets no new connection, but a hand-off in flight to it stays
-    /// in flight until it answers (it may still accept it), the hand-off expires, or it dies —
-    /// so a connection is never given to two workers.
+    /// Worker `id` is stopping: it gets no new connection, but hand-offs in flight to it stay
+    /// in flight until it answers (it may still accept them), they expire, or it dies — so a
+    /// connection is never given to two workers.
     pub fn retire(&mut self, id: u32) {
         self.members.remove(&id);
         self.paused.remove(&id);
-        self.free.retain(|&w| w != id);
+        self.turn.retain(|&w| w != id);
         self.update_limit();
     }
 
@@ -315,18 +402,14 @@ impl RoundRobin {
     pub fn pause(&mut self, id: u32) {
         if self.members.contains(&id) {
             self.paused.insert(id);
-            self.free.retain(|&w| w != id);
+            self.turn.retain(|&w| w != id);
         }
     }
 
-    /// Worker `id` proved alive: back in turn (once its hand-off in flight is answered).
+    /// Worker `id` proved alive: back in turn.
     pub fn resume(&mut self, id: u32) {
-        if self.paused.remove(&id)
-            && self.members.contains(&id)
-            && !self.in_flight.contains_key(&id)
-            && !self.free.contains(&id)
-        {
-            self.free.push_back(id);
+        if self.paused.remove(&id) && self.members.contains(&id) && !self.turn.contains(&id) {
+            self.turn.push_back(id);
         }
     }
 
@@ -347,11 +430,14 @@ impl RoundRobin {
         self.push(conn);
     }
 
-    /// The next hand-off to make, if a connection waits and a worker is free. A connection
-    /// that every member refused is closed on the way.
-    pub fn next(&mut self) -> Option<Handoff> {
-        loop {
-            let front = self.pending.front()?;
+    /// The hand-offs to make now, grouped in messages: each waiting connection, in order, goes
+    /// to the worker in turn with the fewest in flight (below [`WINDOW`]) that has not refused
+    /// it, which then moves to the back of the turn. With no load this is plain round robin;
+    /// under load every worker's window fills, and a worker that is slow to answer gets fewer.
+    /// A connection that every member refused is closed on the way.
+    pub fn next_batches(&mut self) -> Vec<Batch> {
+        let mut out: Vec<Batch> = Vec::new();
+        while let Some(front) = self.pending.front() {
             if !self.members.is_empty() && self.members.iter().all(|m| front.refused.contains(m)) {
                 self.pending.pop_front();
                 self.refused_closed = self.refused_closed.saturating_add(1);
@@ -360,27 +446,76 @@ impl RoundRobin {
                 );
                 continue;
             }
-            let pos = self.free.iter().position(|w| !front.refused.contains(w))?;
-            let worker = self.free.remove(pos)?;
-            let waiting = self.pending.pop_front()?;
+            let mut best: Option<(usize, usize)> = None;
+            for (pos, w) in self.turn.iter().enumerate() {
+                let load = self.load.get(w).copied().unwrap_or(0);
+                if load >= WINDOW || front.refused.contains(w) {
+                    continue;
+                }
+                if best.is_none_or(|(_, b)| load < b) {
+                    best = Some((pos, load));
+                    if load == 0 {
+                        break;
+                    }
+                }
+            }
+            let Some((pos, _)) = best else {
+                break;
+            };
+            let Some(worker) = self.turn.remove(pos) else {
+                break;
+            };
+            self.turn.push_back(worker);
+            let Some(waiting) = self.pending.pop_front() else {
+                break;
+            };
             self.next_seq = self.next_seq.wrapping_add(1);
             let seq = self.next_seq;
-            let fd = waiting.conn.fd.clone();
-            self.in_flight.insert(worker, InFlight { seq, waiting });
-            return Some(Handoff { worker, seq, fd });
+            *self.load.entry(worker).or_default() += 1;
+            let i = match out
+                .iter()
+                .position(|b| b.worker == worker && b.seqs.len() < BATCH)
+            {
+                Some(i) => i,
+                None => {
+                    out.push(Batch {
+                        worker,
+                        id: seq,
+                        seqs: Vec::with_capacity(1),
+                        fds: Vec::with_capacity(1),
+                    });
+                    out.len() - 1
+                }
+            };
+            let batch = &mut out[i];
+            batch.seqs.push(seq);
+            batch.fds.push(waiting.conn.fd.clone());
+            self.in_flight.insert(
+                seq,
+                InFlight {
+                    worker,
+                    batch: batch.id,
+                    waiting,
+                },
+            );
         }
+        for b in &out {
+            self.sent.insert(
+                b.id,
+                Sent {
+                    worker: b.worker,
+                    last: b.seqs.last().copied().unwrap_or(b.id),
+                    unanswered: b.seqs.len(),
+                },
+            );
+        }
+        out
     }
 
-    /// The hand-off could not be queued for its worker: the connection waits again at the
-    /// front. With `paused`, the worker is not reading and is paused.
-    pub fn not_sent(&mut self, worker: u32, seq: u64, pause: bool) {
-        if let Some(f) = self.in_flight.remove(&worker) {
-            if f.seq == seq {
-                self.pending.push_front(f.waiting);
-            } else {
-                self.in_flight.insert(worker, f);
-            }
-        }
+    /// Message `batch` could not be queued for `worker`: its connections wait again at the
+    /// front. With `pause`, the worker is not reading and is paused; otherwise it is gone.
+    pub fn not_sent(&mut self, worker: u32, batch: u64, pause: bool) {
+        self.requeue(worker, Some(batch), false);
         if pause {
             self.pause(worker);
         } else {
@@ -388,47 +523,46 @@ impl RoundRobin {
         }
     }
 
-    /// Worker `worker` answered hand-off `seq`.
+    /// Worker `worker` answered hand-off `seq`. Returns the id of the message it was in when
+    /// it was that message's last unanswered one (its deadline no longer matters).
     ///
     /// # Errors
     /// [`UnknownHandoff`] when nothing with that number is in flight to it (a late answer to a
     /// hand-off that expired, or a forged one); nothing changes then.
-    pub fn ack(&mut self, worker: u32, seq: u64, accepted: bool) -> Result<(), UnknownHandoff> {
-        match self.in_flight.get(&worker) {
-            Some(f) if f.seq == seq => {}
+    pub fn ack(
+        &mut self,
+        worker: u32,
+        seq: u64,
+        accepted: bool,
+    ) -> Result<Option<u64>, UnknownHandoff> {
+        match self.in_flight.get(&seq) {
+            Some(f) if f.worker == worker => {}
             _ => return Err(UnknownHandoff { worker, seq }),
         }
-        let Some(f) = self.in_flight.remove(&worker) else {
+        let Some((f, done)) = self.land(seq) else {
             return Err(UnknownHandoff { worker, seq });
         };
-        if accepted {
-            // The worker holds the connection now; dropping closes the primary's copy.
-            drop(f.waiting);
-        } else {
+        if !accepted {
             let mut waiting = f.waiting;
             waiting.refused.push(worker);
             self.pending.push_front(waiting);
         }
-        if self.members.contains(&worker) && !self.paused.contains(&worker) {
-            self.free.push_back(worker);
-        }
-        Ok(())
+        // Accepted: the worker holds the connection now; dropping `f` closed the primary's copy.
+        Ok(done)
     }
 
-    /// Hand-off `seq` to `worker` passed its deadline: if it is still in flight, the
-    /// connection goes to another worker and `worker` is paused. True if it was.
-    pub fn expire(&mut self, worker: u32, seq: u64) -> bool {
-        match self.in_flight.get(&worker) {
-            Some(f) if f.seq == seq => {}
-            _ => return false,
+    /// Message `batch` to `worker` passed its deadline: what of it is still in flight goes to
+    /// other workers and `worker` is paused. True if anything was.
+    pub fn expire(&mut self, worker: u32, batch: u64) -> bool {
+        if self.sent.get(&batch).is_none_or(|s| s.worker != worker) {
+            return false;
         }
-        if let Some(f) = self.in_flight.remove(&worker) {
-            let mut waiting = f.waiting;
-            waiting.refused.push(worker);
-            self.pending.push_front(waiting);
+        let n = self.requeue(worker, Some(batch), true);
+        self.sent.remove(&batch);
+        if n > 0 {
+            self.pause(worker);
         }
-        self.pause(worker);
-        true
+        n > 0
     }
 
     /// Whether no connection waits and none is in flight.
@@ -457,6 +591,8 @@ impl RoundRobin {
         let n = self.pending.len() + self.in_flight.len();
         self.pending.clear();
         self.in_flight.clear();
+        self.load.clear();
+        self.sent.clear();
         n
     }
 }
@@ -483,39 +619,140 @@ mod tests {
     }
 
     /// True once the far end sees the primary's copy closed (and no one else holds it).
+    ///
+    /// Other tests of this binary spawn processes, and a child holds copies of every descriptor
+    /// between its fork and its exec: give such a copy a moment to go away.
     fn closed(peer: &std::os::unix::net::UnixStream) -> bool {
         use std::io::Read;
         peer.set_nonblocking(true).expect("nb");
-        matches!((&*peer).read(&mut [0u8; 1]), Ok(0))
+        for _ in 0..200 {
+            if matches!((&*peer).read(&mut [0u8; 1]), Ok(0)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// The far end is open (a fork's copy can only delay a close, never cause one).
+    fn open(peer: &std::os::unix::net::UnixStream) -> bool {
+        use std::io::Read;
+        peer.set_nonblocking(true).expect("nb");
+        matches!((&*peer).read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    fn push(
+        rr: &mut RoundRobin,
+        gate: &Arc<Gate>,
+        n: usize,
+    ) -> Vec<std::os::unix::net::UnixStream> {
+        (0..n)
+            .map(|_| {
+                let (c, p) = conn(gate);
+                rr.push(c);
+                p
+            })
+            .collect()
+    }
+
+    /// (worker, number of hand-offs) of each message.
+    fn shape(batches: &[Batch]) -> Vec<(u32, usize)> {
+        batches.iter().map(|b| (b.worker, b.seqs.len())).collect()
     }
 
     #[test]
-    fn workers_in_turn_one_in_flight_each() {
+    fn one_at_a_time_the_workers_take_turns() {
         let gate = Gate::new(0);
         let mut rr = RoundRobin::new(gate.clone(), 4);
         rr.join(1);
         rr.join(2);
-        assert_eq!(gate.limit.load(Ordering::Relaxed), 6);
-        let peers: Vec<_> = (0..3)
+        rr.join(3);
+        assert_eq!(gate.limit.load(Ordering::Relaxed), 3 * WINDOW + 4);
+        let mut order = Vec::new();
+        let _peers: Vec<_> = (0..6)
             .map(|_| {
                 let (c, p) = conn(&gate);
                 rr.push(c);
+                let b = rr.next_batches();
+                assert_eq!(b.len(), 1);
+                order.push(b[0].worker);
+                rr.ack(b[0].worker, b[0].seqs[0], true)
+                    .expect("ack")
+                    .expect("the message is answered");
                 p
             })
             .collect();
-        let a = rr.next().expect("first");
-        let b = rr.next().expect("second");
-        assert_eq!((a.worker, b.worker), (1, 2));
-        assert!(rr.next().is_none(), "both have one in flight");
-        drop((a.fd, b.fd));
-        rr.ack(1, a.seq, true).expect("ack");
+        assert_eq!(order, vec![1, 2, 3, 1, 2, 3]);
+        assert!(rr.is_idle());
+        assert_eq!(gate.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_burst_goes_round_robin_in_one_message_per_worker() {
+        let gate = Gate::new(0);
+        let mut rr = RoundRobin::new(gate.clone(), 4);
+        rr.join(1);
+        rr.join(2);
+        let peers = push(&mut rr, &gate, 5);
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(1, 3), (2, 2)]);
+        // Turn by turn: 1 took the 1st, 3rd and 5th connections.
+        assert_eq!(b[0].seqs, vec![1, 3, 5]);
+        assert_eq!(b[1].seqs, vec![2, 4]);
+        assert_eq!(b[0].id, 1);
+        assert_eq!(b[0].fds.len(), 3);
+        let (first, ids) = (b[0].seqs.clone(), (b[0].id, b[1].id));
+        drop(b);
+        assert_eq!(rr.ack(1, first[0], true), Ok(None));
         assert!(
             closed(&peers[0]),
             "the primary's copy is closed after the ack"
         );
-        let c = rr.next().expect("third goes to the free worker");
-        assert_eq!(c.worker, 1);
+        assert!(open(&peers[2]), "not the others'");
+        assert_eq!(rr.ack(1, first[1], true), Ok(None));
+        assert_eq!(rr.ack(1, first[2], true), Ok(Some(ids.0)));
         assert_eq!(gate.outstanding(), 2);
+    }
+
+    #[test]
+    fn a_window_per_worker_and_the_rest_waits() {
+        let gate = Gate::new(0);
+        let mut rr = RoundRobin::new(gate.clone(), 4);
+        rr.join(1);
+        rr.join(2);
+        let _peers = push(&mut rr, &gate, 2 * WINDOW + 3);
+        let b = rr.next_batches();
+        let per_worker = |w: u32| -> usize {
+            b.iter()
+                .filter(|b| b.worker == w)
+                .map(|b| b.seqs.len())
+                .sum()
+        };
+        assert_eq!((per_worker(1), per_worker(2)), (WINDOW, WINDOW));
+        assert!(b.iter().all(|b| b.seqs.len() <= BATCH));
+        assert_eq!(rr.pending(), 3);
+        assert!(rr.next_batches().is_empty(), "every window is full");
+        let seq = b[0].seqs[0];
+        drop(b);
+        rr.ack(1, seq, true).expect("ack");
+        assert_eq!(shape(&rr.next_batches()), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn the_worker_with_fewer_in_flight_goes_first() {
+        let gate = Gate::new(0);
+        let mut rr = RoundRobin::new(gate.clone(), 4);
+        rr.join(1);
+        rr.join(2);
+        let _peers = push(&mut rr, &gate, 4);
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(1, 2), (2, 2)]);
+        // 2 answers, 1 is slow: the next connections go to 2 while 1 has more in flight.
+        for &seq in &b[1].seqs {
+            rr.ack(2, seq, true).expect("ack");
+        }
+        let _more = push(&mut rr, &gate, 3);
+        assert_eq!(shape(&rr.next_batches()), vec![(2, 2), (1, 1)]);
     }
 
     #[test]
@@ -526,14 +763,17 @@ mod tests {
         rr.join(2);
         let (c, peer) = conn(&gate);
         rr.push(c);
-        let h = rr.next().expect("to 1");
-        drop(h.fd);
-        rr.ack(1, h.seq, false).expect("refused");
-        let h = rr.next().expect("to 2");
-        assert_eq!(h.worker, 2);
-        drop(h.fd);
-        rr.ack(2, h.seq, false).expect("refused");
-        assert!(rr.next().is_none());
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(1, 1)]);
+        let seq = b[0].seqs[0];
+        drop(b);
+        rr.ack(1, seq, false).expect("refused");
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(2, 1)]);
+        let seq = b[0].seqs[0];
+        drop(b);
+        rr.ack(2, seq, false).expect("refused");
+        assert!(rr.next_batches().is_empty());
         assert!(closed(&peer));
         assert_eq!(rr.refused_closed, 1);
         assert!(rr.is_idle());
@@ -545,41 +785,57 @@ mod tests {
         let gate = Gate::new(0);
         let mut rr = RoundRobin::new(gate.clone(), 4);
         rr.join(1);
-        let (c, peer) = conn(&gate);
-        rr.push(c);
-        let h = rr.next().expect("to 1");
-        drop(h.fd);
+        let peers = push(&mut rr, &gate, 3);
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(1, 3)]);
+        drop(b);
         rr.leave(1);
-        assert!(!closed(&peer));
+        assert!(peers.iter().all(open));
         rr.join(2);
-        let h = rr.next().expect("to 2");
-        assert_eq!(h.worker, 2);
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(2, 3)]);
+        assert_eq!(b[0].seqs, vec![4, 5, 6], "new numbers, same order");
     }
 
     #[test]
-    fn an_expired_handoff_goes_elsewhere_and_pauses_the_silent_worker() {
+    fn an_expired_message_goes_elsewhere_and_pauses_the_silent_worker() {
         let gate = Gate::new(0);
         let mut rr = RoundRobin::new(gate.clone(), 4);
         rr.join(1);
         rr.join(2);
-        let (c, _peer) = conn(&gate);
-        rr.push(c);
-        let h = rr.next().expect("to 1");
-        let (seq, _) = (h.seq, h.fd);
-        assert!(rr.expire(1, seq));
-        assert!(!rr.expire(1, seq), "only once");
-        let h2 = rr.next().expect("to 2");
-        assert_eq!(h2.worker, 2);
+        let _peers = push(&mut rr, &gate, 3);
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(1, 2), (2, 1)]);
+        let (late, id, two) = (b[0].seqs.clone(), b[0].id, b[1].seqs[0]);
+        drop(b);
+        // 1 answered one of its two in time.
+        rr.ack(1, late[0], true).expect("ack");
+        assert!(!rr.expire(2, id), "not 2's message");
+        assert!(rr.expire(1, id));
+        assert!(!rr.expire(1, id), "only once");
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(2, 1)], "1 is paused");
+        let moved = b[0].seqs[0];
+        drop(b);
         // A late answer from the silent worker is refused and changes nothing.
-        assert_eq!(rr.ack(1, seq, true), Err(UnknownHandoff { worker: 1, seq }));
-        rr.ack(2, h2.seq, true).expect("ack");
-        let (c, _peer) = conn(&gate);
-        rr.push(c);
-        assert_eq!(rr.next().expect("paused 1 is skipped").worker, 2);
+        assert_eq!(
+            rr.ack(1, late[1], true),
+            Err(UnknownHandoff {
+                worker: 1,
+                seq: late[1]
+            })
+        );
+        rr.ack(2, two, true).expect("ack");
+        rr.ack(2, moved, true).expect("ack");
+        let _more = push(&mut rr, &gate, 1);
+        assert_eq!(
+            shape(&rr.next_batches()),
+            vec![(2, 1)],
+            "paused 1 is skipped"
+        );
         rr.resume(1);
-        let (c, _peer) = conn(&gate);
-        rr.push(c);
-        assert_eq!(rr.next().expect("1 is back").worker, 1);
+        let _more = push(&mut rr, &gate, 1);
+        assert_eq!(shape(&rr.next_batches()), vec![(1, 1)], "1 is back");
     }
 
     #[test]
@@ -587,38 +843,47 @@ mod tests {
         let gate = Gate::new(0);
         let mut rr = RoundRobin::new(gate.clone(), 4);
         rr.join(1);
+        rr.join(2);
         assert!(rr.ack(1, 77, true).is_err(), "never sent");
-        let (c, _peer) = conn(&gate);
-        rr.push(c);
-        let h = rr.next().expect("to 1");
-        assert!(rr.ack(1, h.seq + 1, true).is_err(), "wrong number");
-        rr.ack(1, h.seq, true).expect("right number");
-        assert!(rr.ack(1, h.seq, true).is_err(), "twice");
-        assert!(rr.ack(9, 1, true).is_err(), "not a member");
+        let _peers = push(&mut rr, &gate, 2);
+        let b = rr.next_batches();
+        let (one, two) = (b[0].seqs[0], b[1].seqs[0]);
+        drop(b);
+        assert!(rr.ack(1, two, true).is_err(), "another worker's");
+        assert!(rr.ack(1, one + 10, true).is_err(), "wrong number");
+        rr.ack(1, one, true).expect("right number");
+        assert!(rr.ack(1, one, true).is_err(), "twice");
+        assert!(rr.ack(9, two, true).is_err(), "not a member");
+        assert!(!rr.expire(9, two), "not a member's message");
+        rr.ack(2, two, true).expect("still 2's");
     }
 
     #[test]
-    fn a_retired_worker_keeps_its_handoff_until_it_answers() {
+    fn a_retired_worker_keeps_its_handoffs_until_it_answers() {
         let gate = Gate::new(0);
         let mut rr = RoundRobin::new(gate.clone(), 4);
         rr.join(1);
         rr.join(2);
-        let (c, _peer) = conn(&gate);
-        rr.push(c);
-        let h = rr.next().expect("to 1");
-        assert_eq!(h.worker, 1);
+        let _peers = push(&mut rr, &gate, 1);
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(1, 1)]);
+        let seq = b[0].seqs[0];
+        drop(b);
         rr.retire(1);
         assert!(
-            rr.next().is_none(),
+            rr.next_batches().is_empty(),
             "not given to another worker while 1 may take it"
         );
-        rr.ack(1, h.seq, false).expect("1 refuses while stopping");
-        let h2 = rr.next().expect("now to 2");
-        assert_eq!(h2.worker, 2);
-        rr.ack(2, h2.seq, true).expect("ack");
-        let (c, _peer) = conn(&gate);
-        rr.push(c);
-        assert_eq!(rr.next().expect("1 gets nothing new").worker, 2);
+        rr.ack(1, seq, false).expect("1 refuses while stopping");
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(2, 1)], "now to 2");
+        rr.ack(2, b[0].seqs[0], true).expect("ack");
+        let _more = push(&mut rr, &gate, 2);
+        assert_eq!(
+            shape(&rr.next_batches()),
+            vec![(2, 2)],
+            "1 gets nothing new"
+        );
     }
 
     #[test]
@@ -627,15 +892,36 @@ mod tests {
         let mut rr = RoundRobin::new(gate.clone(), 4);
         rr.join(1);
         rr.join(2);
-        let (c, _peer) = conn(&gate);
-        rr.push(c);
-        let h = rr.next().expect("to 1");
-        rr.not_sent(1, h.seq, true);
-        let h = rr.next().expect("to 2 instead");
-        assert_eq!(h.worker, 2);
-        rr.not_sent(2, h.seq, false);
+        let _peers = push(&mut rr, &gate, 2);
+        let b = rr.next_batches();
+        assert_eq!(shape(&b), vec![(1, 1), (2, 1)]);
+        let (one, two) = (b[0].id, b[1].id);
+        drop(b);
+        rr.not_sent(1, one, true);
+        rr.not_sent(2, two, false);
         assert_eq!(rr.members().collect::<Vec<_>>(), vec![1]);
-        assert!(rr.next().is_none(), "1 is paused, 2 is gone");
-        assert_eq!(rr.pending(), 1);
+        assert!(rr.next_batches().is_empty(), "1 is paused, 2 is gone");
+        assert_eq!(rr.pending(), 2);
+        rr.resume(1);
+        assert_eq!(shape(&rr.next_batches()), vec![(1, 2)]);
+    }
+
+    #[test]
+    fn close_pending_forgets_everything() {
+        let gate = Gate::new(0);
+        let mut rr = RoundRobin::new(gate.clone(), 4);
+        rr.join(1);
+        let peers = push(&mut rr, &gate, WINDOW + 2);
+        drop(rr.next_batches());
+        assert_eq!(rr.close_pending(), WINDOW + 2);
+        assert!(rr.is_idle());
+        assert!(peers.iter().all(closed));
+        assert_eq!(gate.outstanding(), 0);
+        let _more = push(&mut rr, &gate, 1);
+        assert_eq!(
+            shape(&rr.next_batches()),
+            vec![(1, 1)],
+            "a full window again"
+        );
     }
 }

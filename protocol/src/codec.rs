@@ -205,8 +205,8 @@ mod tests {
                 ToPrimary::CountReply { seq: 1, count: 2 },
                 ToPrimary::Accepted {
                     handle: 2,
-                    seq: 5,
-                    accepted: false,
+                    accepted: vec![5, 6],
+                    refused: vec![7],
                 },
                 ToPrimary::CountRequest {
                     seq: 3,
@@ -253,9 +253,9 @@ mod tests {
                     kind: HandleKind::Socket { origin: Some(3) },
                 },
                 ToWorker::CountSent { seq: 8, origin: 3 },
-                ToWorker::Connection {
+                ToWorker::Connections {
                     handle: 2,
-                    seq: 5,
+                    seqs: vec![5],
                     expires_ms: 1234,
                 },
                 ToWorker::CountQuery {

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of the wire protocol. Every frame starts with it, and the handshake repeats it.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// This host's `CLOCK_MONOTONIC` in milliseconds: the clock of hand-off deadlines. Every process
 /// on one host (in one time namespace) reads the same clock, so a primary and its workers agree
@@ -181,7 +181,7 @@ pub enum Grant {
     /// `SCHED_NONE`).
     Shared,
     /// The primary accepts and hands each connection to a worker in turn, as
-    /// `ToWorker::Connection` messages for this handle (Node's `SCHED_RR`).
+    /// `ToWorker::Connections` messages for this handle (Node's `SCHED_RR`).
     RoundRobin {
         /// The primary's id for the listener.
         handle: u64,
@@ -260,15 +260,15 @@ pub enum ToPrimary {
         /// The listener.
         key: ListenKey,
     },
-    /// Answer to `ToWorker::Connection`: `accepted: false` (the server is closing, or at its
-    /// `maxConnections`) sends the connection to another worker.
+    /// Answers to `ToWorker::Connections` on one listener, several at once: a connection in
+    /// `refused` (the server is closing, or at its `maxConnections`) goes to another worker.
     Accepted {
         /// The listener.
         handle: u64,
-        /// The hand-off answered.
-        seq: u64,
-        /// Whether the worker took the connection.
-        accepted: bool,
+        /// Hand-offs the worker took.
+        accepted: Vec<u64>,
+        /// Hand-offs the worker did not take.
+        refused: Vec<u64>,
     },
     /// Answer to `ToWorker::Ping`: the worker's channel task is alive and reading.
     Pong {
@@ -421,16 +421,17 @@ pub enum ToWorker {
         /// The sender's server.
         origin: u64,
     },
-    /// A connection the primary accepted on round-robin listener `handle`; carries its
-    /// descriptor. Answered by `ToPrimary::Accepted`.
-    Connection {
+    /// Connections the primary accepted on round-robin listener `handle`: one descriptor per
+    /// hand-off number, in order (at most [`MAX_FDS_PER_MESSAGE`](crate::fd::MAX_FDS_PER_MESSAGE)).
+    /// Answered by `ToPrimary::Accepted`.
+    Connections {
         /// The listener.
         handle: u64,
-        /// Hand-off number, echoed in the answer.
-        seq: u64,
+        /// Hand-off numbers, echoed in the answer; the i-th descriptor is the i-th number's.
+        seqs: Vec<u64>,
         /// `CLOCK_MONOTONIC` milliseconds (see [`monotonic_ms`]) after which the primary may
-        /// give the connection to another worker: a worker that reads the hand-off later must
-        /// close its copy and answer `accepted: false`, so no connection is ever served twice.
+        /// give the connections to other workers: a worker that reads the hand-off later must
+        /// close its copies and refuse them, so no connection is ever served twice.
         expires_ms: u64,
     },
     /// How many connections are open on `key` in this worker? (answered by `CountReply`)
@@ -468,7 +469,8 @@ impl Frame for ToWorker {
                 grant: Grant::Shared,
                 ..
             } => 1,
-            ToWorker::Connection { .. } | ToWorker::Handle { .. } => 1,
+            ToWorker::Connections { seqs, .. } => seqs.len(),
+            ToWorker::Handle { .. } => 1,
             _ => 0,
         }
     }

@@ -408,12 +408,15 @@ impl Worker {
         lock(&self.round_robin).remove(&handle);
     }
 
-    /// Answers a round-robin hand-off.
-    pub(crate) async fn ack_connection(&self, handle: u64, seq: u64, accepted: bool) {
+    /// Answers round-robin hand-offs on `handle`, all in one message.
+    pub(crate) async fn answer_handoffs(&self, handle: u64, accepted: Vec<u64>, refused: Vec<u64>) {
+        if accepted.is_empty() && refused.is_empty() {
+            return;
+        }
         let reply = ToPrimary::Accepted {
             handle,
-            seq,
             accepted,
+            refused,
         };
         if let Err(e) = self.channel.send(&reply, &[]).await {
             tracing::debug!(worker = self.id, "cannot answer a hand-off: {e}");
@@ -629,23 +632,27 @@ impl Worker {
                     self.leave(key).await;
                 }
             }
-            ToWorker::Connection {
+            ToWorker::Connections {
                 handle,
-                seq,
+                seqs,
                 expires_ms,
             } => {
-                let fd = fds.into_iter().next();
-                // Past its deadline the primary may have given the connection to another
-                // worker: close this copy and say no, so it is never served twice.
+                // Past their deadline the primary may have given the connections to other
+                // workers: close these copies and say no, so none is ever served twice.
                 let late = monotonic_ms() > expires_ms;
-                let delivered = match (fd, lock(&self.round_robin).get(&handle)) {
-                    (Some(fd), Some(tx)) if !late => tx.send((seq, fd)).is_ok(),
-                    _ => false,
-                };
-                if !delivered {
-                    // No server takes it (it closed): the primary gives it to another worker.
-                    self.ack_connection(handle, seq, false).await;
+                let mut refused = Vec::new();
+                {
+                    let servers = lock(&self.round_robin);
+                    let tx = servers.get(&handle).filter(|_| !late);
+                    // The channel checked that one descriptor came per number.
+                    for (seq, fd) in seqs.into_iter().zip(fds) {
+                        if tx.is_none_or(|tx| tx.send((seq, fd)).is_err()) {
+                            refused.push(seq);
+                        }
+                    }
                 }
+                // No server takes them (it closed): the primary gives them to other workers.
+                self.answer_handoffs(handle, Vec::new(), refused).await;
             }
             ToWorker::ListenErr {
                 seq,

@@ -393,9 +393,7 @@ impl Supervisor {
 
     /// Worker `id` no longer uses listener `l`.
     pub(super) fn leave(&mut self, l: u64, id: u32) {
-        if let Some(key) = self.handoff_timers.remove(&(l, id)) {
-            self.timers.try_remove(&key);
-        }
+        self.forget_handoff_timers(|(listener, _), worker| listener == l && worker == id);
         drop(self.registry.leave(l, id));
         self.dispatch(l);
     }
@@ -525,20 +523,38 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn accepted(&mut self, accepted: Accepted) {
-        let Some(conn) = accepted.conn else {
-            self.acceptor_done(accepted.listener);
-            return;
-        };
-        let Some(rr) = self
-            .registry
-            .get_mut(accepted.listener)
-            .and_then(|l| l.round_robin())
-        else {
-            return;
-        };
-        rr.push(conn);
-        self.dispatch(accepted.listener);
+    /// Connections the accept tasks took: this one and every other already queued (an accept
+    /// task takes what the backlog holds in one go), then one dispatch per listener, so that
+    /// the connections of a burst travel several to a message.
+    pub(super) fn accepted(&mut self, first: Accepted) {
+        let mut touched: Vec<u64> = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0usize;
+        while let Some(accepted) = next.take() {
+            taken += 1;
+            match accepted.conn {
+                None => self.acceptor_done(accepted.listener),
+                Some(conn) => {
+                    if let Some(rr) = self
+                        .registry
+                        .get_mut(accepted.listener)
+                        .and_then(|l| l.round_robin())
+                    {
+                        rr.push(conn);
+                        if !touched.contains(&accepted.listener) {
+                            touched.push(accepted.listener);
+                        }
+                    }
+                }
+            }
+            // Bounded, so that commands and workers' messages are not held up by a flood.
+            if taken < ACCEPTED_AT_ONCE {
+                next = self.accepts.try_recv().ok();
+            }
+        }
+        for l in touched {
+            self.dispatch(l);
+        }
     }
 
     /// A round-robin listener's accept task has stopped and closed its copy of the socket.
@@ -567,7 +583,63 @@ impl Supervisor {
         self.check_flushed();
     }
 
-    /// Hands listener `l`'s waiting connections to its free workers.
+    /// Worker `id` answered hand-offs of round-robin listener `handle`. Every number is checked
+    /// against what is in flight to it; an answer to anything else changes nothing.
+    pub(super) fn answered(&mut self, id: u32, handle: u64, accepted: &[u64], refused: &[u64]) {
+        let Some(rr) = self.registry.get_mut(handle).and_then(|l| l.round_robin()) else {
+            tracing::debug!(worker = id, handle, "answer for a closed listener");
+            return;
+        };
+        let mut known = false;
+        let mut unknown = None;
+        let mut done = Vec::new();
+        let answers = accepted
+            .iter()
+            .map(|&s| (s, true))
+            .chain(refused.iter().map(|&s| (s, false)));
+        for (seq, took) in answers {
+            match rr.ack(id, seq, took) {
+                Ok(finished) => {
+                    known = true;
+                    done.extend(finished);
+                }
+                Err(e) => unknown = Some(e),
+            }
+        }
+        if let Some(e) = unknown {
+            tracing::debug!("{e}");
+        }
+        for batch in done {
+            if let Some((_, key)) = self.handoff_timers.remove(&(handle, batch)) {
+                self.timers.try_remove(&key);
+            }
+        }
+        if known {
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.silent_handoffs = 0;
+            }
+            self.dispatch(handle);
+            self.check_flushed();
+        }
+    }
+
+    /// Removes the hand-off deadlines that `which((listener, message), worker)` picks.
+    pub(super) fn forget_handoff_timers(&mut self, which: impl Fn((u64, u64), u32) -> bool) {
+        let keys: Vec<(u64, u64)> = self
+            .handoff_timers
+            .iter()
+            .filter(|&(&k, &(worker, _))| which(k, worker))
+            .map(|(&k, _)| k)
+            .collect();
+        for k in keys {
+            if let Some((_, key)) = self.handoff_timers.remove(&k) {
+                self.timers.try_remove(&key);
+            }
+        }
+    }
+
+    /// Hands listener `l`'s waiting connections to its workers, several to a message when
+    /// several wait for the same worker.
     pub(super) fn dispatch(&mut self, l: u64) {
         let handoff_ms =
             u64::try_from(self.settings.timeouts.handoff.as_millis()).unwrap_or(u64::MAX);
@@ -575,41 +647,57 @@ impl Supervisor {
             let Some(rr) = self.registry.get_mut(l).and_then(|l| l.round_robin()) else {
                 return;
             };
-            let Some(h) = rr.next() else {
+            let batches = rr.next_batches();
+            if batches.is_empty() {
                 return;
-            };
-            let Some(w) = self.workers.get(&h.worker) else {
-                rr.not_sent(h.worker, h.seq, false);
-                continue;
-            };
-            let msg = ToWorker::Connection {
-                handle: l,
-                seq: h.seq,
-                expires_ms: monotonic_ms().saturating_add(handoff_ms),
-            };
-            match w.tx.try_send(msg, vec![OutFd::Shared(h.fd)]) {
-                Ok(()) => {
-                    let key = self.timers.insert(
-                        Timer::Handoff {
-                            listener: l,
-                            worker: h.worker,
-                            seq: h.seq,
-                        },
-                        self.settings.timeouts.handoff + HANDOFF_GRACE,
-                    );
-                    if let Some(old) = self.handoff_timers.insert((l, h.worker), key) {
-                        self.timers.try_remove(&old);
+            }
+            // A message that could not be queued puts its connections back: go round again
+            // (its worker is paused or gone, so this ends).
+            let mut requeued = false;
+            let expires_ms = monotonic_ms().saturating_add(handoff_ms);
+            for b in batches {
+                let sent = match self.workers.get(&b.worker) {
+                    Some(w) => {
+                        let msg = ToWorker::Connections {
+                            handle: l,
+                            seqs: b.seqs,
+                            expires_ms,
+                        };
+                        let fds = b.fds.into_iter().map(OutFd::Shared).collect();
+                        w.tx.try_send(msg, fds)
+                    }
+                    None => Err(SendFailed::Closed),
+                };
+                match sent {
+                    Ok(()) => {
+                        let key = self.timers.insert(
+                            Timer::Handoff {
+                                listener: l,
+                                worker: b.worker,
+                                batch: b.id,
+                            },
+                            self.settings.timeouts.handoff + HANDOFF_GRACE,
+                        );
+                        if let Some((_, old)) =
+                            self.handoff_timers.insert((l, b.id), (b.worker, key))
+                        {
+                            self.timers.try_remove(&old);
+                        }
+                    }
+                    Err(e) => {
+                        requeued = true;
+                        let full = e == SendFailed::Full;
+                        if let Some(rr) = self.registry.get_mut(l).and_then(|l| l.round_robin()) {
+                            rr.not_sent(b.worker, b.id, full);
+                        }
+                        if full {
+                            self.suspect(b.worker);
+                        }
                     }
                 }
-                Err(e) => {
-                    let full = e == SendFailed::Full;
-                    if let Some(rr) = self.registry.get_mut(l).and_then(|l| l.round_robin()) {
-                        rr.not_sent(h.worker, h.seq, full);
-                    }
-                    if full {
-                        self.suspect(h.worker);
-                    }
-                }
+            }
+            if !requeued {
+                return;
             }
         }
     }

@@ -48,6 +48,9 @@ pub use reload::ReloadReport;
 /// the worker refuses a hand-off it reads after the deadline, and this margin covers the time
 /// between its check and its answer.
 const HANDOFF_GRACE: Duration = Duration::from_secs(1);
+
+/// Accepted connections the loop takes from its queue in one turn at most.
+const ACCEPTED_AT_ONCE: usize = 256;
 /// Time beyond the drain deadline before a worker still running is killed.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 /// How long `status` waits for workers' figures.
@@ -75,10 +78,11 @@ enum Timer {
     Respawn {
         slot: usize,
     },
+    /// A message of round-robin hand-offs (named by its first hand-off number).
     Handoff {
         listener: u64,
         worker: u32,
-        seq: u64,
+        batch: u64,
     },
     Count {
         seq: u64,
@@ -260,7 +264,8 @@ pub(crate) struct Supervisor {
     generation: u64,
     registry: Registry,
     counts: Counts,
-    handoff_timers: HashMap<(u64, u32), delay_queue::Key>,
+    /// The deadline of every message of hand-offs not wholly answered, by (listener, message).
+    handoff_timers: HashMap<(u64, u64), (u32, delay_queue::Key)>,
     statuses: HashMap<u64, StatusWait>,
     scales: Vec<ScaleWait>,
     next_seq: u64,
@@ -610,31 +615,9 @@ impl Supervisor {
             ToPrimary::CountRequest { seq, key } => self.count_request(id, seq, &key),
             ToPrimary::Accepted {
                 handle,
-                seq,
                 accepted,
-            } => {
-                let result = self
-                    .registry
-                    .get_mut(handle)
-                    .and_then(|l| l.round_robin())
-                    .map(|rr| rr.ack(id, seq, accepted));
-                match result {
-                    Some(Ok(())) => {
-                        if let Some(w) = self.workers.get_mut(&id) {
-                            w.silent_handoffs = 0;
-                        }
-                        if let Some(key) = self.handoff_timers.remove(&(handle, id)) {
-                            self.timers.try_remove(&key);
-                        }
-                        self.dispatch(handle);
-                        self.check_flushed();
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!("{e}");
-                    }
-                    None => tracing::debug!(worker = id, handle, "answer for a closed listener"),
-                }
-            }
+                refused,
+            } => self.answered(id, handle, &accepted, &refused),
             ToPrimary::Pong { seq } => {
                 let answered = self
                     .workers
@@ -688,14 +671,14 @@ impl Supervisor {
             Timer::Handoff {
                 listener,
                 worker,
-                seq,
+                batch,
             } => {
-                self.handoff_timers.remove(&(listener, worker));
+                self.handoff_timers.remove(&(listener, batch));
                 let expired = self
                     .registry
                     .get_mut(listener)
                     .and_then(|l| l.round_robin())
-                    .is_some_and(|rr| rr.expire(worker, seq));
+                    .is_some_and(|rr| rr.expire(worker, batch));
                 if expired {
                     tracing::warn!(
                         worker,

@@ -479,17 +479,7 @@ impl Supervisor {
         if let Some((_, key)) = w.ping.take() {
             self.timers.try_remove(&key);
         }
-        let handoffs: Vec<(u64, u32)> = self
-            .handoff_timers
-            .keys()
-            .filter(|(_, worker)| *worker == id)
-            .copied()
-            .collect();
-        for k in handoffs {
-            if let Some(key) = self.handoff_timers.remove(&k) {
-                self.timers.try_remove(&key);
-            }
-        }
+        self.forget_handoff_timers(|_, worker| worker == id);
         let how = describe_exit(exit);
         if w.expected_exit {
             tracing::info!(worker = id, pid = w.pid, "worker exited ({how})");

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use netcluster_protocol::handle::ListenError;
+
+use crate::net::SocketType;
 use netcluster_protocol::message::{BoundAddress, ListenKey};
 use tokio::sync::{oneshot, watch};
 
@@ -506,13 +508,14 @@ impl Server {
 }
 
 enum Listener {
-    Tcp(tokio::net::TcpListener),
+    /// With the family its connections have.
+    Tcp(tokio::net::TcpListener, SocketType),
     Unix(tokio::net::UnixListener),
     /// Connections handed over by the primary (round robin).
     RoundRobin {
         handle: u64,
         handoffs: Handoffs,
-        unix: bool,
+        kind: SocketType,
         worker: Arc<Worker>,
     },
 }
@@ -530,10 +533,13 @@ impl Listener {
         worker: Option<Arc<Worker>>,
     ) -> io::Result<Listener> {
         match (source, address) {
-            (listen::Source::Socket(fd), BoundAddress::Tcp(_)) => {
+            (listen::Source::Socket(fd), BoundAddress::Tcp(a)) => {
                 let std = std::net::TcpListener::from(fd);
                 std.set_nonblocking(true)?;
-                Ok(Listener::Tcp(tokio::net::TcpListener::from_std(std)?))
+                Ok(Listener::Tcp(
+                    tokio::net::TcpListener::from_std(std)?,
+                    tcp_kind(a),
+                ))
             }
             (listen::Source::Socket(fd), BoundAddress::Unix(_)) => {
                 let std = std::os::unix::net::UnixListener::from(fd);
@@ -544,10 +550,14 @@ impl Listener {
                 let worker = worker.ok_or_else(|| {
                     io::Error::other("a round-robin grant outside a cluster worker")
                 })?;
+                let kind = match address {
+                    BoundAddress::Tcp(a) => tcp_kind(a),
+                    BoundAddress::Unix(_) => SocketType::Unix,
+                };
                 Ok(Listener::RoundRobin {
                     handle,
                     handoffs,
-                    unix: matches!(address, BoundAddress::Unix(_)),
+                    kind,
                     worker,
                 })
             }
@@ -556,10 +566,10 @@ impl Listener {
 
     async fn accept(&mut self) -> io::Result<Incoming> {
         match self {
-            Listener::Tcp(l) => {
+            Listener::Tcp(l, kind) => {
                 let (s, _) = l.accept().await?;
                 Ok(Incoming {
-                    socket: Socket::tcp(s),
+                    socket: Socket::accepted_tcp(s, *kind),
                     handoff: None,
                 })
             }
@@ -573,13 +583,13 @@ impl Listener {
             Listener::RoundRobin {
                 handle,
                 handoffs,
-                unix,
+                kind,
                 worker,
             } => loop {
                 let Some((seq, fd)) = handoffs.recv().await else {
                     return std::future::pending().await;
                 };
-                match handoff_socket(fd, *unix) {
+                match handoff_socket(fd, *kind) {
                     Ok(socket) => {
                         return Ok(Incoming {
                             socket,
@@ -588,10 +598,39 @@ impl Listener {
                     }
                     Err(e) => {
                         tracing::warn!("a handed-over connection is unusable: {e}");
-                        worker.ack_connection(*handle, seq, false).await;
+                        worker.answer_handoffs(*handle, Vec::new(), vec![seq]).await;
                     }
                 }
             },
+        }
+    }
+
+    /// A hand-off that already arrived, without waiting (round robin only): the rest of the
+    /// message the last one came in.
+    fn handoff_now(&mut self, answers: &mut Answers) -> Option<Incoming> {
+        let Listener::RoundRobin {
+            handle,
+            handoffs,
+            kind,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        loop {
+            let (seq, fd) = handoffs.try_recv().ok()?;
+            match handoff_socket(fd, *kind) {
+                Ok(socket) => {
+                    return Some(Incoming {
+                        socket,
+                        handoff: Some((*handle, seq)),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("a handed-over connection is unusable: {e}");
+                    answers.refused.push(seq);
+                }
+            }
         }
     }
 
@@ -600,9 +639,9 @@ impl Listener {
     fn accept_now(&mut self) -> Option<io::Result<Incoming>> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         match self {
-            Listener::Tcp(l) => match l.poll_accept(&mut cx) {
+            Listener::Tcp(l, kind) => match l.poll_accept(&mut cx) {
                 std::task::Poll::Ready(Ok((s, _))) => Some(Ok(Incoming {
-                    socket: Socket::tcp(s),
+                    socket: Socket::accepted_tcp(s, *kind),
                     handoff: None,
                 })),
                 std::task::Poll::Ready(Err(e)) => Some(Err(e)),
@@ -620,10 +659,12 @@ impl Listener {
         }
     }
 
-    /// Answers a hand-off (round robin only).
-    async fn ack(&self, handoff: Option<(u64, u64)>, accepted: bool) {
-        if let (Listener::RoundRobin { worker, .. }, Some((handle, seq))) = (self, handoff) {
-            worker.ack_connection(handle, seq, accepted).await;
+    /// Sends the answers to hand-offs (round robin only), in one message.
+    async fn answer(&self, answers: Answers) {
+        if let Listener::RoundRobin { worker, handle, .. } = self {
+            worker
+                .answer_handoffs(*handle, answers.accepted, answers.refused)
+                .await;
         }
     }
 
@@ -639,23 +680,57 @@ impl Listener {
         {
             worker.unregister_round_robin(handle);
             handoffs.close();
+            let mut refused = Vec::new();
             while let Some((seq, fd)) = handoffs.recv().await {
                 drop(fd);
-                worker.ack_connection(handle, seq, false).await;
+                refused.push(seq);
             }
+            worker.answer_handoffs(handle, Vec::new(), refused).await;
         }
     }
 }
 
-fn handoff_socket(fd: OwnedFd, unix: bool) -> io::Result<Socket> {
-    if unix {
+/// A handed-over connection as a socket. The primary accepted it with `SOCK_NONBLOCK`, a flag
+/// of the open file description that every copy shares, so it needs no `fcntl` here.
+fn handoff_socket(fd: OwnedFd, kind: SocketType) -> io::Result<Socket> {
+    if kind == SocketType::Unix {
         let std = std::os::unix::net::UnixStream::from(fd);
-        std.set_nonblocking(true)?;
         Ok(Socket::unix(tokio::net::UnixStream::from_std(std)?))
     } else {
         let std = std::net::TcpStream::from(fd);
-        std.set_nonblocking(true)?;
-        Ok(Socket::tcp(tokio::net::TcpStream::from_std(std)?))
+        Ok(Socket::accepted_tcp(
+            tokio::net::TcpStream::from_std(std)?,
+            kind,
+        ))
+    }
+}
+
+/// The type of the connections a TCP listener bound to `address` accepts: its own family (an
+/// IPv6 socket's IPv4 clients come as mapped addresses, still `tcp6`).
+fn tcp_kind(address: &SocketAddr) -> SocketType {
+    if address.is_ipv6() {
+        SocketType::Tcp6
+    } else {
+        SocketType::Tcp4
+    }
+}
+
+/// Answers to round-robin hand-offs, sent together.
+#[derive(Debug, Default)]
+struct Answers {
+    accepted: Vec<u64>,
+    refused: Vec<u64>,
+}
+
+impl Answers {
+    fn note(&mut self, handoff: Option<(u64, u64)>, accepted: bool) {
+        if let Some((_, seq)) = handoff {
+            if accepted {
+                self.accepted.push(seq);
+            } else {
+                self.refused.push(seq);
+            }
+        }
     }
 }
 
@@ -686,7 +761,7 @@ fn apply_options(options: &ServerOptions, socket: &mut Socket) {
     if options.pause_on_connect {
         socket.pause();
     }
-    if socket.remote_address().is_some() {
+    if socket.socket_type() != Some(SocketType::Unix) {
         if options.no_delay {
             if let Err(e) = socket.set_no_delay(true) {
                 tracing::debug!("TCP_NODELAY on an accepted socket: {e}");
@@ -723,8 +798,9 @@ struct Stops {
 /// Connections a stopping worker takes from a listener's backlog before closing it.
 const BACKLOG_DRAIN: usize = 1024;
 
-/// Runs the handler for an accepted connection, or drops it at `maxConnections`.
-async fn serve_incoming(inner: &Arc<Inner>, listener: &Listener, incoming: Incoming) {
+/// Runs the handler for an accepted connection, or drops it at `maxConnections`; the answer
+/// to its hand-off (round robin) goes to `answers`.
+fn serve_incoming(inner: &Arc<Inner>, incoming: Incoming, answers: &mut Answers) {
     let Incoming {
         mut socket,
         handoff,
@@ -733,10 +809,10 @@ async fn serve_incoming(inner: &Arc<Inner>, listener: &Listener, incoming: Incom
     if *inner.connections.borrow() >= max {
         if handoff.is_some() && !inner.options.drop_max_connection {
             // Round robin: at the limit, another worker takes it.
-            listener.ack(handoff, false).await;
+            answers.note(handoff, false);
             return;
         }
-        listener.ack(handoff, true).await;
+        answers.note(handoff, true);
         let info = match (socket.local_address(), socket.remote_address()) {
             (Some(local), Some(remote)) => Some(DropInfo::new(local, remote)),
             _ => None,
@@ -748,7 +824,7 @@ async fn serve_incoming(inner: &Arc<Inner>, listener: &Listener, incoming: Incom
         }
         return;
     }
-    listener.ack(handoff, true).await;
+    answers.note(handoff, true);
     inner.served.fetch_add(1, Ordering::Relaxed);
     socket.set_origin(Some(Origin {
         id: inner.id,
@@ -803,7 +879,7 @@ async fn accept_loop(
                 break;
             };
             if let Ok(incoming) = accepted {
-                serve_incoming(&inner, &listener, incoming).await;
+                serve_incoming(&inner, incoming, &mut Answers::default());
             }
             continue;
         }
@@ -821,12 +897,23 @@ async fn accept_loop(
             }
             accepted = listener.accept() => match accepted {
                 Ok(incoming) => {
-                    serve_incoming(&inner, &listener, incoming).await;
-                    // Accept one connection per turn (libuv's UV_TCP_SINGLE_ACCEPT idea): the
-                    // new connection's task runs before this loop accepts again, which leaves
-                    // other processes sharing the socket their chance at the queue instead of
-                    // one process draining a whole burst.
-                    tokio::task::yield_now().await;
+                    let mut answers = Answers::default();
+                    let round_robin = incoming.handoff.is_some();
+                    serve_incoming(&inner, incoming, &mut answers);
+                    if round_robin {
+                        // The rest of the primary's message is here already: serve it too and
+                        // answer the whole message at once.
+                        while let Some(incoming) = listener.handoff_now(&mut answers) {
+                            serve_incoming(&inner, incoming, &mut answers);
+                        }
+                        listener.answer(answers).await;
+                    } else {
+                        // Accept one connection per turn (libuv's UV_TCP_SINGLE_ACCEPT idea):
+                        // the new connection's task runs before this loop accepts again, which
+                        // leaves other processes sharing the socket their chance at the queue
+                        // instead of one process draining a whole burst.
+                        tokio::task::yield_now().await;
+                    }
                 }
                 Err(e) => {
                     // ECONNABORTED and friends concern one connection; EMFILE clears when

@@ -370,6 +370,15 @@ impl Socket {
         Socket::open(Stream::Tcp(stream))
     }
 
+    /// A TCP connection accepted on a listener of family `kind`, which an accepted socket
+    /// shares: no `getsockname` to tell it.
+    pub(crate) fn accepted_tcp(stream: TcpStream, kind: SocketType) -> Self {
+        let mut socket = Socket::new();
+        socket.writable = true;
+        socket.install_as(Stream::Tcp(stream), kind);
+        socket
+    }
+
     /// An accepted Unix connection.
     pub(crate) fn unix(stream: UnixStream) -> Self {
         Socket::open(Stream::Unix(stream))
@@ -551,7 +560,13 @@ impl Socket {
 
     /// Makes `stream` the socket's connection and applies options set before it existed.
     fn install(&mut self, stream: Stream) {
-        self.kind = Some(stream.kind());
+        let kind = stream.kind();
+        self.install_as(stream, kind);
+    }
+
+    /// [`Socket::install`] of a stream whose type is known.
+    fn install_as(&mut self, stream: Stream, kind: SocketType) {
+        self.kind = Some(kind);
         let pending = std::mem::take(&mut *lock(&self.pending_options));
         if let Stream::Tcp(tcp) = &stream {
             let sock = SockRef::from(tcp);
