@@ -4,9 +4,10 @@
 //! This module holds the state machine ([`RoundRobin`]) — pure bookkeeping the supervisor
 //! drives, unit-tested without processes — and the accept task ([`spawn_acceptor`]).
 //!
-//! - Each connection goes to the worker in turn with the fewest hand-offs in flight, at most
-//!   [`WINDOW`] of them: with no load that is plain round robin, one at a time; under load
-//!   several connections travel in one message ([`BATCH`] descriptors in one `sendmsg`) and
+//! - Each connection goes to the next worker in turn, which may have up to [`WINDOW`]
+//!   hand-offs in flight (a stuck worker is skipped once its window is full): with no load
+//!   that is plain round robin, one at a time; under load several connections travel in one
+//!   message ([`BATCH`] descriptors in one `sendmsg`) and
 //!   the worker answers them in one message, which is where the primary's cost per
 //!   connection goes down.
 //! - A worker answers accepted or not accepted (it is closing, or at `maxConnections`); a
@@ -275,7 +276,7 @@ pub(crate) struct RoundRobin {
     /// Workers in the rotation.
     members: BTreeSet<u32>,
     /// Members not paused, in turn order: the next connection goes to the first of those with
-    /// the fewest in flight, which then moves to the back.
+    /// room in its window, which then moves to the back.
     turn: VecDeque<u32>,
     /// Members out of the rotation until they prove alive.
     paused: BTreeSet<u32>,
@@ -431,10 +432,11 @@ impl RoundRobin {
     }
 
     /// The hand-offs to make now, grouped in messages: each waiting connection, in order, goes
-    /// to the worker in turn with the fewest in flight (below [`WINDOW`]) that has not refused
-    /// it, which then moves to the back of the turn. With no load this is plain round robin;
-    /// under load every worker's window fills, and a worker that is slow to answer gets fewer.
-    /// A connection that every member refused is closed on the way.
+    /// to the next worker in turn that has room in its window ([`WINDOW`]) and has not refused
+    /// it, which then moves to the back of the turn. So the workers take strict turns, one
+    /// connection each, under light load and under heavy load alike (even counts), and one
+    /// that is stuck is skipped once its window is full. A connection that every member
+    /// refused is closed on the way.
     pub fn next_batches(&mut self) -> Vec<Batch> {
         let mut out: Vec<Batch> = Vec::new();
         while let Some(front) = self.pending.front() {
@@ -446,20 +448,10 @@ impl RoundRobin {
                 );
                 continue;
             }
-            let mut best: Option<(usize, usize)> = None;
-            for (pos, w) in self.turn.iter().enumerate() {
-                let load = self.load.get(w).copied().unwrap_or(0);
-                if load >= WINDOW || front.refused.contains(w) {
-                    continue;
-                }
-                if best.is_none_or(|(_, b)| load < b) {
-                    best = Some((pos, load));
-                    if load == 0 {
-                        break;
-                    }
-                }
-            }
-            let Some((pos, _)) = best else {
+            let load = &self.load;
+            let Some(pos) = self.turn.iter().position(|w| {
+                load.get(w).copied().unwrap_or(0) < WINDOW && !front.refused.contains(w)
+            }) else {
                 break;
             };
             let Some(worker) = self.turn.remove(pos) else {
@@ -739,7 +731,7 @@ mod tests {
     }
 
     #[test]
-    fn the_worker_with_fewer_in_flight_goes_first() {
+    fn strict_turns_and_a_worker_with_a_full_window_is_skipped() {
         let gate = Gate::new(0);
         let mut rr = RoundRobin::new(gate.clone(), 4);
         rr.join(1);
@@ -747,12 +739,21 @@ mod tests {
         let _peers = push(&mut rr, &gate, 4);
         let b = rr.next_batches();
         assert_eq!(shape(&b), vec![(1, 2), (2, 2)]);
-        // 2 answers, 1 is slow: the next connections go to 2 while 1 has more in flight.
+        // 2 answers, 1 does not: turns stay strict while 1 has room.
         for &seq in &b[1].seqs {
             rr.ack(2, seq, true).expect("ack");
         }
-        let _more = push(&mut rr, &gate, 3);
-        assert_eq!(shape(&rr.next_batches()), vec![(2, 2), (1, 1)]);
+        let _more = push(&mut rr, &gate, 2 * WINDOW);
+        let b = rr.next_batches();
+        let to = |w: u32| -> usize {
+            b.iter()
+                .filter(|b| b.worker == w)
+                .map(|b| b.seqs.len())
+                .sum()
+        };
+        // 1 fills its window (2 already in flight), 2 takes its turns and then the rest.
+        assert_eq!((to(1), to(2)), (WINDOW - 2, WINDOW));
+        assert_eq!(rr.pending(), 2);
     }
 
     #[test]
@@ -834,8 +835,12 @@ mod tests {
             "paused 1 is skipped"
         );
         rr.resume(1);
-        let _more = push(&mut rr, &gate, 1);
-        assert_eq!(shape(&rr.next_batches()), vec![(1, 1)], "1 is back");
+        let _more = push(&mut rr, &gate, 2);
+        assert_eq!(
+            shape(&rr.next_batches()),
+            vec![(2, 1), (1, 1)],
+            "1 is back, at the end of the turn"
+        );
     }
 
     #[test]
