@@ -1135,14 +1135,17 @@ fn report(
                 } else {
                     "–".into()
                 };
+                // An anchor left out (`--only`) leaves its ratio column empty.
+                let ratio =
+                    |x: f64, a: Option<f64>| a.map_or("–".into(), |a| format!("{:.2}", x / a));
                 let _ = writeln!(
                     r,
-                    "| {} | {:.0} | {:.2} | {:.1} | {:.2} | {} | {:.0} | {:.0} | {:.2} | {} |",
+                    "| {} | {:.0} | {} | {:.1} | {} | {} | {:.0} | {:.0} | {:.2} | {} |",
                     kind.name(),
                     rate,
-                    a_rate.map_or(f64::NAN, |a| rate / a),
+                    ratio(rate, a_rate),
                     cpu,
-                    a_cpu.map_or(f64::NAN, |a| cpu / a),
+                    ratio(cpu, a_cpu),
                     primary,
                     p50,
                     p99,

@@ -329,7 +329,7 @@ fn round_robin_hands_connections_to_every_worker_and_keeps_the_listener() {
         CLIENTS,
         "{per_worker:?}"
     );
-    // Round robin: each worker had at most one hand-off in flight, so both got a fair share.
+    // Round robin: the workers take strict turns, so both got a fair share.
     assert!(
         per_worker.values().all(|&n| n >= CLIENTS / 4),
         "unbalanced: {per_worker:?}"
@@ -342,6 +342,43 @@ fn round_robin_hands_connections_to_every_worker_and_keeps_the_listener() {
             "worker {w} holds the listener"
         );
     }
+    drop(streams);
+    r.signal(Signal::SIGTERM);
+    assert_eq!(r.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn shared_accept_wakes_one_worker_at_a_time_in_turn() {
+    // Light load, one connection at a time: with every worker woken for each connection the
+    // same one tends to win them all; with EPOLLEXCLUSIVE and re-registering after each
+    // wake-up, the workers take turns.
+    const WORKERS: usize = 4;
+    const EACH: usize = 10;
+    let (mut r, address) = start_with("127.0.0.1:0", "4", "shared");
+    let addr: SocketAddr = address.parse().expect("addr");
+    wait_workers_listening(&r, WORKERS);
+    let workers = worker_pids_of(&r);
+    let streams: Vec<_> = runtime().block_on(async {
+        let mut streams = Vec::new();
+        for i in 0..WORKERS * EACH {
+            let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            streams.push(client(s, i).await);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        streams
+    });
+    let per_worker = connections_per_process(&workers, addr.port());
+    eprintln!("shared, light load, connections per worker pid: {per_worker:?}");
+    assert_eq!(per_worker.values().sum::<usize>(), WORKERS * EACH);
+    assert_eq!(
+        per_worker.len(),
+        WORKERS,
+        "a worker got none: {per_worker:?}"
+    );
+    assert!(
+        per_worker.values().all(|&n| n >= EACH / 2),
+        "unbalanced: {per_worker:?}"
+    );
     drop(streams);
     r.signal(Signal::SIGTERM);
     assert_eq!(r.wait_exit(T).code(), Some(0));

@@ -229,8 +229,10 @@ impl From<PathBuf> for ListenOptions {
 /// Where a server's connections come from.
 #[derive(Debug)]
 pub(crate) enum Source {
-    /// A listening socket this process accepts on (its own, or the primary's shared one).
+    /// A listening socket this process accepts on (its own, or a reusePort one).
     Socket(OwnedFd),
+    /// The primary's listening socket, which every worker accepts on (the `shared` policy).
+    Shared(OwnedFd),
     /// The primary accepts and hands connections over on this round-robin handle.
     RoundRobin(u64, cluster::Handoffs),
 }
@@ -272,7 +274,7 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
             let key = ListenKey { target, ordinal };
             let granted = worker.query_listen(key.clone(), params.clone()).await?;
             let source = match (granted.grant, granted.fd, granted.handoffs) {
-                (Grant::Shared, Some(fd), _) => Source::Socket(fd),
+                (Grant::Shared, Some(fd), _) => Source::Shared(fd),
                 (Grant::RoundRobin { handle }, _, Some(handoffs)) => {
                     Source::RoundRobin(handle, handoffs)
                 }

@@ -33,6 +33,7 @@
 mod blocklist;
 mod connect;
 mod encoding;
+mod exclusive;
 mod family;
 mod from_fd;
 mod idle;

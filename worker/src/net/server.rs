@@ -17,6 +17,7 @@ use std::time::Duration;
 use netcluster_protocol::handle::ListenError;
 
 use crate::net::SocketType;
+use crate::net::exclusive::ExclusiveAccept;
 use netcluster_protocol::message::{BoundAddress, ListenKey};
 use tokio::sync::{oneshot, watch};
 
@@ -322,7 +323,7 @@ impl Server {
         let (stop_tx, stop_rx) = oneshot::channel();
         let address = acquired.address.clone();
         let fd = match &acquired.source {
-            listen::Source::Socket(fd) => Some(fd.as_raw_fd()),
+            listen::Source::Socket(fd) | listen::Source::Shared(fd) => Some(fd.as_raw_fd()),
             listen::Source::RoundRobin(..) => None,
         };
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed);
@@ -510,6 +511,9 @@ impl Server {
 enum Listener {
     /// With the family its connections have.
     Tcp(tokio::net::TcpListener, SocketType),
+    /// The primary's socket, shared by every worker, accepted on by a thread of this worker
+    /// that the kernel wakes alone (`EPOLLEXCLUSIVE`, in turn with the other workers).
+    Exclusive(ExclusiveAccept, SocketType),
     Unix(tokio::net::UnixListener),
     /// Connections handed over by the primary (round robin).
     RoundRobin {
@@ -532,6 +536,23 @@ impl Listener {
         address: &BoundAddress,
         worker: Option<Arc<Worker>>,
     ) -> io::Result<Listener> {
+        let source = match source {
+            listen::Source::Shared(fd) => {
+                let kind = match address {
+                    BoundAddress::Tcp(a) => tcp_kind(a),
+                    BoundAddress::Unix(_) => SocketType::Unix,
+                };
+                match fd.try_clone().and_then(ExclusiveAccept::start) {
+                    Ok(ex) => return Ok(Listener::Exclusive(ex, kind)),
+                    Err(e) => {
+                        // Accepting through tokio works too, only with every worker woken.
+                        tracing::debug!("no exclusive accept on the shared socket: {e}");
+                        listen::Source::Socket(fd)
+                    }
+                }
+            }
+            other => other,
+        };
         match (source, address) {
             (listen::Source::Socket(fd), BoundAddress::Tcp(a)) => {
                 let std = std::net::TcpListener::from(fd);
@@ -546,6 +567,7 @@ impl Listener {
                 std.set_nonblocking(true)?;
                 Ok(Listener::Unix(tokio::net::UnixListener::from_std(std)?))
             }
+            (listen::Source::Shared(_), _) => Err(io::Error::other("a shared socket left over")),
             (listen::Source::RoundRobin(handle, handoffs), address) => {
                 let worker = worker.ok_or_else(|| {
                     io::Error::other("a round-robin grant outside a cluster worker")
@@ -580,6 +602,14 @@ impl Listener {
                     handoff: None,
                 })
             }
+            Listener::Exclusive(ex, kind) => match ex.accept().await {
+                Some(got) => Ok(Incoming {
+                    socket: accepted_socket(got?, *kind)?,
+                    handoff: None,
+                }),
+                // The thread ended (it logged why): nothing more comes from it.
+                None => std::future::pending().await,
+            },
             Listener::RoundRobin {
                 handle,
                 handoffs,
@@ -589,7 +619,7 @@ impl Listener {
                 let Some((seq, fd)) = handoffs.recv().await else {
                     return std::future::pending().await;
                 };
-                match handoff_socket(fd, *kind) {
+                match accepted_socket(fd, *kind) {
                     Ok(socket) => {
                         return Ok(Incoming {
                             socket,
@@ -619,7 +649,7 @@ impl Listener {
         };
         loop {
             let (seq, fd) = handoffs.try_recv().ok()?;
-            match handoff_socket(fd, *kind) {
+            match accepted_socket(fd, *kind) {
                 Ok(socket) => {
                     return Some(Incoming {
                         socket,
@@ -655,8 +685,37 @@ impl Listener {
                 std::task::Poll::Ready(Err(e)) => Some(Err(e)),
                 std::task::Poll::Pending => None,
             },
+            Listener::Exclusive(ex, kind) => ex.accept_now().map(|got| {
+                Ok(Incoming {
+                    socket: accepted_socket(got?, *kind)?,
+                    handoff: None,
+                })
+            }),
             Listener::RoundRobin { .. } => None,
         }
+    }
+
+    /// Stops an accept thread and returns what it had accepted (to be served: those
+    /// connections are this worker's now).
+    async fn stop_intake(&mut self) -> Vec<Incoming> {
+        let Listener::Exclusive(ex, kind) = self else {
+            return Vec::new();
+        };
+        let kind = *kind;
+        ex.stop()
+            .await
+            .into_iter()
+            .filter_map(|got| match got.and_then(|fd| accepted_socket(fd, kind)) {
+                Ok(socket) => Some(Incoming {
+                    socket,
+                    handoff: None,
+                }),
+                Err(e) => {
+                    tracing::debug!("accept: {e}");
+                    None
+                }
+            })
+            .collect()
     }
 
     /// Sends the answers to hand-offs (round robin only), in one message.
@@ -690,9 +749,10 @@ impl Listener {
     }
 }
 
-/// A handed-over connection as a socket. The primary accepted it with `SOCK_NONBLOCK`, a flag
-/// of the open file description that every copy shares, so it needs no `fcntl` here.
-fn handoff_socket(fd: OwnedFd, kind: SocketType) -> io::Result<Socket> {
+/// A connection accepted with `SOCK_NONBLOCK` as a socket: by an accept thread, or by the
+/// primary for a hand-off (the flag is one of the open file description, which every copy
+/// shares), so it needs no `fcntl` here.
+fn accepted_socket(fd: OwnedFd, kind: SocketType) -> io::Result<Socket> {
     if kind == SocketType::Unix {
         let std = std::os::unix::net::UnixStream::from(fd);
         Ok(Socket::unix(tokio::net::UnixStream::from_std(std)?))
@@ -888,6 +948,9 @@ async fn accept_loop(
             () = &mut worker_stopping => {
                 // The worker is stopping: this server closes like server.close().
                 take_if_ours(&inner, generation);
+                for incoming in listener.stop_intake().await {
+                    serve_incoming(&inner, incoming, &mut Answers::default());
+                }
                 draining = BACKLOG_DRAIN;
             }
             () = &mut cancelled => {
@@ -923,6 +986,10 @@ async fn accept_loop(
                 }
             }
         }
+    }
+    // What an accept thread took is this worker's: served, not reset.
+    for incoming in listener.stop_intake().await {
+        serve_incoming(&inner, incoming, &mut Answers::default());
     }
     listener.shut().await;
     if let Some(path) = unlink {
