@@ -76,7 +76,7 @@ pub struct Limits {
     /// [`Event::Lagged`]: crate::Event::Lagged
     pub events: usize,
     /// Connections a round-robin listener accepts ahead of its workers (the rest wait in the
-    /// kernel's backlog), on top of one per worker in rotation.
+    /// kernel's backlog), on top of a window of hand-offs per worker in rotation.
     pub accept_ahead: usize,
 }
 

@@ -66,8 +66,8 @@ const QUEUE_POLL: Duration = Duration::from_millis(20);
 const HANDSHAKE_GRACE: Duration = Duration::from_millis(100);
 /// Requests over a limit refused in a row before the worker counts as flooding and is killed.
 const OVER_LIMIT_STREAK: u32 = 1000;
-/// Hand-offs a worker may let expire in a row before it is killed (it answers pings but not
-/// hand-offs).
+/// Messages of hand-offs a worker may let expire in a row before it is killed (it answers
+/// pings but not hand-offs).
 const SILENT_HANDOFFS: u32 = 3;
 /// How often systemd's `STATUS=` line is brought up to date (when it changed).
 const SYSTEMD_STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -137,7 +137,7 @@ struct Worker {
     requests: u32,
     /// Requests refused in a row for being over a limit; reset by one within the limits.
     over_limit: u32,
-    /// Hand-offs it let expire in a row; reset by an answer in time.
+    /// Messages of hand-offs it let expire in a row; reset by an answer in time.
     silent_handoffs: u32,
     violations: u32,
     /// A ping it has not answered yet.
