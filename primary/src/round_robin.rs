@@ -221,6 +221,11 @@ async fn run_acceptor(
 /// to a message; an idle worker is still preferred (see [`RoundRobin::next_batches`]).
 pub(crate) const WINDOW: usize = 8;
 
+/// A worker with hand-offs in flight that has answered none for this long gets no more until
+/// it does: a stopped or busy worker holds a connection or two, not a whole window, while the
+/// others take its turns.
+pub(crate) const STALL: Duration = Duration::from_millis(100);
+
 /// Connections in one message at most (within the channel's descriptor limit).
 pub(crate) const BATCH: usize = 8;
 
@@ -239,6 +244,20 @@ struct InFlight {
     /// The message it went in (its first hand-off number).
     batch: u64,
     waiting: Waiting,
+}
+
+/// A worker's hand-offs in flight.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    n: usize,
+    /// When it last answered (or, with nothing in flight before, was sent one).
+    progress: Instant,
+}
+
+impl Load {
+    fn has_room(&self, now: Instant) -> bool {
+        self.n < WINDOW && now.saturating_duration_since(self.progress) < STALL
+    }
 }
 
 /// One message's hand-offs still unanswered.
@@ -283,7 +302,7 @@ pub(crate) struct RoundRobin {
     pending: VecDeque<Waiting>,
     in_flight: BTreeMap<u64, InFlight>,
     /// Connections in flight per worker (at most [`WINDOW`]).
-    load: HashMap<u32, usize>,
+    load: HashMap<u32, Load>,
     /// Messages with hand-offs still unanswered, by id.
     sent: HashMap<u64, Sent>,
     next_seq: u64,
@@ -332,9 +351,9 @@ impl RoundRobin {
     /// Returns it and, if it was its message's last, the message's id.
     fn land(&mut self, seq: u64) -> Option<(InFlight, Option<u64>)> {
         let f = self.in_flight.remove(&seq)?;
-        if let Some(n) = self.load.get_mut(&f.worker) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(l) = self.load.get_mut(&f.worker) {
+            l.n = l.n.saturating_sub(1);
+            if l.n == 0 {
                 self.load.remove(&f.worker);
             }
         }
@@ -432,12 +451,18 @@ impl RoundRobin {
     }
 
     /// The hand-offs to make now, grouped in messages: each waiting connection, in order, goes
-    /// to the next worker in turn that has room in its window ([`WINDOW`]) and has not refused
-    /// it, which then moves to the back of the turn. So the workers take strict turns, one
-    /// connection each, under light load and under heavy load alike (even counts), and one
-    /// that is stuck is skipped once its window is full. A connection that every member
-    /// refused is closed on the way.
+    /// to the next worker in turn that has room in its window ([`WINDOW`]), has answered
+    /// within [`STALL`] if it has hand-offs in flight, and has not refused it; that worker then
+    /// moves to the back of the turn. So the workers take strict turns, one connection each,
+    /// under light load and under heavy load alike (even counts), and one that is stopped or
+    /// busy is skipped after a connection or two. A connection that every member refused is
+    /// closed on the way.
     pub fn next_batches(&mut self) -> Vec<Batch> {
+        self.next_batches_at(Instant::now())
+    }
+
+    /// [`RoundRobin::next_batches`] at `now`.
+    fn next_batches_at(&mut self, now: Instant) -> Vec<Batch> {
         let mut out: Vec<Batch> = Vec::new();
         while let Some(front) = self.pending.front() {
             if !self.members.is_empty() && self.members.iter().all(|m| front.refused.contains(m)) {
@@ -450,7 +475,7 @@ impl RoundRobin {
             }
             let load = &self.load;
             let Some(pos) = self.turn.iter().position(|w| {
-                load.get(w).copied().unwrap_or(0) < WINDOW && !front.refused.contains(w)
+                load.get(w).is_none_or(|l| l.has_room(now)) && !front.refused.contains(w)
             }) else {
                 break;
             };
@@ -463,7 +488,13 @@ impl RoundRobin {
             };
             self.next_seq = self.next_seq.wrapping_add(1);
             let seq = self.next_seq;
-            *self.load.entry(worker).or_default() += 1;
+            self.load
+                .entry(worker)
+                .or_insert(Load {
+                    n: 0,
+                    progress: now,
+                })
+                .n += 1;
             let i = match out
                 .iter()
                 .position(|b| b.worker == worker && b.seqs.len() < BATCH)
@@ -534,6 +565,9 @@ impl RoundRobin {
         let Some((f, done)) = self.land(seq) else {
             return Err(UnknownHandoff { worker, seq });
         };
+        if let Some(l) = self.load.get_mut(&worker) {
+            l.progress = Instant::now();
+        }
         if !accepted {
             let mut waiting = f.waiting;
             waiting.refused.push(worker);
@@ -754,6 +788,28 @@ mod tests {
         // 1 fills its window (2 already in flight), 2 takes its turns and then the rest.
         assert_eq!((to(1), to(2)), (WINDOW - 2, WINDOW));
         assert_eq!(rr.pending(), 2);
+    }
+
+    #[test]
+    fn a_worker_that_stops_answering_is_skipped_after_a_while() {
+        let gate = Gate::new(0);
+        let mut rr = RoundRobin::new(gate.clone(), 4);
+        rr.join(1);
+        rr.join(2);
+        let t0 = Instant::now();
+        let _peers = push(&mut rr, &gate, 2);
+        let b = rr.next_batches_at(t0);
+        assert_eq!(shape(&b), vec![(1, 1), (2, 1)]);
+        // 2 answers; 1 is silent. Within STALL, 1 still gets its turns.
+        rr.ack(2, b[1].seqs[0], true).expect("ack");
+        let _more = push(&mut rr, &gate, 2);
+        let b = rr.next_batches_at(t0);
+        assert_eq!(shape(&b), vec![(1, 1), (2, 1)]);
+        rr.ack(2, b[1].seqs[0], true).expect("ack");
+        // Past it, 1 gets nothing while 2, which answers, takes everything.
+        let _more = push(&mut rr, &gate, 3);
+        let later = Instant::now() + STALL;
+        assert_eq!(shape(&rr.next_batches_at(later)), vec![(2, 3)]);
     }
 
     #[test]
