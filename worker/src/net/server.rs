@@ -619,17 +619,9 @@ impl Listener {
                 let Some((seq, fd)) = handoffs.recv().await else {
                     return std::future::pending().await;
                 };
-                match accepted_socket(fd, *kind) {
-                    Ok(socket) => {
-                        return Ok(Incoming {
-                            socket,
-                            handoff: Some((*handle, seq)),
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!("a handed-over connection is unusable: {e}");
-                        worker.answer_handoffs(*handle, Vec::new(), vec![seq]).await;
-                    }
+                match handed_over(*handle, seq, fd, *kind) {
+                    Some(incoming) => return Ok(incoming),
+                    None => worker.answer_handoffs(*handle, Vec::new(), vec![seq]).await,
                 }
             },
         }
@@ -649,17 +641,9 @@ impl Listener {
         };
         loop {
             let (seq, fd) = handoffs.try_recv().ok()?;
-            match accepted_socket(fd, *kind) {
-                Ok(socket) => {
-                    return Some(Incoming {
-                        socket,
-                        handoff: Some((*handle, seq)),
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!("a handed-over connection is unusable: {e}");
-                    answers.refused.push(seq);
-                }
+            match handed_over(*handle, seq, fd, *kind) {
+                Some(incoming) => return Some(incoming),
+                None => answers.refused.push(seq),
             }
         }
     }
@@ -745,6 +729,21 @@ impl Listener {
                 refused.push(seq);
             }
             worker.answer_handoffs(handle, Vec::new(), refused).await;
+        }
+    }
+}
+
+/// Hand-off `seq` of `handle` as an incoming connection; `None` (logged) when the descriptor
+/// is unusable, to be refused.
+fn handed_over(handle: u64, seq: u64, fd: OwnedFd, kind: SocketType) -> Option<Incoming> {
+    match accepted_socket(fd, kind) {
+        Ok(socket) => Some(Incoming {
+            socket,
+            handoff: Some((handle, seq)),
+        }),
+        Err(e) => {
+            tracing::warn!("a handed-over connection is unusable: {e}");
+            None
         }
     }
 }
