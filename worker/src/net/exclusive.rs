@@ -12,8 +12,10 @@
 //! 1. waits in `epoll_wait` on a private epoll set holding the socket with `EPOLLEXCLUSIVE`
 //!    (and an eventfd to stop it),
 //! 2. accepts what is queued (a bounded number, non-blocking, `SOCK_CLOEXEC|SOCK_NONBLOCK`)
-//!    and passes the connections to the server's accept loop through a bounded channel — a
-//!    worker that falls behind stops accepting and leaves the queue to the others,
+//!    and passes the connections to the server's accept loop through a small bounded channel
+//!    — a worker whose event loop is busy stops accepting after a handful and leaves the
+//!    queue to the others (a blocked thread is not waiting in `epoll_wait`, so the kernel
+//!    wakes another worker; a stopped process is not either),
 //! 3. removes the socket from its set and adds it again, which puts this worker at the back
 //!    of the socket's wake-up queue: the next connection wakes the next idle worker (what
 //!    nginx does every 16 connections; here after every wake-up, as a wake-up under load
@@ -34,8 +36,10 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::sync::mpsc;
 
-/// Connections accepted ahead of the server's accept loop at most.
-const AHEAD: usize = 64;
+/// Connections accepted ahead of the server's accept loop at most (one more waits with the
+/// thread). The thread keeps waking while the worker's event loop is busy with something
+/// else, so this is what a busy worker can take from the others: a handful, not a burst.
+const AHEAD: usize = 4;
 /// Connections one wake-up takes at most before the thread moves to the back of the queue.
 const PER_WAKE: usize = 64;
 /// Stack of the accept thread: it only calls the kernel.
@@ -223,6 +227,31 @@ mod tests {
         }
         assert_eq!(served, clients.len());
         assert!(ex.accept().await.is_none(), "the thread has ended");
+    }
+
+    #[tokio::test]
+    async fn a_busy_worker_takes_a_handful_and_leaves_the_rest() {
+        let (l, addr) = listener();
+        let dup = l.try_clone().expect("dup");
+        // `busy` never takes what its thread accepted, like a worker whose event loop is
+        // occupied.
+        let mut busy = ExclusiveAccept::start(l.into()).expect("busy");
+        let clients: Vec<_> = (0..20)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut other = ExclusiveAccept::start(dup.into()).expect("other");
+        let mut took = 0;
+        while tokio::time::timeout(Duration::from_millis(300), other.accept())
+            .await
+            .is_ok_and(|got| got.is_some_and(|r| r.is_ok()))
+        {
+            took += 1;
+        }
+        let hoarded = busy.stop().await.len();
+        assert_eq!(took + hoarded, clients.len());
+        // AHEAD in the channel and one held by the blocked thread.
+        assert!(hoarded <= 5, "the busy one took {hoarded}");
     }
 
     #[tokio::test]
