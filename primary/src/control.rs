@@ -192,6 +192,19 @@ impl Drop for ControlSocket {
     }
 }
 
+/// An error about the control socket at `path`, saying what failed.
+fn named(path: &Path, what: &str, e: io::Error) -> Error {
+    Error::io(format!("control socket {}: {what}", path.display()), e)
+}
+
+/// Makes sure the directory `path` goes in is private to this user (created `0700`).
+fn in_private_dir(path: &Path) -> Result<(), Error> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => private_dir(dir).map_err(|e| named(path, "its directory", e)),
+        None => Ok(()),
+    }
+}
+
 /// Creates the control socket at `path` and serves it for `cluster`.
 ///
 /// A socket file left by a primary that died is replaced; one that a running primary answers
@@ -204,12 +217,8 @@ pub fn serve(
     cluster: ClusterHandle,
     ops: Arc<dyn Operations>,
 ) -> Result<ControlSocket, Error> {
-    let named = |what: &str, e: io::Error| {
-        Error::io(format!("control socket {}: {what}", path.display()), e)
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        private_dir(dir).map_err(|e| named("its directory", e))?;
-    }
+    let named = |what: &str, e: io::Error| named(path, what, e);
+    in_private_dir(path)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
@@ -254,12 +263,8 @@ pub fn serve_replacing(
     cluster: ClusterHandle,
     ops: Arc<dyn Operations>,
 ) -> Result<ControlSocket, Error> {
-    let named = |what: &str, e: io::Error| {
-        Error::io(format!("control socket {}: {what}", path.display()), e)
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        private_dir(dir).map_err(|e| named("its directory", e))?;
-    }
+    let named = |what: &str, e: io::Error| named(path, what, e);
+    in_private_dir(path)?;
     let mut beside = path.as_os_str().to_owned();
     beside.push(format!(".{}.new", std::process::id()));
     let beside = PathBuf::from(beside);

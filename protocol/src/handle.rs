@@ -367,33 +367,7 @@ pub fn accept_new_connections(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()>
 /// `InvalidInput` saying what the descriptor is instead ("a pipe", "a UDP socket", "a TCP
 /// socket that is not listening", …).
 pub fn check_listening(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<BoundAddress> {
-    let what = describe_fd(fd);
-    let not = || {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{what}, not a listening stream socket"),
-        )
-    };
-    let sock = socket2::SockRef::from(&fd);
-    if sock.r#type().map_err(|_| not())? != Type::STREAM {
-        return Err(not());
-    }
-    let domain = sock.domain().map_err(|_| not())?;
-    if domain != Domain::IPV4 && domain != Domain::IPV6 && domain != Domain::UNIX {
-        return Err(not());
-    }
-    if !sock.is_listener().map_err(|_| not())? {
-        return Err(not());
-    }
-    let addr = sock.local_addr()?;
-    match addr.as_socket() {
-        Some(sa) => Ok(BoundAddress::Tcp(sa)),
-        None => Ok(BoundAddress::Unix(
-            addr.as_pathname()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
-        )),
-    }
+    check_stream(fd, true)
 }
 
 /// Checks that `fd` is a TCP or Unix stream socket and returns the address it is bound to,
@@ -402,10 +376,20 @@ pub fn check_listening(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<BoundAddre
 /// # Errors
 /// `InvalidInput` saying what the descriptor is instead; the error of `getsockname(2)`.
 pub fn check_bound(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<BoundAddress> {
+    check_stream(fd, false)
+}
+
+/// [`check_listening`] (with `listening`) or [`check_bound`].
+fn check_stream(fd: std::os::fd::BorrowedFd<'_>, listening: bool) -> io::Result<BoundAddress> {
     let not = || {
+        let what = if listening {
+            "a listening stream socket"
+        } else {
+            "a stream socket"
+        };
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{}, not a stream socket", describe_fd(fd)),
+            format!("{}, not {what}", describe_fd(fd)),
         )
     };
     let sock = socket2::SockRef::from(&fd);
@@ -414,6 +398,9 @@ pub fn check_bound(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<BoundAddress> 
     }
     let domain = sock.domain().map_err(|_| not())?;
     if domain != Domain::IPV4 && domain != Domain::IPV6 && domain != Domain::UNIX {
+        return Err(not());
+    }
+    if listening && !sock.is_listener().map_err(|_| not())? {
         return Err(not());
     }
     let addr = sock.local_addr()?;

@@ -1196,6 +1196,58 @@ mod tests {
         assert_eq!(idle, Duration::from_secs(7));
     }
 
+    #[tokio::test]
+    async fn accepted_sockets_have_their_listeners_type() {
+        // Told by the listener's family, with no getsockname: an IPv6 socket's IPv4 clients
+        // are tcp6 too (mapped addresses), as getsockname would say.
+        async fn accepted_type(
+            listen: ListenOptions,
+            connect: Option<SocketAddr>,
+        ) -> Option<SocketType> {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let server = Server::new(move |socket| {
+                let tx = tx.clone();
+                async move {
+                    let local = socket.local_address();
+                    let _ = tx.send((socket.socket_type(), local));
+                }
+            });
+            let bound = server.listen(listen).await.ok()?;
+            let addr = match (bound, connect) {
+                (BoundAddress::Tcp(sa), None) => sa,
+                (BoundAddress::Tcp(sa), Some(to)) => SocketAddr::new(to.ip(), sa.port()),
+                (BoundAddress::Unix(p), _) => {
+                    let _c = tokio::net::UnixStream::connect(&p).await.expect("connect");
+                    return rx.recv().await.expect("handler ran").0;
+                }
+            };
+            let _c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (kind, local) = rx.recv().await.expect("handler ran");
+            let local = local.expect("a TCP socket has a local address");
+            let by_getsockname = if local.is_ipv6() {
+                SocketType::Tcp6
+            } else {
+                SocketType::Tcp4
+            };
+            assert_eq!(kind, Some(by_getsockname));
+            kind
+        }
+        assert_eq!(accepted_type(local(), None).await, Some(SocketType::Tcp4));
+        let dir = tempfile::tempdir().expect("tmp");
+        assert_eq!(
+            accepted_type(dir.path().join("t.sock").into(), None).await,
+            Some(SocketType::Unix)
+        );
+        let v4 = SocketAddr::from(([127, 0, 0, 1], 0));
+        if let Some(kind) = accepted_type(ListenOptions::port(0).host("::"), Some(v4)).await {
+            assert_eq!(
+                kind,
+                SocketType::Tcp6,
+                "an IPv4 client of a dual-stack socket"
+            );
+        }
+    }
+
     /// A server whose handler reads to EOF, then (a little later) writes "late".
     fn late_writer(allow_half_open: bool) -> Server {
         let options = ServerOptions {
