@@ -473,7 +473,7 @@ impl Registry {
                 let dup = fd
                     .try_clone_to_owned()
                     .map_err(|e| ListenError::new(&l.key.target, e))?;
-                return Ok((l.address.clone(), Grant::Shared, Some(dup)));
+                return Ok((l.address.clone(), Grant::Slot, Some(dup)));
             }
         }
         let Some(l) = self.listeners.get(&id) else {
@@ -752,7 +752,7 @@ mod tests {
             .bind(&tcp0(0), &ListenParams::default(), None)
             .expect("reserve");
         let (address, grant, one) = r.grant(b.id, Some(1)).expect("slot 1");
-        assert_eq!(grant, Grant::Shared);
+        assert_eq!(grant, Grant::Slot);
         assert_ne!(address.port(), Some(0));
         let (address2, _, two) = r.grant(b.id, Some(2)).expect("slot 2");
         assert_eq!(address, address2, "one port");

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of the wire protocol. Every frame starts with it, and the handshake repeats it.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 
 /// This host's `CLOCK_MONOTONIC` in milliseconds: the clock of hand-off deadlines. Every process
 /// on one host (in one time namespace) reads the same clock, so a primary and its workers agree
@@ -189,6 +189,17 @@ pub enum Grant {
     /// The worker binds the granted address itself with `SO_REUSEPORT` and the kernel
     /// balances connections.
     ReusePort,
+    /// The listening socket rides with the reply and is this worker's alone: its reuseport
+    /// slot, which the kernel balances against the other slots. The worker accepts on it
+    /// without coordinating with other workers (no `EPOLLEXCLUSIVE` turn-taking).
+    Slot,
+}
+
+impl Grant {
+    /// Whether the listening socket rides with the reply.
+    pub fn carries_socket(self) -> bool {
+        matches!(self, Grant::Shared | Grant::Slot)
+    }
 }
 
 /// What kind of handle rides with a `ToWorker::Handle` message.
@@ -373,8 +384,8 @@ pub enum ToWorker {
         /// How long a draining worker may keep open connections before it exits anyway.
         drain_timeout_ms: u64,
     },
-    /// The listen of request `seq` succeeded; with [`Grant::Shared`] the listening socket
-    /// rides with it (one descriptor), otherwise none.
+    /// The listen of request `seq` succeeded; with [`Grant::Shared`] or [`Grant::Slot`] the
+    /// listening socket rides with it (one descriptor), otherwise none.
     ListenOk {
         /// The request this answers.
         seq: u64,
@@ -465,10 +476,7 @@ impl Frame for ToWorker {
     const VARIANTS: u32 = 12;
     fn fd_count(&self) -> usize {
         match self {
-            ToWorker::ListenOk {
-                grant: Grant::Shared,
-                ..
-            } => 1,
+            ToWorker::ListenOk { grant, .. } if grant.carries_socket() => 1,
             ToWorker::Connections { seqs, .. } => seqs.len(),
             ToWorker::Handle { .. } => 1,
             _ => 0,

@@ -23,6 +23,7 @@ use netcluster_protocol::handle::check_unix_path;
 use tokio::net::{TcpSocket, UnixStream};
 
 use super::socket::{Socket, Stream};
+use super::tcp::Tcp;
 
 /// `getaddrinfo` hint flags for [`ConnectOptions::hints`], with the values Node's
 /// `dns.ADDRCONFIG`, `dns.V4MAPPED` and `dns.ALL` have on Linux.
@@ -537,7 +538,10 @@ impl Plan {
                         .into()
                     })
             }
-            Plan::Tcp(plan) => plan.establish().await.map(Stream::Tcp),
+            Plan::Tcp(plan) => plan
+                .establish()
+                .await
+                .map(|s| Stream::Tcp(Tcp::registered(s))),
         }
     }
 }

@@ -10,9 +10,10 @@ use std::str::FromStr;
 use netcluster_protocol::fd::dup_raw;
 use nix::libc;
 use socket2::{Domain, Type};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::UnixStream;
 
 use super::socket::Stream;
+use super::tcp::Tcp;
 
 /// The kind of a socket, as Node's early `new net.Socket({type})` named it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -197,7 +198,7 @@ pub(crate) fn adopt(options: &FromFdOptions) -> io::Result<(Stream, SocketType)>
     let owned = OwnedFd::from(socket);
     let stream = match kind {
         SocketType::Tcp4 | SocketType::Tcp6 => {
-            Stream::Tcp(TcpStream::from_std(std::net::TcpStream::from(owned))?)
+            Stream::Tcp(Tcp::direct(std::net::TcpStream::from(owned)))
         }
         SocketType::Unix => Stream::Unix(UnixStream::from_std(
             std::os::unix::net::UnixStream::from(owned),

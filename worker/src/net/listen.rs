@@ -275,6 +275,9 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
             let granted = worker.query_listen(key.clone(), params.clone()).await?;
             let source = match (granted.grant, granted.fd, granted.handoffs) {
                 (Grant::Shared, Some(fd), _) => Source::Shared(fd),
+                // A reuseport slot: no other worker accepts on it (but for a moment, a
+                // replacement of the same slot during a reload).
+                (Grant::Slot, Some(fd), _) => Source::Socket(fd),
                 (Grant::RoundRobin { handle }, _, Some(handoffs)) => {
                     Source::RoundRobin(handle, handoffs)
                 }
@@ -299,7 +302,7 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
                         }
                     }
                 }
-                (Grant::Shared | Grant::RoundRobin { .. }, _, _) => {
+                (Grant::Shared | Grant::Slot | Grant::RoundRobin { .. }, _, _) => {
                     return Err(io::Error::other(format!(
                         "listen {}: the primary's answer was incomplete",
                         key.target

@@ -42,6 +42,7 @@ mod listen;
 mod server;
 mod socket;
 mod socket_address;
+mod tcp;
 
 pub use blocklist::{AddressInput, BlockList, BlockListError};
 pub use connect::{

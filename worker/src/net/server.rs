@@ -14,7 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use netcluster_protocol::fd::{accept_nonblocking, register_async};
 use netcluster_protocol::handle::ListenError;
+use socket2::SockRef;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use crate::net::SocketType;
 use crate::net::exclusive::ExclusiveAccept;
@@ -509,8 +513,10 @@ impl Server {
 }
 
 enum Listener {
-    /// With the family its connections have.
-    Tcp(tokio::net::TcpListener, SocketType),
+    /// With the family its connections have. Accepted with `accept4` as it stands (not
+    /// tokio's `TcpListener`, which registers every connection with the event loop): a
+    /// connection registers only once it has to wait (see `net::tcp`).
+    Tcp(AsyncFd<OwnedFd>, SocketType),
     /// The primary's socket, shared by every worker, accepted on by a thread of this worker
     /// that the kernel wakes alone (`EPOLLEXCLUSIVE`, in turn with the other workers).
     Exclusive(ExclusiveAccept, SocketType),
@@ -555,10 +561,9 @@ impl Listener {
         };
         match (source, address) {
             (listen::Source::Socket(fd), BoundAddress::Tcp(a)) => {
-                let std = std::net::TcpListener::from(fd);
-                std.set_nonblocking(true)?;
+                SockRef::from(&fd).set_nonblocking(true)?;
                 Ok(Listener::Tcp(
-                    tokio::net::TcpListener::from_std(std)?,
+                    register_async(fd, Interest::READABLE)?,
                     tcp_kind(a),
                 ))
             }
@@ -588,13 +593,15 @@ impl Listener {
 
     async fn accept(&mut self) -> io::Result<Incoming> {
         match self {
-            Listener::Tcp(l, kind) => {
-                let (s, _) = l.accept().await?;
-                Ok(Incoming {
-                    socket: Socket::accepted_tcp(s, *kind),
-                    handoff: None,
-                })
-            }
+            Listener::Tcp(l, kind) => loop {
+                let mut ready = l.readable().await?;
+                if let Ok(got) = ready.try_io(|l| accept_nonblocking(l.get_ref().as_fd())) {
+                    return Ok(Incoming {
+                        socket: accepted_socket(got?, *kind)?,
+                        handoff: None,
+                    });
+                }
+            },
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
                 Ok(Incoming {
@@ -653,13 +660,13 @@ impl Listener {
     fn accept_now(&mut self) -> Option<io::Result<Incoming>> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         match self {
-            Listener::Tcp(l, kind) => match l.poll_accept(&mut cx) {
-                std::task::Poll::Ready(Ok((s, _))) => Some(Ok(Incoming {
-                    socket: Socket::accepted_tcp(s, *kind),
+            Listener::Tcp(l, kind) => match accept_nonblocking(l.get_ref().as_fd()) {
+                Ok(fd) => Some(accepted_socket(fd, *kind).map(|socket| Incoming {
+                    socket,
                     handoff: None,
                 })),
-                std::task::Poll::Ready(Err(e)) => Some(Err(e)),
-                std::task::Poll::Pending => None,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                Err(e) => Some(Err(e)),
             },
             Listener::Unix(l) => match l.poll_accept(&mut cx) {
                 std::task::Poll::Ready(Ok((s, _))) => Some(Ok(Incoming {
@@ -748,19 +755,15 @@ fn handed_over(handle: u64, seq: u64, fd: OwnedFd, kind: SocketType) -> Option<I
     }
 }
 
-/// A connection accepted with `SOCK_NONBLOCK` as a socket: by an accept thread, or by the
-/// primary for a hand-off (the flag is one of the open file description, which every copy
-/// shares), so it needs no `fcntl` here.
+/// A connection accepted with `SOCK_NONBLOCK` as a socket: by this process, by an accept
+/// thread, or by the primary for a hand-off (the flag is one of the open file description,
+/// which every copy shares), so it needs no `fcntl` here.
 fn accepted_socket(fd: OwnedFd, kind: SocketType) -> io::Result<Socket> {
     if kind == SocketType::Unix {
         let std = std::os::unix::net::UnixStream::from(fd);
         Ok(Socket::unix(tokio::net::UnixStream::from_std(std)?))
     } else {
-        let std = std::net::TcpStream::from(fd);
-        Ok(Socket::accepted_tcp(
-            tokio::net::TcpStream::from_std(std)?,
-            kind,
-        ))
+        Ok(Socket::accepted_tcp(std::net::TcpStream::from(fd), kind))
     }
 }
 

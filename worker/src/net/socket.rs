@@ -38,6 +38,7 @@ use super::connect::ConnectOptions;
 use super::encoding::{Encoding, TextDecoder};
 use super::from_fd::{self, FromFdOptions, SocketType};
 use super::idle::{Activity, IdleTimeout};
+use super::tcp::Tcp;
 
 /// A stream socket (`net.Socket`): TCP or Unix, connected by [`Socket::connect`], made from a
 /// descriptor by [`Socket::from_fd`], or handed to a server's connection handler.
@@ -145,15 +146,17 @@ enum Io {
 /// The connection under a socket.
 #[derive(Debug)]
 pub(crate) enum Stream {
-    Tcp(TcpStream),
+    Tcp(Tcp),
     Unix(UnixStream),
 }
 
 impl Stream {
-    fn sock(&self) -> SockRef<'_> {
+    /// The socket, for `setsockopt`, `send` and `shutdown`; `None` once a TCP connection
+    /// that failed to register with the event loop has lost its descriptor.
+    fn sock(&self) -> Option<SockRef<'_>> {
         match self {
-            Stream::Tcp(s) => SockRef::from(s),
-            Stream::Unix(s) => SockRef::from(s),
+            Stream::Tcp(s) => s.sock(),
+            Stream::Unix(s) => Some(SockRef::from(s)),
         }
     }
 
@@ -169,21 +172,21 @@ impl Stream {
 
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tcp(s) => s.poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tcp(s) => s.poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tcp(s) => s.poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -196,11 +199,16 @@ impl Stream {
         let flags = libc::MSG_NOSIGNAL;
         #[cfg(not(any(target_os = "linux", target_os = "android")))]
         let flags = 0;
-        self.sock().send_with_flags(data, flags)
+        self.sock()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?
+            .send_with_flags(data, flags)
     }
 
     fn shutdown_write(&self) -> io::Result<()> {
-        match self.sock().shutdown(Shutdown::Write) {
+        let Some(sock) = self.sock() else {
+            return Ok(());
+        };
+        match sock.shutdown(Shutdown::Write) {
             // The peer is gone already: nothing left to end.
             Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
             r => r,
@@ -367,15 +375,16 @@ impl Socket {
     /// An accepted TCP connection (must be called within a tokio runtime, as the stream was
     /// made in one).
     pub(crate) fn tcp(stream: TcpStream) -> Self {
-        Socket::open(Stream::Tcp(stream))
+        Socket::open(Stream::Tcp(Tcp::registered(stream)))
     }
 
     /// A TCP connection accepted on a listener of family `kind`, which an accepted socket
-    /// shares: no `getsockname` to tell it.
-    pub(crate) fn accepted_tcp(stream: TcpStream, kind: SocketType) -> Self {
+    /// shares: no `getsockname` to tell it. `stream` is in non-blocking mode; it registers
+    /// with the event loop only once it has to wait (see [`Tcp`]).
+    pub(crate) fn accepted_tcp(stream: std::net::TcpStream, kind: SocketType) -> Self {
         let mut socket = Socket::new();
         socket.writable = true;
-        socket.install_as(Stream::Tcp(stream), kind);
+        socket.install_as(Stream::Tcp(Tcp::direct(stream)), kind);
         socket
     }
 
@@ -404,7 +413,7 @@ impl Socket {
         } else {
             let std = std::net::TcpStream::from(fd);
             std.set_nonblocking(true)?;
-            Ok(Socket::tcp(TcpStream::from_std(std)?))
+            Ok(Socket::open(Stream::Tcp(Tcp::direct(std))))
         }
     }
 
@@ -568,8 +577,7 @@ impl Socket {
     fn install_as(&mut self, stream: Stream, kind: SocketType) {
         self.kind = Some(kind);
         let pending = std::mem::take(&mut *lock(&self.pending_options));
-        if let Stream::Tcp(tcp) = &stream {
-            let sock = SockRef::from(tcp);
+        if let Some(sock) = stream.sock().filter(|_| matches!(stream, Stream::Tcp(_))) {
             if let Some(no_delay) = pending.no_delay {
                 if let Err(e) = sock.set_tcp_nodelay(no_delay) {
                     tracing::debug!("setNoDelay after connect: {e}");
@@ -799,8 +807,8 @@ impl Socket {
     /// descriptor (whose original keeps the connection open otherwise).
     fn close_now(&mut self, had_error: bool, shut_down: bool) {
         if let Io::Open(stream) = &self.io {
-            if self.from_fd && shut_down {
-                let _ = stream.sock().shutdown(Shutdown::Both);
+            if let Some(sock) = stream.sock().filter(|_| self.from_fd && shut_down) {
+                let _ = sock.shutdown(Shutdown::Both);
             }
         }
         self.io = Io::Closed;
@@ -829,7 +837,7 @@ impl Socket {
     fn reset_now(&mut self) {
         if let Io::Open(stream) = &self.io {
             // SO_LINGER with a zero timeout: close() sends RST instead of FIN.
-            if let Err(e) = stream.sock().set_linger(Some(Duration::ZERO)) {
+            if let Some(Err(e)) = stream.sock().map(|s| s.set_linger(Some(Duration::ZERO))) {
                 tracing::debug!("resetAndDestroy: SO_LINGER: {e}");
             }
         }
@@ -1163,9 +1171,12 @@ impl Socket {
     /// The `setsockopt` error.
     pub fn set_no_delay(&self, no_delay: bool) -> io::Result<()> {
         match &self.io {
-            Io::Open(Stream::Tcp(s)) => SockRef::from(s)
-                .set_tcp_nodelay(no_delay)
-                .map_err(|e| io::Error::new(e.kind(), format!("setNoDelay({no_delay}): {e}"))),
+            Io::Open(Stream::Tcp(s)) => match s.sock() {
+                Some(sock) => sock
+                    .set_tcp_nodelay(no_delay)
+                    .map_err(|e| io::Error::new(e.kind(), format!("setNoDelay({no_delay}): {e}"))),
+                None => Ok(()),
+            },
             Io::Open(Stream::Unix(_)) | Io::Closed => Ok(()),
             Io::Unconnected | Io::Connecting(_) => {
                 lock(&self.pending_options).no_delay = Some(no_delay);
@@ -1184,7 +1195,11 @@ impl Socket {
     /// The `setsockopt` error.
     pub fn set_keep_alive(&self, enable: bool, initial_delay: Duration) -> io::Result<()> {
         match &self.io {
-            Io::Open(Stream::Tcp(s)) => apply_keep_alive(&SockRef::from(s), enable, initial_delay)
+            Io::Open(Stream::Tcp(s)) => s
+                .sock()
+                .map_or(Ok(()), |sock| {
+                    apply_keep_alive(&sock, enable, initial_delay)
+                })
                 .map_err(|e| {
                     io::Error::new(
                         e.kind(),
@@ -1370,7 +1385,7 @@ impl Socket {
     /// connection.
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.io {
-            Io::Open(Stream::Tcp(s)) => Some(s.as_fd()),
+            Io::Open(Stream::Tcp(s)) => s.fd(),
             Io::Open(Stream::Unix(s)) => Some(s.as_fd()),
             _ => None,
         }
