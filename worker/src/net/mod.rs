@@ -43,6 +43,7 @@ mod server;
 mod socket;
 mod socket_address;
 mod tcp;
+mod wake_one;
 
 pub use blocklist::{AddressInput, BlockList, BlockListError};
 pub use connect::{

@@ -22,6 +22,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::net::SocketType;
 use crate::net::exclusive::ExclusiveAccept;
+use crate::net::wake_one::WakeOne;
 use netcluster_protocol::message::{BoundAddress, ListenKey};
 use tokio::sync::{oneshot, watch};
 
@@ -517,8 +518,11 @@ enum Listener {
     /// tokio's `TcpListener`, which registers every connection with the event loop): a
     /// connection registers only once it has to wait (see `net::tcp`).
     Tcp(AsyncFd<OwnedFd>, SocketType),
-    /// The primary's socket, shared by every worker, accepted on by a thread of this worker
-    /// that the kernel wakes alone (`EPOLLEXCLUSIVE`, in turn with the other workers).
+    /// The primary's socket, shared by every worker, in this event loop's epoll set with
+    /// `EPOLLEXCLUSIVE`: the kernel wakes one idle worker per connection, in turn.
+    WakeOne(WakeOne, SocketType),
+    /// The same, accepted on by a thread of this worker that the kernel wakes alone (where
+    /// the event loop's registration cannot be changed).
     Exclusive(ExclusiveAccept, SocketType),
     Unix(tokio::net::UnixListener),
     /// Connections handed over by the primary (round robin).
@@ -548,6 +552,10 @@ impl Listener {
                     BoundAddress::Tcp(a) => tcp_kind(a),
                     BoundAddress::Unix(_) => SocketType::Unix,
                 };
+                match fd.try_clone().and_then(WakeOne::start) {
+                    Ok(one) => return Ok(Listener::WakeOne(one, kind)),
+                    Err(e) => tracing::debug!("no EPOLLEXCLUSIVE in the event loop: {e}"),
+                }
                 match fd.try_clone().and_then(ExclusiveAccept::start) {
                     Ok(ex) => return Ok(Listener::Exclusive(ex, kind)),
                     Err(e) => {
@@ -609,6 +617,10 @@ impl Listener {
                     handoff: None,
                 })
             }
+            Listener::WakeOne(one, kind) => Ok(Incoming {
+                socket: accepted_socket(one.accept().await?, *kind)?,
+                handoff: None,
+            }),
             Listener::Exclusive(ex, kind) => match ex.accept().await {
                 Some(got) => Ok(Incoming {
                     socket: accepted_socket(got?, *kind)?,
@@ -631,6 +643,16 @@ impl Listener {
                     None => worker.answer_handoffs(*handle, Vec::new(), vec![seq]).await,
                 }
             },
+        }
+    }
+
+    /// Back in the shared socket's wake-up queue after a connection's first turn (see
+    /// `net::wake_one`).
+    fn rejoin(&mut self) {
+        if let Listener::WakeOne(one, _) = self {
+            if let Err(e) = one.rejoin() {
+                tracing::warn!("shared accept: cannot re-register the listener: {e}");
+            }
         }
     }
 
@@ -676,6 +698,12 @@ impl Listener {
                 std::task::Poll::Ready(Err(e)) => Some(Err(e)),
                 std::task::Poll::Pending => None,
             },
+            Listener::WakeOne(one, kind) => one.accept_now().map(|got| {
+                Ok(Incoming {
+                    socket: accepted_socket(got?, *kind)?,
+                    handoff: None,
+                })
+            }),
             Listener::Exclusive(ex, kind) => ex.accept_now().map(|got| {
                 Ok(Incoming {
                     socket: accepted_socket(got?, *kind)?,
@@ -875,6 +903,10 @@ fn serve_incoming(inner: &Arc<Inner>, incoming: Incoming, answers: &mut Answers)
             return;
         }
         answers.note(handoff, true);
+        if handoff.is_some() {
+            // Taken: the primary closes its copy once it hears so.
+            socket.close_with_shutdown();
+        }
         let info = match (socket.local_address(), socket.remote_address()) {
             (Some(local), Some(remote)) => Some(DropInfo::new(local, remote)),
             _ => None,
@@ -887,6 +919,9 @@ fn serve_incoming(inner: &Arc<Inner>, incoming: Incoming, answers: &mut Answers)
         return;
     }
     answers.note(handoff, true);
+    if handoff.is_some() {
+        socket.close_with_shutdown();
+    }
     inner.served.fetch_add(1, Ordering::Relaxed);
     socket.set_origin(Some(Origin {
         id: inner.id,
@@ -978,6 +1013,7 @@ async fn accept_loop(
                         // leaves other processes sharing the socket their chance at the queue
                         // instead of one process draining a whole burst.
                         tokio::task::yield_now().await;
+                        listener.rejoin();
                     }
                 }
                 Err(e) => {

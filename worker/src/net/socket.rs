@@ -114,9 +114,10 @@ pub struct Socket {
     reset_on_connect: bool,
     /// The connect under way is to a Unix path.
     connecting_unix: bool,
-    /// Made from a caller's descriptor: close it down with `shutdown`, since the caller's
-    /// number keeps the connection open after ours is closed.
-    from_fd: bool,
+    /// Another descriptor of the connection may outlive ours (made from a caller's
+    /// descriptor, or handed over by the primary, which closes its copy once it hears we took
+    /// the connection): close it down with `shutdown`, or it stays open after ours is closed.
+    shared_fd: bool,
     activity: std::sync::Arc<Activity>,
     encoding: Option<Encoding>,
     decoder: TextDecoder,
@@ -361,7 +362,7 @@ impl Socket {
             error: None,
             reset_on_connect: false,
             connecting_unix: false,
-            from_fd: false,
+            shared_fd: false,
             activity: Activity::new(),
             encoding: None,
             decoder: TextDecoder::default(),
@@ -425,6 +426,15 @@ impl Socket {
 
     pub(crate) fn set_origin(&mut self, origin: Option<crate::net::server::Origin>) {
         self.origin = origin;
+    }
+
+    /// Another process holds a copy of this connection's descriptor for a while (a primary
+    /// that handed it over): closing sends FIN with `shutdown` first, so the connection ends
+    /// when this socket closes, not when the last copy does. The primary's later `close` then
+    /// only frees what is left: the teardown's cost lands in this worker, not in the primary
+    /// that every connection goes through.
+    pub(crate) fn close_with_shutdown(&mut self) {
+        self.shared_fd = true;
     }
 
     /// Runs `hook` once when the socket closes (destroyed, failed, or dropped).
@@ -558,7 +568,7 @@ impl Socket {
         let options = options.into();
         let (stream, _) = from_fd::adopt(&options)?;
         let mut socket = Socket::new();
-        socket.from_fd = true;
+        socket.shared_fd = true;
         socket.allow_half_open = options.allow_half_open;
         socket.readable_option = options.readable;
         socket.writable_option = options.writable;
@@ -613,7 +623,7 @@ impl Socket {
         self.closed_cleanly = false;
         self.error = None;
         self.reset_on_connect = false;
-        self.from_fd = false;
+        self.shared_fd = false;
         self.decoder = TextDecoder::default();
         if let Some(encoding) = self.encoding {
             self.decoder.set_encoding(encoding);
@@ -807,7 +817,10 @@ impl Socket {
     /// descriptor (whose original keeps the connection open otherwise).
     fn close_now(&mut self, had_error: bool, shut_down: bool) {
         if let Io::Open(stream) = &self.io {
-            if let Some(sock) = stream.sock().filter(|_| self.from_fd && shut_down) {
+            if let Some(sock) = stream
+                .sock()
+                .filter(|_| self.shared_fd && shut_down && !(self.fin_sent && self.read_eof))
+            {
                 let _ = sock.shutdown(Shutdown::Both);
             }
         }
