@@ -1249,3 +1249,36 @@ fn socket_type_names_are_nodes() {
     assert!(err.to_string().contains("\"udp4\""), "{err}");
     assert_eq!(SocketType::Unix.to_string(), "unix");
 }
+
+#[tokio::test]
+async fn a_handed_over_connection_ends_when_dropped_though_the_primary_keeps_its_copy() {
+    let (l, port) = listener_v4().await;
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut peer, _) = within("accept", l.accept()).await.expect("accept");
+    // The primary's copy, kept until it hears the worker took the connection.
+    let primary_copy = client.try_clone().expect("dup");
+    let mut socket = Socket::from_received(std::os::fd::OwnedFd::from(client)).expect("received");
+    socket.close_with_shutdown();
+    socket.write(b"answer").expect("write");
+    drop(socket);
+    assert_eq!(
+        read_all(&mut peer).await,
+        b"answer",
+        "the peer sees the end"
+    );
+    drop(primary_copy);
+}
+
+#[tokio::test]
+async fn without_shutdown_a_copy_elsewhere_keeps_the_connection_open() {
+    let (l, port) = listener_v4().await;
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut peer, _) = within("accept", l.accept()).await.expect("accept");
+    let other_copy = client.try_clone().expect("dup");
+    drop(Socket::from_received(std::os::fd::OwnedFd::from(client)).expect("received"));
+    let mut buf = [0u8; 8];
+    let still_open = tokio::time::timeout(Duration::from_millis(200), peer.read(&mut buf)).await;
+    assert!(still_open.is_err(), "no end while another copy is open");
+    drop(other_copy);
+    assert_eq!(within("end", peer.read(&mut buf)).await.expect("read"), 0);
+}
