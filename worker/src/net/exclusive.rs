@@ -1,5 +1,8 @@
 //! Accepting on a listening socket that every worker shares (the `shared` policy) so that one
-//! worker, not all of them, wakes for a connection, and the workers take turns.
+//! worker, not all of them, wakes for a connection, and the workers take turns — from a thread
+//! of the worker. This is the fallback of [`super::wake_one`], which does the same from the
+//! event loop itself (no thread, no hop between threads per connection) when the event loop's
+//! registration of the socket can be found and changed.
 //!
 //! A socket registered with tokio sits in every worker's epoll set, and a connection wakes
 //! them all; the one the scheduler happens to run first takes it, which under light load is
