@@ -29,7 +29,7 @@
 //! with [`ExclusiveAccept::accept_now`] when the worker drains its backlog.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -106,11 +106,7 @@ impl ExclusiveAccept {
         if let Ok(got) = self.rx.try_recv() {
             return Some(got);
         }
-        match accept_nonblocking(self.fd.as_fd()) {
-            Ok(fd) => Some(Ok(fd)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            Err(e) => Some(Err(e)),
-        }
+        accept_queued(self.fd.as_fd())
     }
 
     /// Stops the thread and returns every connection it had accepted.
@@ -141,6 +137,16 @@ impl Stop {
 
     fn requested(&self) -> bool {
         self.flag.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection waiting in `listener`'s queue, taken without waiting; `None` when the queue
+/// is empty.
+pub(crate) fn accept_queued(listener: BorrowedFd<'_>) -> Option<io::Result<OwnedFd>> {
+    match accept_nonblocking(listener) {
+        Ok(fd) => Some(Ok(fd)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(e) => Some(Err(e)),
     }
 }
 

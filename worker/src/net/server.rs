@@ -21,7 +21,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::net::SocketType;
-use crate::net::exclusive::ExclusiveAccept;
+use crate::net::exclusive::{ExclusiveAccept, accept_queued};
 use crate::net::wake_one::WakeOne;
 use netcluster_protocol::message::{BoundAddress, ListenKey};
 use tokio::sync::{oneshot, watch};
@@ -682,14 +682,12 @@ impl Listener {
     fn accept_now(&mut self) -> Option<io::Result<Incoming>> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         match self {
-            Listener::Tcp(l, kind) => match accept_nonblocking(l.get_ref().as_fd()) {
-                Ok(fd) => Some(accepted_socket(fd, *kind).map(|socket| Incoming {
-                    socket,
+            Listener::Tcp(l, kind) => accept_queued(l.get_ref().as_fd()).map(|got| {
+                Ok(Incoming {
+                    socket: accepted_socket(got?, *kind)?,
                     handoff: None,
-                })),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-                Err(e) => Some(Err(e)),
-            },
+                })
+            }),
             Listener::Unix(l) => match l.poll_accept(&mut cx) {
                 std::task::Poll::Ready(Ok((s, _))) => Some(Ok(Incoming {
                     socket: Socket::unix(s),
@@ -888,6 +886,15 @@ struct Stops {
 /// Connections a stopping worker takes from a listener's backlog before closing it.
 const BACKLOG_DRAIN: usize = 1024;
 
+/// Notes a connection as taken; a round-robin one closes with `shutdown` from now on, since the
+/// primary keeps its copy until it hears so.
+fn taken(answers: &mut Answers, handoff: Option<(u64, u64)>, socket: &mut Socket) {
+    answers.note(handoff, true);
+    if handoff.is_some() {
+        socket.close_with_shutdown();
+    }
+}
+
 /// Runs the handler for an accepted connection, or drops it at `maxConnections`; the answer
 /// to its hand-off (round robin) goes to `answers`.
 fn serve_incoming(inner: &Arc<Inner>, incoming: Incoming, answers: &mut Answers) {
@@ -902,11 +909,7 @@ fn serve_incoming(inner: &Arc<Inner>, incoming: Incoming, answers: &mut Answers)
             answers.note(handoff, false);
             return;
         }
-        answers.note(handoff, true);
-        if handoff.is_some() {
-            // Taken: the primary closes its copy once it hears so.
-            socket.close_with_shutdown();
-        }
+        taken(answers, handoff, &mut socket);
         let info = match (socket.local_address(), socket.remote_address()) {
             (Some(local), Some(remote)) => Some(DropInfo::new(local, remote)),
             _ => None,
@@ -918,10 +921,7 @@ fn serve_incoming(inner: &Arc<Inner>, incoming: Incoming, answers: &mut Answers)
         }
         return;
     }
-    answers.note(handoff, true);
-    if handoff.is_some() {
-        socket.close_with_shutdown();
-    }
+    taken(answers, handoff, &mut socket);
     inner.served.fetch_add(1, Ordering::Relaxed);
     socket.set_origin(Some(Origin {
         id: inner.id,

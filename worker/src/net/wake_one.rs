@@ -31,6 +31,8 @@ use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use super::exclusive::accept_queued;
+
 /// A shared listening socket in the event loop's epoll set with `EPOLLEXCLUSIVE` (see the
 /// module).
 #[derive(Debug)]
@@ -92,11 +94,7 @@ impl WakeOne {
 
     /// A connection waiting in the queue, taken now without waiting (to drain the backlog).
     pub(crate) fn accept_now(&mut self) -> Option<io::Result<OwnedFd>> {
-        match accept_nonblocking(self.listener.get_ref().as_fd()) {
-            Ok(fd) => Some(Ok(fd)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            Err(e) => Some(Err(e)),
-        }
+        accept_queued(self.listener.get_ref().as_fd())
     }
 
     /// Takes the listener out of the event loop's set (tokio's registration stays).
