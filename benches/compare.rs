@@ -113,6 +113,10 @@ impl Opts {
     fn baseline(&self) -> PathBuf {
         self.root.join("target/release/examples/tokio_baseline")
     }
+
+    fn floor(&self) -> PathBuf {
+        self.root.join("target/release/examples/handoff_floor")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -128,9 +132,11 @@ enum Kind {
     NodeNone,
     Nginx,
     Tokio,
+    Floor,
+    FloorNoAck,
 }
 
-const KINDS: [Kind; 8] = [
+const KINDS: [Kind; 10] = [
     Kind::Rr,
     Kind::Shared,
     Kind::ReusePort,
@@ -139,6 +145,8 @@ const KINDS: [Kind; 8] = [
     Kind::NodeNone,
     Kind::Nginx,
     Kind::Tokio,
+    Kind::Floor,
+    Kind::FloorNoAck,
 ];
 
 impl Kind {
@@ -153,6 +161,8 @@ impl Kind {
             Kind::NodeNone => "node-none",
             Kind::Nginx => "nginx",
             Kind::Tokio => "tokio",
+            Kind::Floor => "floor",
+            Kind::FloorNoAck => "floor-no-ack",
         }
     }
 
@@ -166,6 +176,8 @@ impl Kind {
             Kind::NodeNone => "Node cluster none",
             Kind::Nginx => "nginx",
             Kind::Tokio => "tokio, one process",
+            Kind::Floor => "hand-off floor",
+            Kind::FloorNoAck => "hand-off floor, no answers",
         }
     }
 
@@ -180,7 +192,7 @@ impl Kind {
 
     fn serves(self, app: App) -> bool {
         match self {
-            Kind::NodeProgram | Kind::Nginx => app == App::Http,
+            Kind::NodeProgram | Kind::Nginx | Kind::Floor | Kind::FloorNoAck => app == App::Http,
             _ => true,
         }
     }
@@ -306,6 +318,14 @@ impl Server {
             Kind::Tokio => {
                 let mut c = Command::new(opts.baseline());
                 c.args([app.name(), &workers.to_string()]);
+                c
+            }
+            Kind::Floor | Kind::FloorNoAck => {
+                let mut c = Command::new(opts.floor());
+                c.arg(workers.to_string());
+                if kind == Kind::FloorNoAck {
+                    c.arg("--no-ack");
+                }
                 c
             }
         };
@@ -964,7 +984,7 @@ fn machine() -> String {
 
 fn main() {
     let opts = Opts::parse();
-    for bin in [opts.netcluster(), opts.baseline()] {
+    for bin in [opts.netcluster(), opts.baseline(), opts.floor()] {
         assert!(
             bin.exists(),
             "{} is missing: run benches/compare.sh (it builds the release binaries)",
@@ -1129,8 +1149,14 @@ fn report(
                     .get(&(w, load, kind))
                     .map_or(0, |v| v.iter().map(|s| s.errors).sum());
                 let primary = if kind.is_netcluster()
-                    || matches!(kind, Kind::NodeRr | Kind::NodeNone | Kind::Nginx)
-                {
+                    || matches!(
+                        kind,
+                        Kind::NodeRr
+                            | Kind::NodeNone
+                            | Kind::Nginx
+                            | Kind::Floor
+                            | Kind::FloorNoAck
+                    ) {
                     format!("{prim:.1}")
                 } else {
                     "–".into()
@@ -1154,6 +1180,21 @@ fn report(
                 );
             }
             let _ = writeln!(r);
+        }
+        let close = Load::HttpClose;
+        let prim = |k: Kind| med(w, close, k, &Sample::primary_us_per_op);
+        if let (Some(rr), Some(floor)) = (prim(Kind::Rr), prim(Kind::Floor)) {
+            let _ = writeln!(
+                r,
+                "Round robin's primary, HTTP `Connection: close`: {rr:.1} µs per hand-off; the \
+                 hand-off floor (a bare `epoll_wait` loop making the same system calls: \
+                 `accept4`, `sendmsg` of up to 8 descriptors, the worker's answer, `close`) \
+                 {floor:.1} µs in the same run: {:.2}×{}.\n",
+                rr / floor,
+                prim(Kind::FloorNoAck).map_or(String::new(), |n| format!(
+                    "; the floor without answers (its copies closed once sent) {n:.1} µs"
+                ))
+            );
         }
         let _ = writeln!(
             r,

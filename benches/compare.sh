@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # netcluster side by side with Node's cluster (rr and none), nginx, a Node.js program run by
-# netcluster, and a single-process tokio server, on this machine, in one run.
+# netcluster, a single-process tokio server and the bare hand-off floor, on this machine, in
+# one run.
 #
 #   bash benches/compare.sh            # the full run (2 and 8 workers; under 10 minutes),
 #                                      # written into docs/benchmarks.md
 #   bash benches/compare.sh --quick    # 2 workers only (under 2 minutes), printed only
 #   bash benches/compare.sh --only rr,nginx   # some servers (rr shared reuseport node-program
-#                                             # node-rr node-none nginx tokio)
+#                                             # node-rr node-none nginx tokio floor floor-no-ack)
 #
 # Installs what it needs from the distribution's packages (wrk, nginx, node), builds the
 # release binaries, and runs benches/compare.rs; see benches/README.md.
@@ -30,7 +31,7 @@ fi
 export PATH="$PATH:/usr/sbin"
 
 echo "== building the release binaries" >&2
-cargo build --release --quiet --bin netcluster --example tokio_baseline
+cargo build --release --quiet --bin netcluster --example tokio_baseline --example handoff_floor
 
 args=("$@")
 quick=false

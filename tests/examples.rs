@@ -162,3 +162,39 @@ fn echo_client_names_the_address_it_cannot_reach() {
     assert_eq!(status.code(), Some(1));
     assert!(err.contains("nobody.sock"), "{err}");
 }
+
+/// The benchmark's hand-off floor serves HTTP through its workers, keep-alive and
+/// `Connection: close`, with and without answers.
+#[test]
+fn handoff_floor_serves_http_through_its_workers() {
+    for mode in [&["2"][..], &["2", "--no-ack"][..]] {
+        let mut r = Running::start(&example_bin("handoff_floor"), mode);
+        let line = r.wait_stdout(T, |l| l.starts_with("listening on "));
+        let addr: SocketAddr = line["listening on ".len()..].parse().expect("address");
+        // Keep-alive: two requests on one connection, each answered.
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(T)).expect("timeout");
+        for _ in 0..2 {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("write");
+            let mut buf = vec![0u8; 256];
+            let n = s.read(&mut buf).expect("read");
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+            assert!(text.ends_with("\r\n\r\nhello\n"), "{text}");
+        }
+        // `Connection: close`: one answer, then the end of the stream.
+        for _ in 0..4 {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(T)).expect("timeout");
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .expect("write");
+            let mut text = String::new();
+            s.read_to_string(&mut text).expect("read to the end");
+            assert!(text.contains("connection: close\r\n"), "{text}");
+            assert!(text.ends_with("hello\n"), "{text}");
+        }
+        r.signal(Signal::SIGKILL);
+        r.wait_exit(T);
+    }
+}
