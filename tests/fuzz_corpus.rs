@@ -127,6 +127,7 @@ fn write_seed_corpus() {
             data: b"hello".to_vec(),
         },
         ToPrimary::Disconnect,
+        ToPrimary::Stopping { signal: 2 },
         ToPrimary::CountReply { seq: 3, count: 7 },
         ToPrimary::CountRequest {
             seq: 4,

@@ -398,6 +398,65 @@ fn a_second_sigint_stops_at_once() {
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
 
+/// A Ctrl-C in a terminal: SIGINT reaches the primary and every worker of the process group
+/// at once. The workers say they are stopping before they exit, so nothing in the log calls
+/// their exits unexpected, and the primary exits 0.
+#[test]
+fn ctrl_c_to_the_whole_group_stops_without_warnings() {
+    for policy in ["round-robin", "shared", "reuseport"] {
+        let (mut r, _addr) = serve(&[
+            "--workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--policy",
+            policy,
+        ]);
+        wait_workers_listening(&r, 2);
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(r.pid as i32), Signal::SIGINT)
+            .expect("killpg");
+        assert_eq!(r.wait_exit(T).code(), Some(0), "{policy}");
+        let log = r.drain_stderr().to_vec();
+        assert!(
+            log.iter().any(|l| l.contains("worker stopping on SIGINT")),
+            "{policy}: {log:#?}"
+        );
+        assert!(
+            !log.iter()
+                .any(|l| l.contains("WARN") || l.contains("ERROR")),
+            "{policy}: {log:#?}"
+        );
+    }
+}
+
+/// `kill -TERM` on one worker: it says so, drains, and its slot gets a new worker; the exit is
+/// not one after a `disconnect()` (Node's `exitedAfterDisconnect` stays false).
+#[test]
+fn a_worker_stopped_by_sigterm_is_replaced_quietly() {
+    let (mut r, _addr) = serve(&["--workers", "2", "--listen", "127.0.0.1:0"]);
+    let before = worker_pids(&wait_workers_listening(&r, 2));
+    let (slot, victim) = before[0];
+    kill_pid(victim, Signal::SIGTERM);
+    r.wait_stderr(T, |l| {
+        l.contains("worker exited after stopping by itself (exit code 0)")
+    });
+    let after = eventually(T, "a new worker in the slot", || {
+        let status = status_json(&r);
+        let pids = worker_pids(&status);
+        let listening = status["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == 2 && w.iter().all(|w| w["state"] == "listening"));
+        (listening && pids.iter().any(|&(s, p)| s == slot && p != victim)).then_some(pids)
+    });
+    assert!(!after.iter().any(|&(_, p)| p == victim), "{after:?}");
+    let log = r.drain_stderr().to_vec();
+    assert!(
+        log.iter().any(|l| l.contains("worker stopping on SIGTERM")),
+        "{log:#?}"
+    );
+    assert!(!log.iter().any(|l| l.contains("WARN")), "{log:#?}");
+}
+
 #[test]
 fn sighup_and_sigusr1_never_kill_the_primary() {
     // SIGUSR2 starts an upgrade, which replaces this primary: tests/upgrade.rs covers it.

@@ -202,6 +202,7 @@ mod tests {
                     data: vec![1, 2, 3],
                 },
                 ToPrimary::Disconnect,
+                ToPrimary::Stopping { signal: 15 },
                 ToPrimary::CountReply { seq: 1, count: 2 },
                 ToPrimary::Accepted {
                     handle: 2,

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of the wire protocol. Every frame starts with it, and the handshake repeats it.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 
 /// This host's `CLOCK_MONOTONIC` in milliseconds: the clock of hand-off deadlines. Every process
 /// on one host (in one time namespace) reads the same clock, so a primary and its workers agree
@@ -294,6 +294,14 @@ pub enum ToPrimary {
         /// One entry per shared listener this worker serves.
         listeners: Vec<ListenerStats>,
     },
+    /// The worker is stopping by itself because it got `SIGINT` or `SIGTERM` (a Ctrl-C in a
+    /// terminal reaches the primary and every worker; an operator may signal one worker): it
+    /// closes its servers, finishes its connections and exits. Unlike `Disconnect` it is not
+    /// Node's `disconnect()`: the exit does not count as one after a disconnect.
+    Stopping {
+        /// The signal's number.
+        signal: i32,
+    },
 }
 
 /// One listener's figures in a worker, for `netcluster status`.
@@ -368,7 +376,7 @@ mod tests {
 
 impl Frame for ToPrimary {
     const NAME: &'static str = "ToPrimary";
-    const VARIANTS: u32 = 10;
+    const VARIANTS: u32 = 11;
     fn fd_count(&self) -> usize {
         0
     }

@@ -28,6 +28,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{OnceCell, mpsc, oneshot, watch};
 
+/// How long a worker stopping on `SIGINT`/`SIGTERM` waits to tell the primary so.
+const SIGNAL_ANNOUNCE_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// Which side of a cluster this process is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -767,9 +770,23 @@ impl Worker {
             tracing::warn!(worker = self.id, "cannot install SIGINT/SIGTERM handlers");
             return;
         };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
+        let signal = tokio::select! {
+            _ = int.recv() => nix::sys::signal::Signal::SIGINT as i32,
+            _ = term.recv() => nix::sys::signal::Signal::SIGTERM as i32,
+        };
+        // Tell the primary first: it takes this worker out of its rotations at once and knows
+        // the exit that follows was this worker's own (a Ctrl-C in a terminal reaches the
+        // primary and every worker at the same moment). Bounded: a primary that does not read
+        // (stopped) must not hold up the stop.
+        let message = ToPrimary::Stopping { signal };
+        let announce = self.channel.send(&message, &[]);
+        match tokio::time::timeout(SIGNAL_ANNOUNCE_TIMEOUT, announce).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(worker = self.id, "cannot announce the stop: {e}"),
+            Err(_) => tracing::debug!(
+                worker = self.id,
+                "the primary did not take the stop's announcement"
+            ),
         }
         self.request_stop(StopReason::Signal, None);
     }

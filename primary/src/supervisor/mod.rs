@@ -133,6 +133,8 @@ struct Worker {
     exited_after_disconnect: bool,
     /// The primary (or the library) asked it to stop: no respawn.
     expected_exit: bool,
+    /// It said it is stopping by itself (`Disconnect`, `Stopping`).
+    stopped_itself: bool,
     /// Count requests it has in flight.
     requests: u32,
     /// Requests refused in a row for being over a limit; reset by one within the limits.
@@ -595,15 +597,15 @@ impl Supervisor {
                 id,
                 message: UserMessage::new(data),
             }),
-            ToPrimary::Disconnect => {
-                if let Some(w) = self.workers.get_mut(&id) {
-                    w.exited_after_disconnect = true;
+            ToPrimary::Disconnect => self.stopping_by_itself(id, true),
+            ToPrimary::Stopping { signal } => {
+                // Told once: a worker repeating itself does not fill the log.
+                if self.workers.get(&id).is_some_and(|w| !w.stopped_itself) {
+                    let name = Signal::try_from(signal)
+                        .map_or_else(|_| format!("signal {signal}"), |s| s.to_string());
+                    tracing::info!(worker = id, "worker stopping on {name}");
                 }
-                self.drain(id, DrainReason::ByWorker);
-                // It asked itself: its slot gets a new worker, as after a crash.
-                if let Some(w) = self.workers.get_mut(&id) {
-                    w.expected_exit = false;
-                }
+                self.stopping_by_itself(id, false);
             }
             ToPrimary::CountReply { seq, count } => match self.counts.answer(id, seq, count) {
                 Outcome::Done(done) => self.deliver(done),

@@ -171,6 +171,7 @@ impl Supervisor {
             listeners: BTreeSet::new(),
             exited_after_disconnect: false,
             expected_exit: false,
+            stopped_itself: false,
             requests: 0,
             over_limit: 0,
             silent_handoffs: 0,
@@ -272,6 +273,22 @@ impl Supervisor {
                 .iter()
                 .filter(|l| l.pinned)
                 .all(|l| w.listeners.contains(&l.id))
+    }
+
+    /// Worker `id` said it is stopping by itself (`disconnect()` if `disconnect`, else a signal
+    /// it got): it drains like a worker told to, and its slot gets a new worker, as after a
+    /// crash.
+    pub(super) fn stopping_by_itself(&mut self, id: u32, disconnect: bool) {
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.stopped_itself = true;
+        }
+        self.drain(id, DrainReason::ByWorker);
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.expected_exit = false;
+            // Node's `exitedAfterDisconnect` is for `disconnect()` (and the primary's own
+            // stops), not for a worker that a signal stopped.
+            w.exited_after_disconnect = disconnect;
+        }
     }
 
     /// Tells worker `id` to stop: it leaves every round-robin rotation at once, gets
@@ -481,14 +498,28 @@ impl Supervisor {
         }
         self.forget_handoff_timers(|_, worker| worker == id);
         let how = describe_exit(exit);
-        if w.expected_exit {
-            tracing::info!(worker = id, pid = w.pid, "worker exited ({how})");
-        } else {
-            tracing::warn!(
+        match exit_note(
+            w.expected_exit,
+            w.stopped_itself,
+            exit,
+            self.stopping.is_some(),
+        ) {
+            ExitNote::Expected => tracing::info!(worker = id, pid = w.pid, "worker exited ({how})"),
+            ExitNote::ByItself => tracing::info!(
+                worker = id,
+                pid = w.pid,
+                "worker exited after stopping by itself ({how})"
+            ),
+            ExitNote::WhileStopping => tracing::info!(
+                worker = id,
+                pid = w.pid,
+                "worker exited while the primary stops ({how})"
+            ),
+            ExitNote::Unexpected => tracing::warn!(
                 worker = id,
                 pid = w.pid,
                 "worker exited unexpectedly ({how})"
-            );
+            ),
         }
         let event = Event::Exit {
             id,
@@ -594,6 +625,99 @@ impl Supervisor {
                 let key = self.timers.insert_at(Timer::Respawn { slot }, at.into());
                 s.next_attempt = Some((at, key));
             }
+        }
+    }
+}
+
+/// How a worker's exit is told in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ExitNote {
+    /// The primary asked it to stop (or killed it at a stop).
+    Expected,
+    /// It said it was stopping (`Disconnect`: its own `disconnect()`; `Stopping`: the
+    /// `SIGINT` or `SIGTERM` it got) and then exited cleanly. Its slot is refilled as after a
+    /// crash.
+    ByItself,
+    /// It exited cleanly, or of `SIGINT`/`SIGTERM`, while the primary stops: a Ctrl-C in a
+    /// terminal reaches every process of the group, and a program worker may stop on it before
+    /// the primary has told it to.
+    WhileStopping,
+    /// Anything else: a crash, a kill, an exit nobody asked for.
+    Unexpected,
+}
+
+/// How a worker's `exit` is told: whether the primary asked it to stop (`expected`), whether
+/// it said it stops by itself, and whether the primary is stopping.
+pub(super) fn exit_note(
+    expected: bool,
+    stopped_itself: bool,
+    exit: Exit,
+    stopping: bool,
+) -> ExitNote {
+    let clean = exit.code == Some(0);
+    let stop_signal = matches!(
+        exit.signal.and_then(|s| Signal::try_from(s).ok()),
+        Some(Signal::SIGINT | Signal::SIGTERM)
+    );
+    if expected {
+        ExitNote::Expected
+    } else if stopped_itself && clean {
+        ExitNote::ByItself
+    } else if stopping && (clean || stop_signal) {
+        ExitNote::WhileStopping
+    } else {
+        ExitNote::Unexpected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLEAN: Exit = Exit {
+        code: Some(0),
+        signal: None,
+    };
+    const FAILED: Exit = Exit {
+        code: Some(1),
+        signal: None,
+    };
+    const fn killed(sig: Signal) -> Exit {
+        Exit {
+            code: None,
+            signal: Some(sig as i32),
+        }
+    }
+
+    #[test]
+    fn an_exit_the_primary_asked_for_is_expected() {
+        for exit in [CLEAN, FAILED, killed(Signal::SIGKILL)] {
+            assert_eq!(exit_note(true, true, exit, false), ExitNote::Expected);
+        }
+    }
+
+    #[test]
+    fn a_worker_that_said_it_stops_and_exits_cleanly_stopped_by_itself() {
+        assert_eq!(exit_note(false, true, CLEAN, false), ExitNote::ByItself);
+        // Not cleanly: a crash on the way out.
+        assert_eq!(exit_note(false, true, FAILED, false), ExitNote::Unexpected);
+    }
+
+    #[test]
+    fn a_clean_or_interrupted_exit_during_a_stop_is_no_surprise() {
+        for exit in [CLEAN, killed(Signal::SIGINT), killed(Signal::SIGTERM)] {
+            assert_eq!(exit_note(false, false, exit, true), ExitNote::WhileStopping);
+        }
+        // A crash is one, stop or not.
+        for exit in [FAILED, killed(Signal::SIGSEGV), killed(Signal::SIGKILL)] {
+            assert_eq!(exit_note(false, false, exit, true), ExitNote::Unexpected);
+        }
+    }
+
+    #[test]
+    fn an_exit_nobody_announced_is_unexpected() {
+        for exit in [CLEAN, FAILED, killed(Signal::SIGTERM)] {
+            assert_eq!(exit_note(false, false, exit, false), ExitNote::Unexpected);
         }
     }
 }
