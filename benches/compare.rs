@@ -824,7 +824,7 @@ fn run_load(server: &Server, load: Load, secs: f64) -> Sample {
 /// max/min of connections per worker under a light churn (2 clients, a pause between
 /// connections) or a heavy one (16 clients, no pause). Where the server cannot count, workers'
 /// CPU time stands in (marked `cpu`).
-fn fairness(opts: &Opts, kind: Kind, workers: usize, heavy: bool) -> Option<(f64, bool)> {
+fn fairness(opts: &Opts, kind: Kind, workers: usize, heavy: bool) -> Option<(f64, bool, u64)> {
     if !kind.serves(App::Echo) || kind == Kind::Tokio {
         return None;
     }
@@ -861,11 +861,47 @@ fn fairness(opts: &Opts, kind: Kind, workers: usize, heavy: bool) -> Option<(f64
     }
     let max = values.iter().cloned().fold(f64::MIN, f64::max);
     let min = values.iter().cloned().fold(f64::MAX, f64::min);
-    Some((max / min.max(1.0), by_cpu))
+    let total = if by_cpu {
+        0
+    } else {
+        values.iter().sum::<f64>() as u64
+    };
+    Some((max / min.max(1.0), by_cpu, total))
 }
 
-/// Fairness runs: (workers, heavy, server) → (max/min, counted by CPU time) per run.
-type Fairness = BTreeMap<(usize, bool, Kind), Vec<(f64, bool)>>;
+/// Fairness runs: (workers, heavy, server) → (max/min, counted by CPU time, connections
+/// counted) per run.
+type Fairness = BTreeMap<(usize, bool, Kind), Vec<(f64, bool, u64)>>;
+
+/// The median max/min of `n` connections given to `workers` at random, each worker equally
+/// likely (what a hash of the connection's addresses does, `SO_REUSEPORT`'s way): the spread
+/// that chance alone gives for that many connections.
+fn uniform_spread(n: u64, workers: usize) -> f64 {
+    if n == 0 || workers == 0 {
+        return f64::NAN;
+    }
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut ratios: Vec<f64> = (0..501)
+        .map(|_| {
+            let mut bins = vec![0u64; workers];
+            for _ in 0..n {
+                bins[(next() % workers as u64) as usize] += 1;
+            }
+            let max = *bins.iter().max().unwrap_or(&0) as f64;
+            let min = *bins.iter().min().unwrap_or(&0) as f64;
+            max / min.max(1.0)
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios[ratios.len() / 2]
+}
 
 struct ReloadFigures {
     steady_p99_us: f64,
@@ -1236,7 +1272,9 @@ fn report(
         "### Fairness: connections per worker, max/min\n\nEcho churn for {} s; light: 2 \
          clients with 1 ms between connections; heavy: 16 clients back to back. Counted by \
          the workers themselves (netcluster's `status`, Node's workers on `SIGUSR2`). nginx \
-         serves no echo and is not in this table.\n",
+         serves no echo and is not in this table. The last row is the median max/min of \
+         that many connections given to the workers at random (501 draws): the spread chance \
+         alone gives, which a kernel hash (`SO_REUSEPORT`) cannot beat.\n",
         if opts.quick { 1.5 } else { 4.0 }
     );
     let fw: Vec<usize> = fair
@@ -1276,6 +1314,28 @@ fn report(
             }
         }
         let _ = writeln!(r, "{row}");
+    }
+    // What chance alone gives for as many connections as reuseport's workers counted: a
+    // kernel hash spreads connections no better than this.
+    let mut row = "| *any random spread of as many connections (reuseport's count)* |".to_string();
+    let mut counts = "| *connections counted (reuseport)* |".to_string();
+    for w in &fw {
+        for heavy in [false, true] {
+            match fair.get(&(*w, heavy, Kind::ReusePort)) {
+                Some(v) if v.iter().all(|x| x.2 > 0) => {
+                    let n = median_u(&v.iter().map(|x| x.2).collect::<Vec<_>>());
+                    let _ = write!(row, " {:.2} |", uniform_spread(n, *w));
+                    let _ = write!(counts, " {n} |");
+                }
+                _ => {
+                    row.push_str(" – |");
+                    counts.push_str(" – |");
+                }
+            }
+        }
+    }
+    if fair.keys().any(|(_, _, k)| *k == Kind::ReusePort) {
+        let _ = writeln!(r, "{counts}\n{row}");
     }
     let _ = writeln!(
         r,
