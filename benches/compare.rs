@@ -662,6 +662,41 @@ fn percentiles(mut v: Vec<u32>) -> (f64, f64) {
 
 /// The client side of an echo load on `threads` threads for `secs`; returns (ops, errors,
 /// latencies in µs).
+/// Loopback source addresses a churning client spreads its connections over.
+const SOURCES: usize = 200;
+
+/// Connects to `addr` from loopback source address number `n` (127.0.0.2 and up, in turn).
+///
+/// One source address has about 28 000 ephemeral ports, and a port in `TIME_WAIT` can be
+/// reused a second later at the earliest: from one address, connections churned faster than
+/// that make `connect` search for a port and stall for tens of milliseconds (seen as 15–20 ms
+/// p99s that followed whichever server ran after another churning one). Many source
+/// addresses take that limit away, and look more like many clients.
+fn connect_from(addr: SocketAddr, n: usize) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    let SocketAddr::V4(to) = addr else {
+        return TcpStream::connect(addr);
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // The port is chosen at connect, for the whole address pair, not at bind.
+    setsockopt(&fd, sockopt::IpBindAddressNoPort, &true)?;
+    let host = u8::try_from(2 + n % SOURCES).unwrap_or(2);
+    let from = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, host), 0);
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(from),
+    )?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to))?;
+    Ok(TcpStream::from(fd))
+}
+
 fn echo_load(
     addr: SocketAddr,
     churn: bool,
@@ -671,9 +706,10 @@ fn echo_load(
 ) -> (u64, u64, Vec<u32>) {
     let stop = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..threads)
-        .map(|_| {
+        .map(|thread_no| {
             let stop = stop.clone();
             thread::spawn(move || {
+                let mut source = thread_no;
                 let mut lat = Vec::with_capacity(1 << 16);
                 let mut ops = 0u64;
                 let mut errors = 0u64;
@@ -681,8 +717,9 @@ fn echo_load(
                 if churn {
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
+                        source = source.wrapping_add(threads);
                         let ok = (|| -> std::io::Result<()> {
-                            let mut s = TcpStream::connect(addr)?;
+                            let mut s = connect_from(addr, source)?;
                             s.set_read_timeout(timeout)?;
                             s.set_nodelay(true)?;
                             let mut hello = [0u8; 7];
