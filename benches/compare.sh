@@ -5,7 +5,9 @@
 #
 #   bash benches/compare.sh            # the full run (2 and 8 workers; under 10 minutes),
 #                                      # written into docs/benchmarks.md
-#   bash benches/compare.sh --quick    # 2 workers only (under 2 minutes), printed only
+#   bash benches/compare.sh --quick    # 2 workers, shorter windows, without the Node.js program
+#                                      # worker and the floor without answers (under 2
+#                                      # minutes), printed only
 #   bash benches/compare.sh --only rr,nginx   # some servers (rr shared reuseport node-program
 #                                             # node-rr node-none nginx tokio floor floor-no-ack)
 #
