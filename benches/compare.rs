@@ -102,11 +102,14 @@ impl Opts {
     fn kinds(&self) -> Vec<Kind> {
         KINDS
             .into_iter()
-            .filter(|k| match self.only.is_empty() {
-                // The quick run (within 2 minutes) leaves out the Node.js program worker, the
-                // slowest to start, and the floor without answers.
-                true => !(self.quick && matches!(k, Kind::NodeProgram | Kind::FloorNoAck)),
-                false => self.only.contains(k),
+            .filter(|k| {
+                if self.only.is_empty() {
+                    // The quick run (within 2 minutes) leaves out the Node.js program worker,
+                    // the slowest to start, and the floor without answers.
+                    !(self.quick && matches!(k, Kind::NodeProgram | Kind::FloorNoAck))
+                } else {
+                    self.only.contains(k)
+                }
             })
             .collect()
     }

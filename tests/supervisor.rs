@@ -457,6 +457,82 @@ fn a_worker_stopped_by_sigterm_is_replaced_quietly() {
     assert!(!log.iter().any(|l| l.contains("WARN")), "{log:#?}");
 }
 
+/// A worker the primary is already draining (a scale-down, with a connection it must finish)
+/// that then gets SIGTERM keeps the primary's record: its exit is the one the primary asked
+/// for, not one of its own.
+#[test]
+fn a_signal_to_a_worker_the_primary_drains_changes_nothing() {
+    let (mut r, addr) = serve(&[
+        "--workers",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        "shared",
+    ]);
+    wait_workers_listening(&r, 2);
+    // One open connection on each worker, so whichever is scaled down keeps draining.
+    let mut held = Vec::new();
+    eventually(T, "a connection on each worker", || {
+        let mut s = TcpStream::connect(addr).ok()?;
+        let mut hello = [0u8; 7];
+        s.read_exact(&mut hello).ok()?;
+        held.push(s);
+        let status = status_json(&r);
+        status["workers"]
+            .as_array()?
+            .iter()
+            .all(|w| w["connections"].as_u64().unwrap_or(0) > 0)
+            .then_some(())
+    });
+    // `scale` answers once the stopped worker has exited: it runs while the test goes on.
+    let scale = Command::new(netcluster_bin())
+        .args(["scale", "1", "--control"])
+        .arg(r.control())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("netcluster scale");
+    let line = r.wait_stderr(T, |l| l.contains("asked to stop by the primary"));
+    let drained: u32 = line
+        .split("worker=")
+        .nth(1)
+        .and_then(|w| w.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    // A draining worker is no longer in a slot (nor in `status`): its pid is in its start line.
+    let started = format!("worker={drained} pid=");
+    let pid: u32 = r
+        .drain_stderr()
+        .iter()
+        .find(|l| l.contains("worker started") && l.contains(&started))
+        .and_then(|l| {
+            l.split(&started)
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no start line for worker {drained}"));
+    kill_pid(pid, Signal::SIGTERM);
+    drop(held);
+    r.wait_stderr(T, |l| {
+        l.contains("worker exited") && l.contains(&format!("worker={drained} "))
+    });
+    let log = r.drain_stderr().to_vec();
+    let exit = log
+        .iter()
+        .find(|l| l.contains("worker exited") && l.contains(&format!("worker={drained} ")))
+        .expect("its exit");
+    assert!(exit.contains("worker exited (exit code 0)"), "{log:#?}");
+    assert!(
+        !log.iter().any(|l| l.contains("worker stopping on SIGTERM")),
+        "{log:#?}"
+    );
+    let out = scale.wait_with_output().expect("scale");
+    assert!(out.status.success(), "{out:?}");
+}
+
 #[test]
 fn sighup_and_sigusr1_never_kill_the_primary() {
     // SIGUSR2 starts an upgrade, which replaces this primary: tests/upgrade.rs covers it.

@@ -599,8 +599,13 @@ impl Supervisor {
             }),
             ToPrimary::Disconnect => self.stopping_by_itself(id, true),
             ToPrimary::Stopping { signal } => {
-                // Told once: a worker repeating itself does not fill the log.
-                if self.workers.get(&id).is_some_and(|w| !w.stopped_itself) {
+                // Told once, and not for a worker already stopping at the primary's word: a
+                // worker repeating itself does not fill the log.
+                if self
+                    .workers
+                    .get(&id)
+                    .is_some_and(|w| !w.stopped_itself && !w.expected_exit)
+                {
                     let name = Signal::try_from(signal)
                         .map_or_else(|_| format!("signal {signal}"), |s| s.to_string());
                     tracing::info!(worker = id, "worker stopping on {name}");

@@ -277,11 +277,16 @@ impl Supervisor {
 
     /// Worker `id` said it is stopping by itself (`disconnect()` if `disconnect`, else a signal
     /// it got): it drains like a worker told to, and its slot gets a new worker, as after a
-    /// crash.
+    /// crash. A worker the primary already told to stop (a stop, a reload, a scale-down) stays
+    /// as it was: its exit is the one the primary asked for, whatever else reached it since.
     pub(super) fn stopping_by_itself(&mut self, id: u32, disconnect: bool) {
-        if let Some(w) = self.workers.get_mut(&id) {
-            w.stopped_itself = true;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.expected_exit {
+            return;
         }
+        w.stopped_itself = true;
         self.drain(id, DrainReason::ByWorker);
         if let Some(w) = self.workers.get_mut(&id) {
             w.expected_exit = false;
