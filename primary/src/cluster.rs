@@ -14,7 +14,7 @@ use crate::event::{Event, Events, WorkerInfo};
 use crate::settings::{ClusterBuilder, Settings};
 use crate::status::Status;
 use crate::supervisor::{Inputs, Supervisor};
-use crate::worker::handle::WorkerHandle;
+use crate::worker_handle::WorkerHandle;
 
 /// A cheap, cloneable handle to a running cluster: every operation is a command to its
 /// supervisor, answered when done.

@@ -10,7 +10,6 @@ use std::collections::{BTreeSet, HashMap};
 
 use netcluster_protocol::message::CountError;
 use tokio::sync::oneshot;
-use tokio_util::time::delay_queue;
 
 /// Who waits for a count.
 #[derive(Debug)]
@@ -34,7 +33,7 @@ struct Question {
     remaining: BTreeSet<u32>,
     total: u64,
     asker: Asker,
-    timer: Option<delay_queue::Key>,
+    timer: Option<crate::supervisor::timers::Timer>,
 }
 
 /// A question whose answer is complete (or failed).
@@ -43,7 +42,7 @@ pub(crate) struct Answered {
     pub asker: Asker,
     pub result: Result<u64, CountError>,
     /// Its deadline, to cancel.
-    pub timer: Option<delay_queue::Key>,
+    pub timer: Option<crate::supervisor::timers::Timer>,
 }
 
 /// What an answer did.
@@ -90,7 +89,7 @@ impl Counts {
     }
 
     /// Attaches question `seq`'s deadline.
-    pub fn set_timer(&mut self, seq: u64, key: delay_queue::Key) {
+    pub fn set_timer(&mut self, seq: u64, key: crate::supervisor::timers::Timer) {
         if let Some(q) = self.questions.get_mut(&seq) {
             q.timer = Some(key);
         }

@@ -30,6 +30,7 @@ mod supervisor;
 pub mod systemd;
 pub mod upgrade;
 mod worker;
+mod worker_handle;
 
 pub use cluster::{Cluster, ClusterHandle};
 pub use command::{Export, Exported, ScaleReport, ScaleTo, StopMode};
@@ -44,5 +45,5 @@ pub use spawn::{GENERATION_ENV, SLOT_ENV};
 pub use status::{ListenerStatus, ReloadStatus, STATUS_SCHEMA, SlotStatus, Status, WorkerStatus};
 pub use supervisor::ReloadReport;
 pub use upgrade::{Incoming, UpgradeReport, Upgrader};
-pub use worker::handle::{SendHandle, WorkerHandle};
 pub use worker::state::WorkerState;
+pub use worker_handle::{SendHandle, WorkerHandle};

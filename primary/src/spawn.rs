@@ -18,7 +18,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use command_fds::{CommandFdExt, FdMapping};
@@ -60,7 +60,7 @@ pub(crate) struct Spec<'a> {
     pub generation: u64,
     pub listeners: Vec<Passed>,
     /// A private directory (0700) for notification sockets.
-    pub notify_dir: &'a Path,
+    pub notify_dir: PathBuf,
 }
 
 /// Starts a worker.

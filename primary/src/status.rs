@@ -241,6 +241,147 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(procfs::WithCurrentSystemInfo::get(stat.rss_bytes()))
 }
 
+/// What a [`Status`] is built from: the loop's state and the workers' answers.
+pub(crate) struct Build<'a> {
+    /// Every worker and slot.
+    pub table: &'a crate::worker::table::Table,
+    /// Every listener.
+    pub registry: &'a crate::registry::Registry,
+    /// The slots' restarts.
+    pub restarts: &'a crate::supervisor::machines::restart::Restarts,
+    /// What each worker that answered said of its listeners.
+    pub stats: &'a std::collections::HashMap<u32, Vec<netcluster_protocol::message::ListenerStats>>,
+    /// When the primary started.
+    pub started: std::time::Instant,
+    /// How connections are spread.
+    pub policy: crate::registry::SchedulingPolicy,
+    /// The generation new workers run.
+    pub generation: u64,
+    /// A stop is under way.
+    pub stopping: bool,
+    /// A reload under way.
+    pub reload: Option<crate::supervisor::machines::reload::Progress>,
+    /// Why the last reload failed.
+    pub last_reload_error: Option<&'a str>,
+}
+
+impl Build<'_> {
+    /// The status.
+    pub fn status(&self) -> Status {
+        use crate::registry::Mode;
+        use netcluster_protocol::message::ListenerStats;
+
+        let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let now = std::time::Instant::now();
+        let mut listeners = Vec::new();
+        for l in self.registry.iter() {
+            let connections = self
+                .stats
+                .values()
+                .flatten()
+                .filter(|s| s.key == l.key)
+                .fold(0u64, |acc, s| acc.saturating_add(s.open));
+            let queued = match &l.mode {
+                Mode::RoundRobin(rr) => rr.pending(),
+                _ => 0,
+            };
+            // Program workers hold every pinned listener from their start (they are no members:
+            // they never asked over a channel).
+            let programs = if l.pinned && !matches!(l.mode, Mode::RoundRobin(_)) {
+                self.table
+                    .workers
+                    .values()
+                    .filter(|w| w.is_program() && w.phase().serving())
+                    .count()
+            } else {
+                0
+            };
+            listeners.push(ListenerStatus {
+                name: l.name.clone(),
+                address: l.address.to_string(),
+                pinned: l.pinned,
+                workers: l.members.len() + programs,
+                connections,
+                queued,
+            });
+        }
+        let slots = self
+            .table
+            .slots
+            .iter()
+            .map(|(&slot, s)| {
+                let restarts = self.restarts.get(slot);
+                SlotStatus {
+                    slot,
+                    worker: s.worker,
+                    restarts: restarts.map_or(0, |r| r.restarts),
+                    next_attempt_ms: restarts
+                        .and_then(|r| r.next_attempt)
+                        .map(|at| millis(at.saturating_duration_since(now))),
+                    last_exit: restarts.and_then(|r| r.last_exit.clone()),
+                }
+            })
+            .collect();
+        let mut workers: Vec<WorkerStatus> = self
+            .table
+            .workers
+            .values()
+            .map(|w| {
+                let stats = self.stats.get(&w.id);
+                let sum = |f: fn(&ListenerStats) -> u64| {
+                    stats.map(|s| s.iter().fold(0u64, |acc, x| acc.saturating_add(f(x))))
+                };
+                let (kind, status_text) = match &w.io {
+                    crate::worker::table::Io::Program { status_text, .. } => {
+                        ("program", status_text.clone())
+                    }
+                    crate::worker::table::Io::Native { .. } => ("native", None),
+                };
+                WorkerStatus {
+                    slot: w.slot,
+                    id: w.id,
+                    pid: w.pid,
+                    generation: w.generation,
+                    kind: kind.to_string(),
+                    state: w.phase().state().to_string(),
+                    status_text,
+                    // A program worker has no channel to answer on.
+                    responsive: w.is_program() || (stats.is_some() && w.ping.is_none()),
+                    connections: sum(|s| s.open),
+                    served: sum(|s| s.served),
+                    restarts: w
+                        .slot
+                        .and_then(|s| self.restarts.get(s))
+                        .map_or(0, |r| r.restarts),
+                    uptime_ms: millis(now.saturating_duration_since(w.started)),
+                    in_state_ms: millis(now.saturating_duration_since(w.since())),
+                    rss_bytes: rss_bytes(w.pid),
+                }
+            })
+            .collect();
+        // By slot, then age; workers without a slot (being replaced or drained) last.
+        workers.sort_by_key(|w| (w.slot.unwrap_or(usize::MAX), w.id));
+        Status {
+            schema: STATUS_SCHEMA,
+            pid: std::process::id(),
+            uptime_ms: millis(now.saturating_duration_since(self.started)),
+            policy: self.policy.to_string(),
+            generation: self.generation,
+            workers_wanted: self.table.slots.len(),
+            stopping: self.stopping,
+            reload: self.reload.map(|p| ReloadStatus {
+                generation: p.generation,
+                done: p.done,
+                slots: p.total,
+            }),
+            last_reload_error: self.last_reload_error.map(str::to_string),
+            listeners,
+            slots,
+            workers,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,204 +4,66 @@
 //! control socket), what workers say (from their reader tasks), connections accepted by
 //! round-robin accept tasks, and timers — and it handles each to completion without awaiting
 //! anything: sends to workers are only *queued* ([`WorkerTx::try_send`]), so no worker can make
-//! the loop wait, and no operation on one worker waits on another. Long operations (scale,
-//! stop, status) are state the loop keeps and finishes when the inputs that complete them
-//! arrive.
+//! the loop wait, and no operation on one worker waits on another.
+//!
+//! The long operations are machines ([`machines`]): each owns its state, is offered every
+//! [`Happening`] and answers with [`Effect`]s, which [`Supervisor::apply`] alone carries out.
+//! A new operation is a new machine and one line in [`Supervisor::offer`].
+//!
+//! [`WorkerTx::try_send`]: crate::worker::conn::WorkerTx::try_send
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::os::fd::AsFd;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
 
-use netcluster_protocol::handle::{self, ListenError};
-use netcluster_protocol::message::{
-    BoundAddress, CountError, ListenKey, ListenParams, ListenTarget, ListenerStats,
-    PROTOCOL_VERSION, ToPrimary, ToWorker, monotonic_ms,
-};
+use netcluster_protocol::message::{ListenerStats, ToPrimary, ToWorker};
 use nix::sys::signal::Signal;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
-use tokio_util::time::{DelayQueue, delay_queue};
 
-use crate::command::{Command, Reply, ScaleReport, ScaleTo, StopMode};
-use crate::counts::{Answered, Asker, Counts, Outcome};
+use crate::command::{Command, Reply, StopMode};
+use crate::counts::{Asker, Counts, Outcome};
 use crate::error::Error;
-use crate::event::{Event, UserMessage, WorkerInfo};
-use crate::registry::{Mode, Registry};
-use crate::round_robin::{self, Accepted};
-use crate::settings::{MAX_WORKERS, Readiness, Settings, WorkerKind};
-use crate::spawn;
-use crate::status::{ListenerStatus, STATUS_SCHEMA, SlotStatus, Status, WorkerStatus};
-use crate::worker::conn::{self, FromWorker, OutFd, SendFailed, WorkerTx};
-use crate::worker::state::{DrainReason, Exit, Phase, Transition};
+use crate::event::{Event, UserMessage};
+use crate::registry::Registry;
+use crate::round_robin::Accepted;
+use crate::settings::Settings;
+use crate::status::Status;
+use crate::worker::conn::{FromWorker, OutFd, SendFailed};
+use crate::worker::launch::{Launcher, Processes};
+use crate::worker::state::{DrainReason, Exit};
+use crate::worker::table::{StopCause, Table};
 
-mod listen;
+use effect::{Effect, Happening, Machine, Note, View};
+use machines::handoff::Handoffs;
+use machines::reload::Reloads;
+use machines::restart::Restarts;
+use machines::retire::Retires;
+use machines::scale::Scales;
+use machines::stop::Stop;
+use timers::Timer;
+
+mod count;
+pub(crate) mod effect;
+mod handoff;
+mod lifecycle;
+mod listeners;
+pub(crate) mod machines;
 mod notify;
 mod ops;
-mod reload;
-mod retire;
-mod workers;
+pub(crate) mod timers;
 
-pub use reload::ReloadReport;
-
-/// How long after a hand-off's deadline the primary gives its connection to another worker:
-/// the worker refuses a hand-off it reads after the deadline, and this margin covers the time
-/// between its check and its answer.
-const HANDOFF_GRACE: Duration = Duration::from_secs(1);
+pub use machines::reload::ReloadReport;
 
 /// Accepted connections the loop takes from its queue in one turn at most.
 const ACCEPTED_AT_ONCE: usize = 256;
-/// Time beyond the drain deadline before a worker still running is killed.
-const KILL_GRACE: Duration = Duration::from_secs(2);
 /// How long `status` waits for workers' figures.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
-/// Dead workers remembered for `WorkerHandle` look-ups.
-const GRAVEYARD: usize = 256;
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Connections taken from a round-robin listener's backlog when it closes at a stop.
 const BACKLOG_DRAIN: usize = 4096;
-/// How often the primary looks at accept queues it waits to see emptied.
-const QUEUE_POLL: Duration = Duration::from_millis(20);
-/// At a stop, how long handshakes under way get to land in the accept queues after new ones
-/// are refused (a round trip, with room).
-const HANDSHAKE_GRACE: Duration = Duration::from_millis(100);
 /// Requests over a limit refused in a row before the worker counts as flooding and is killed.
 const OVER_LIMIT_STREAK: u32 = 1000;
-/// Messages of hand-offs a worker may let expire in a row before it is killed (it answers
-/// pings but not hand-offs).
-const SILENT_HANDOFFS: u32 = 3;
 /// How often systemd's `STATUS=` line is brought up to date (when it changed).
-const SYSTEMD_STATUS_EVERY: Duration = Duration::from_secs(1);
-
-/// Deadlines the loop keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Timer {
-    Respawn {
-        slot: usize,
-    },
-    /// A message of round-robin hand-offs (named by its first hand-off number).
-    Handoff {
-        listener: u64,
-        worker: u32,
-        batch: u64,
-    },
-    Count {
-        seq: u64,
-    },
-    Status {
-        seq: u64,
-    },
-    Ping {
-        worker: u32,
-        seq: u64,
-    },
-    Kill {
-        worker: u32,
-    },
-    Ready {
-        wait: u64,
-    },
-    ReadyAfter {
-        worker: u32,
-    },
-    ReloadReady {
-        worker: u32,
-    },
-    StopGrace,
-    StopPoll,
-    RetirePoll,
-    StopFlush,
-    StopKill,
-    StopGiveUp,
-    /// `WATCHDOG=1` to systemd.
-    Watchdog,
-    /// `STATUS=` to systemd, when it changed.
-    SystemdStatus,
-}
-
-/// A live worker.
-#[derive(Debug)]
-struct Worker {
-    id: u32,
-    pid: u32,
-    slot: Option<usize>,
-    generation: u64,
-    started: Instant,
-    phase: Phase,
-    tx: WorkerTx,
-    /// Listeners it holds, by id.
-    listeners: BTreeSet<u64>,
-    exited_after_disconnect: bool,
-    /// The primary (or the library) asked it to stop: no respawn.
-    expected_exit: bool,
-    /// It said it is stopping by itself (`Disconnect`, `Stopping`).
-    stopped_itself: bool,
-    /// Count requests it has in flight.
-    requests: u32,
-    /// Requests refused in a row for being over a limit; reset by one within the limits.
-    over_limit: u32,
-    /// Messages of hand-offs it let expire in a row; reset by an answer in time.
-    silent_handoffs: u32,
-    violations: u32,
-    /// A ping it has not answered yet.
-    ping: Option<(u64, delay_queue::Key)>,
-    kill_timer: Option<delay_queue::Key>,
-    task: tokio::task::Id,
-    /// When it entered its current phase.
-    since: Instant,
-    /// Native (channel) or program (systemd-style descriptors, no channel).
-    kind: WorkerKind,
-    /// A program worker said `READY=1` (or its `--ready-after` time passed).
-    ready: bool,
-    /// Its last `STATUS=` notification.
-    status_text: Option<String>,
-    /// Stops its notification reader (and removes the socket) when the record goes.
-    _notify: Option<tokio_util::sync::DropGuard>,
-}
-
-impl Worker {
-    /// The one way a worker's phase changes: by the transition table.
-    fn apply(&mut self, t: Transition) -> Result<(), crate::worker::state::Refused> {
-        self.phase = self.phase.next(t)?;
-        self.since = Instant::now();
-        Ok(())
-    }
-
-    fn info(&self) -> WorkerInfo {
-        WorkerInfo {
-            id: self.id,
-            pid: self.pid,
-            slot: self.slot,
-            generation: self.generation,
-            online: self.phase != Phase::Starting,
-            state: self.phase.state(),
-            exited_after_disconnect: self.exited_after_disconnect,
-        }
-    }
-}
-
-/// A place in the pool.
-#[derive(Debug, Default)]
-struct Slot {
-    worker: Option<u32>,
-    restarts: u32,
-    /// Exponent of the next restart delay.
-    attempt: u32,
-    next_attempt: Option<(Instant, delay_queue::Key)>,
-    last_exit: Option<String>,
-}
-
-/// A scale waiting for workers to become ready or to exit.
-#[derive(Debug)]
-struct ScaleWait {
-    id: u64,
-    report: ScaleReport,
-    /// Slots whose workers must become ready.
-    up: Vec<usize>,
-    /// Workers that must exit.
-    down: BTreeSet<u32>,
-    timer: Option<delay_queue::Key>,
-    reply: Reply<Result<ScaleReport, Error>>,
-}
+const SYSTEMD_STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `status` waiting for workers' figures.
 #[derive(Debug)]
@@ -209,35 +71,6 @@ struct StatusWait {
     remaining: BTreeSet<u32>,
     stats: HashMap<u32, Vec<ListenerStats>>,
     reply: Reply<Status>,
-    timer: delay_queue::Key,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StopPhase {
-    /// No new handshake starts; those under way land in the accept queues.
-    Refusing,
-    /// Round-robin connections already accepted are being handed off.
-    Flushing,
-    /// Workers are finishing their connections.
-    Draining,
-}
-
-#[derive(Debug)]
-struct Stopping {
-    phase: StopPhase,
-    replies: Vec<Reply<Vec<Event>>>,
-    exits: Vec<Event>,
-    given_up: bool,
-    /// A queue poll is armed.
-    polling: bool,
-    /// Another primary took the listeners over (an upgrade): they are left as they are.
-    handover: bool,
-}
-
-/// A dead worker, remembered for look-ups.
-#[derive(Debug, Clone)]
-struct Dead {
-    info: WorkerInfo,
 }
 
 /// The channels into the loop.
@@ -255,34 +88,25 @@ pub(crate) struct Supervisor {
     from_workers: mpsc::Receiver<(u32, FromWorker)>,
     accepts_tx: mpsc::Sender<Accepted>,
     accepts: mpsc::Receiver<Accepted>,
-    timers: DelayQueue<Timer>,
+    timers: timers::Timers,
     tasks: JoinSet<()>,
     task_workers: HashMap<tokio::task::Id, u32>,
     events: broadcast::Sender<Event>,
-    workers: BTreeMap<u32, Worker>,
-    graveyard: VecDeque<Dead>,
-    slots: BTreeMap<usize, Slot>,
-    next_id: u32,
+    launcher: Box<dyn Launcher>,
+    table: Table,
     generation: u64,
     registry: Registry,
     counts: Counts,
-    /// The deadline of every message of hand-offs not wholly answered, by (listener, message).
-    handoff_timers: HashMap<(u64, u64), (u32, delay_queue::Key)>,
     statuses: HashMap<u64, StatusWait>,
-    scales: Vec<ScaleWait>,
     next_seq: u64,
     port0_shares: u32,
-    stopping: Option<Stopping>,
-    /// A private directory (0700) for program workers' notification sockets, made on first use.
-    notify_dir: Option<tempfile::TempDir>,
-    reloading: Option<reload::Reloading>,
-    /// Reloads asked for during the running one.
-    reload_queued: Vec<Reply<Result<ReloadReport, Error>>>,
-    /// Why the last reload failed, until the next one.
-    last_reload: Option<String>,
-    /// Reuseport slots leaving (scale down), emptied before their sockets close.
-    retiring: BTreeMap<usize, retire::Retiring>,
-    retire_polling: bool,
+    // The machines.
+    reloads: Reloads,
+    scales: Scales,
+    restarts: Restarts,
+    retires: Retires,
+    stop: Stop,
+    handoffs: Handoffs,
     /// systemd's notification socket, if it listens.
     notifier: Option<crate::systemd::Notifier>,
     /// `READY=1` was sent for the start.
@@ -295,18 +119,29 @@ pub(crate) struct Supervisor {
 
 impl Supervisor {
     pub fn new(settings: Settings, inputs: Inputs, events: broadcast::Sender<Event>) -> Supervisor {
+        Supervisor::with_launcher(settings, inputs, events, Box::new(Processes::default()))
+    }
+
+    /// A supervisor that starts its workers with `launcher`.
+    pub(crate) fn with_launcher(
+        settings: Settings,
+        inputs: Inputs,
+        events: broadcast::Sender<Event>,
+        launcher: Box<dyn Launcher>,
+    ) -> Supervisor {
         let (from_workers_tx, from_workers) = mpsc::channel(1024);
         let (accepts_tx, accepts) = mpsc::channel(1024);
         let registry = Registry::new(settings.policy, settings.limits.accept_ahead);
         let notifier = crate::systemd::Notifier::from_env();
-        let mut timers = DelayQueue::new();
+        let mut timers = timers::Timers::default();
         if let Some(every) = notifier.as_ref().and_then(|n| n.watchdog_interval()) {
-            timers.insert(Timer::Watchdog, every);
+            timers.arm(Timer::Watchdog, every);
         }
         if notifier.is_some() {
-            timers.insert(Timer::SystemdStatus, SYSTEMD_STATUS_EVERY);
+            timers.arm(Timer::SystemdStatus, SYSTEMD_STATUS_EVERY);
         }
         let generation = settings.generation.max(1);
+        let restarts = Restarts::new(settings.respawn);
         Supervisor {
             settings,
             started: Instant::now(),
@@ -320,25 +155,20 @@ impl Supervisor {
             tasks: JoinSet::new(),
             task_workers: HashMap::new(),
             events,
-            workers: BTreeMap::new(),
-            graveyard: VecDeque::new(),
-            slots: BTreeMap::new(),
-            next_id: 1,
+            launcher,
+            table: Table::default(),
             generation,
             registry,
             counts: Counts::default(),
-            handoff_timers: HashMap::new(),
             statuses: HashMap::new(),
-            scales: Vec::new(),
             next_seq: 0,
             port0_shares: 0,
-            stopping: None,
-            notify_dir: None,
-            reloading: None,
-            reload_queued: Vec::new(),
-            last_reload: None,
-            retiring: BTreeMap::new(),
-            retire_polling: false,
+            reloads: Reloads::default(),
+            scales: Scales::default(),
+            restarts,
+            retires: Retires::default(),
+            stop: Stop::default(),
+            handoffs: Handoffs::default(),
             notifier,
             ready_announced: false,
             systemd_status: String::new(),
@@ -363,8 +193,8 @@ impl Supervisor {
                 },
                 Some((id, msg)) = self.from_workers.recv() => self.worker_said(id, msg),
                 Some(accepted) = self.accepts.recv() => self.accepted(accepted),
-                Some(expired) = std::future::poll_fn(|cx| self.timers.poll_expired(cx)) => {
-                    self.timer(expired.into_inner());
+                Some(timer) = std::future::poll_fn(|cx| self.timers.poll_expired(cx)) => {
+                    self.timer(timer);
                 }
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.task_ended(joined);
@@ -375,21 +205,28 @@ impl Supervisor {
         tracing::debug!("supervisor stopped");
     }
 
+    /// What the machines may read.
+    fn view(&self) -> View<'_> {
+        View {
+            table: &self.table,
+            registry: &self.registry,
+            settings: &self.settings,
+            now: Instant::now(),
+        }
+    }
+
     fn finished(&mut self) -> bool {
-        let Some(stopping) = &self.stopping else {
-            return false;
+        let view = View {
+            table: &self.table,
+            registry: &self.registry,
+            settings: &self.settings,
+            now: Instant::now(),
         };
-        if !self.workers.is_empty() && !stopping.given_up {
-            return false;
-        }
-        if let Some(mut s) = self.stopping.take() {
+        if self.stop.finish(&view) {
             self.registry.close_all();
-            for reply in s.replies.drain(..) {
-                let _ = reply.send(s.exits.clone());
-            }
-            self.stopping = Some(s);
+            return true;
         }
-        true
+        false
     }
 
     fn emit(&self, event: Event) {
@@ -399,6 +236,116 @@ impl Supervisor {
     fn next_seq(&mut self) -> u64 {
         self.next_seq = self.next_seq.wrapping_add(1);
         self.next_seq
+    }
+
+    /// Offers `happening` to every machine, carrying out what each answers before the next
+    /// one sees it.
+    fn offer(&mut self, happening: &Happening<'_>) {
+        macro_rules! to {
+            ($machine:ident) => {{
+                let view = View {
+                    table: &self.table,
+                    registry: &self.registry,
+                    settings: &self.settings,
+                    now: Instant::now(),
+                };
+                let effects = self.$machine.on(happening, &view);
+                self.apply(effects);
+            }};
+        }
+        to!(scales);
+        to!(restarts);
+        to!(retires);
+        to!(reloads);
+        to!(stop);
+        if matches!(happening, Happening::Progress | Happening::Exited { .. }) {
+            self.announce_ready_if_ready();
+        }
+    }
+
+    /// Carries out the machines' effects, in order.
+    fn apply(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Spawn { slot, incoming } => {
+                    if incoming && !self.reloads.awaits_spawn(slot) {
+                        continue; // the reload that asked for it has ended
+                    }
+                    match self.spawn_worker(slot, incoming) {
+                        Ok(info) => self.offer(&Happening::Spawned {
+                            slot,
+                            worker: info.id,
+                            incoming,
+                        }),
+                        Err(e) => {
+                            tracing::error!(slot, "{e}");
+                            self.offer(&Happening::SpawnFailed {
+                                slot,
+                                incoming,
+                                why: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                Effect::Drain { worker, reason } => self.drain(worker, reason),
+                Effect::Kill { worker } => {
+                    if let Some(w) = self.table.get(worker) {
+                        tracing::warn!(
+                            worker,
+                            pid = w.pid,
+                            "still running at the stop deadline; killing it"
+                        );
+                        let pid = w.pid;
+                        let _ = self.launcher.signal(pid, Signal::SIGKILL);
+                    }
+                }
+                Effect::KillAll => self.kill_all(),
+                Effect::Arm { timer, at } => self.timers.arm_at(timer, at),
+                Effect::Disarm(timer) => self.timers.disarm(timer),
+                Effect::Reply(answer) => answer.send(),
+                Effect::Notify(note) => self.notify(note),
+                Effect::Switch { slot, new } => self.switch(slot, new),
+                Effect::Detach { worker } => {
+                    if let Some(w) = self.table.get_mut(worker) {
+                        w.slot = None;
+                    }
+                }
+                Effect::RemoveSlot { slot } => {
+                    self.table.slots.remove(&slot);
+                }
+                Effect::Generation(g) => self.generation = g,
+                Effect::Resteer => self.resteer(),
+                Effect::CloseSlotSockets { slot } => self.close_slot_sockets(slot),
+                Effect::RefuseNew => self.refuse_new(),
+                Effect::KeepSocketFiles => self.registry.disarm_unlinks(),
+                Effect::StopAccepting => self.stop_accepting(),
+                Effect::CloseQueues => self.close_queues(),
+            }
+        }
+    }
+
+    /// `new` takes `slot` over (a reload); the slot's old worker drains.
+    fn switch(&mut self, slot: usize, new: u32) {
+        let old = self.table.slot_worker(slot);
+        if let Some(s) = self.table.slots.get_mut(&slot) {
+            s.worker = Some(new);
+        }
+        let cancel = self.restarts.cancel(slot);
+        self.apply(cancel);
+        if let Some(old) = old {
+            if let Some(w) = self.table.get_mut(old) {
+                w.slot = None;
+            }
+            self.drain(old, DrainReason::Replaced);
+        }
+    }
+
+    fn notify(&mut self, note: Note) {
+        match note {
+            Note::Reloading => self.notify_reloading(),
+            Note::ReloadDone(failure) => self.notify_reload_done(failure.as_deref()),
+            Note::Stopping { handover } => self.notify_stopping(handover),
+        }
     }
 
     fn command(&mut self, cmd: Command) {
@@ -421,16 +368,10 @@ impl Supervisor {
             }
             Command::Scale { to, reply } => self.scale(to, reply),
             Command::Workers { reply } => {
-                let _ = reply.send(self.workers.values().map(Worker::info).collect());
+                let _ = reply.send(self.table.workers.values().map(|w| w.info()).collect());
             }
             Command::Worker { id, reply } => {
-                let info = self.workers.get(&id).map(Worker::info).or_else(|| {
-                    self.graveyard
-                        .iter()
-                        .find(|d| d.info.id == id)
-                        .map(|d| d.info.clone())
-                });
-                let _ = reply.send(info);
+                let _ = reply.send(self.table.info(id));
             }
             Command::Status { reply } => self.status(reply),
             Command::Count { address, reply } => {
@@ -453,9 +394,9 @@ impl Supervisor {
                 reply,
             } => {
                 let connected = self
-                    .workers
-                    .get(&worker)
-                    .is_some_and(|w| w.phase.connected());
+                    .table
+                    .get(worker)
+                    .is_some_and(|w| w.phase().connected());
                 if !connected {
                     let _ = reply.send(None);
                     return;
@@ -476,27 +417,26 @@ impl Supervisor {
                 fds,
                 reply,
             } => {
-                let result = match self.workers.get(&worker) {
+                let result = match self.table.get(worker) {
                     None => Err(self.gone(worker)),
-                    Some(w) if w.kind == WorkerKind::Program => Err(Error::InvalidInput(format!(
+                    Some(w) if w.is_program() => Err(Error::InvalidInput(format!(
                         "worker {worker} runs a program without netcluster's channel: it cannot \
                          receive messages"
                     ))),
-                    Some(w) if !w.phase.connected() => Err(Error::Disconnected(worker)),
-                    Some(w) => {
-                        w.tx.try_send(msg, fds.into_iter().map(OutFd::Owned).collect())
-                            .map_err(|e| match e {
-                                SendFailed::Full => Error::Unresponsive(worker),
-                                SendFailed::Closed => Error::Disconnected(worker),
-                            })
-                    }
+                    Some(w) if !w.phase().connected() => Err(Error::Disconnected(worker)),
+                    Some(w) => w
+                        .send(msg, fds.into_iter().map(OutFd::Owned).collect())
+                        .map_err(|e| match e {
+                            SendFailed::Full => Error::Unresponsive(worker),
+                            SendFailed::Closed => Error::Disconnected(worker),
+                        }),
                 };
                 let _ = reply.send(result);
             }
             Command::Disconnect { worker, reply } => {
-                let result = match self.workers.get(&worker) {
+                let result = match self.table.get(worker) {
                     None => Err(self.gone(worker)),
-                    Some(w) if !w.phase.connected() => Err(Error::Disconnected(worker)),
+                    Some(w) if !w.phase().connected() => Err(Error::Disconnected(worker)),
                     Some(_) => {
                         self.drain(worker, DrainReason::Disconnect);
                         Ok(())
@@ -509,19 +449,31 @@ impl Supervisor {
                 signal,
                 reply,
             } => {
-                let result = match self.workers.get_mut(&worker) {
+                let result = match self.table.get_mut(worker) {
                     None => Err(Error::NoSuchWorker(worker)),
                     Some(w) => {
-                        w.exited_after_disconnect = false;
-                        w.expected_exit = true;
-                        signal_pid(w.pid, signal)
+                        w.stop = Some(StopCause::Killed {
+                            after_disconnect: false,
+                        });
+                        let pid = w.pid;
+                        self.launcher
+                            .signal(pid, signal)
                             .map_err(|e| Error::io(format!("kill worker {worker}"), e))
                     }
                 };
                 let _ = reply.send(result);
             }
             Command::Stop { mode, reply } => self.stop(mode, reply),
-            Command::Reload { reply } => self.reload(reply),
+            Command::Reload { reply } => {
+                let view = View {
+                    table: &self.table,
+                    registry: &self.registry,
+                    settings: &self.settings,
+                    now: Instant::now(),
+                };
+                let effects = self.reloads.request(reply, self.generation, &view);
+                self.apply(effects);
+            }
             Command::Adopt { adopt, reply } => {
                 let _ = reply.send(self.adopt(adopt));
             }
@@ -529,7 +481,7 @@ impl Supervisor {
                 let result = self.export().map(|listeners| crate::command::Export {
                     listeners,
                     generation: self.generation,
-                    workers: self.slots.len(),
+                    workers: self.table.slots.len(),
                 });
                 let _ = reply.send(result);
             }
@@ -539,7 +491,7 @@ impl Supervisor {
 
     /// The error for a worker that is not live: dead (disconnected) or unknown.
     fn gone(&self, id: u32) -> Error {
-        if self.graveyard.iter().any(|d| d.info.id == id) {
+        if self.table.is_dead(id) {
             Error::Disconnected(id)
         } else {
             Error::NoSuchWorker(id)
@@ -547,7 +499,7 @@ impl Supervisor {
     }
 
     fn worker_said(&mut self, id: u32, msg: FromWorker) {
-        if !self.workers.contains_key(&id) {
+        if self.table.get(id).is_none() {
             return;
         }
         match msg {
@@ -585,8 +537,8 @@ impl Supervisor {
             ToPrimary::Close { key } => {
                 if let Some(l) = self.registry.find(&key) {
                     let held = self
-                        .workers
-                        .get_mut(&id)
+                        .table
+                        .get_mut(id)
                         .is_some_and(|w| w.listeners.remove(&l));
                     if held {
                         self.leave(l, id);
@@ -602,9 +554,9 @@ impl Supervisor {
                 // Told once, and not for a worker already stopping at the primary's word: a
                 // worker repeating itself does not fill the log.
                 if self
-                    .workers
-                    .get(&id)
-                    .is_some_and(|w| !w.stopped_itself && !w.expected_exit)
+                    .table
+                    .get(id)
+                    .is_some_and(|w| matches!(w.stop, None | Some(StopCause::Misbehaved)))
                 {
                     let name = Signal::try_from(signal)
                         .map_or_else(|_| format!("signal {signal}"), |s| s.to_string());
@@ -627,11 +579,11 @@ impl Supervisor {
             } => self.answered(id, handle, &accepted, &refused),
             ToPrimary::Pong { seq } => {
                 let answered = self
-                    .workers
-                    .get_mut(&id)
-                    .and_then(|w| w.ping.take_if(|(s, _)| *s == seq));
-                if let Some((_, key)) = answered {
-                    self.timers.try_remove(&key);
+                    .table
+                    .get_mut(id)
+                    .and_then(|w| w.ping.take_if(|s| *s == seq));
+                if answered.is_some() {
+                    self.timers.disarm(Timer::Ping { worker: id, seq });
                     tracing::info!(worker = id, "answered its ping; back in rotation");
                     self.resume(id);
                 }
@@ -657,11 +609,10 @@ impl Supervisor {
         let Some(id) = self.task_workers.remove(&e.id()) else {
             return;
         };
-        if self.workers.contains_key(&id) {
+        if let Some(w) = self.table.get(id) {
             tracing::error!(worker = id, "the worker's channel task failed: {e}");
-            if let Some(w) = self.workers.get(&id) {
-                let _ = signal_pid(w.pid, Signal::SIGKILL);
-            }
+            let pid = w.pid;
+            let _ = self.launcher.signal(pid, Signal::SIGKILL);
             self.exited(
                 id,
                 Exit {
@@ -674,38 +625,11 @@ impl Supervisor {
 
     fn timer(&mut self, t: Timer) {
         match t {
-            Timer::Respawn { slot } => self.respawn(slot),
             Timer::Handoff {
                 listener,
                 worker,
                 batch,
-            } => {
-                self.handoff_timers.remove(&(listener, batch));
-                let expired = self
-                    .registry
-                    .get_mut(listener)
-                    .and_then(|l| l.round_robin())
-                    .is_some_and(|rr| rr.expire(worker, batch));
-                if expired {
-                    tracing::warn!(
-                        worker,
-                        "did not answer a hand-off in time; its connection goes to another worker"
-                    );
-                    let streak = self.workers.get_mut(&worker).map_or(0, |w| {
-                        w.silent_handoffs = w.silent_handoffs.saturating_add(1);
-                        w.silent_handoffs
-                    });
-                    if streak >= SILENT_HANDOFFS {
-                        self.kill(
-                            worker,
-                            &format!("it let {streak} hand-offs in a row expire"),
-                        );
-                    } else if self.workers.get(&worker).is_some_and(|w| w.phase.serving()) {
-                        self.suspect(worker);
-                    }
-                    self.dispatch(listener);
-                }
-            }
+            } => self.handoff_expired(listener, worker, batch),
             Timer::Count { seq } => {
                 let ms =
                     u64::try_from(self.settings.timeouts.count.as_millis()).unwrap_or(u64::MAX);
@@ -716,12 +640,9 @@ impl Supervisor {
             }
             Timer::Status { seq } => self.finish_status(seq),
             Timer::Ping { worker, seq } => {
-                let silent = self
-                    .workers
-                    .get(&worker)
-                    .is_some_and(|w| w.ping.is_some_and(|(s, _)| s == seq));
+                let silent = self.table.get(worker).is_some_and(|w| w.ping == Some(seq));
                 if silent {
-                    if let Some(w) = self.workers.get_mut(&worker) {
+                    if let Some(w) = self.table.get_mut(worker) {
                         w.ping = None;
                     }
                     let timeout = self.settings.timeouts.ping;
@@ -729,115 +650,50 @@ impl Supervisor {
                 }
             }
             Timer::Kill { worker } => {
-                if let Some(w) = self.workers.get_mut(&worker) {
-                    w.kill_timer = None;
+                if let Some(w) = self.table.get(worker) {
                     tracing::warn!(
                         worker,
                         pid = w.pid,
                         "still running past its drain deadline; killing it"
                     );
-                    let _ = signal_pid(w.pid, Signal::SIGKILL);
-                }
-            }
-            Timer::Ready { wait } => {
-                if let Some(i) = self.scales.iter().position(|s| s.id == wait) {
-                    let w = self.scales.swap_remove(i);
-                    let not_ready: Vec<String> =
-                        w.up.iter()
-                            .filter(|slot| {
-                                !self
-                                    .slots
-                                    .get(slot)
-                                    .and_then(|s| s.worker)
-                                    .is_some_and(|w| self.ready(w))
-                            })
-                            .map(ToString::to_string)
-                            .collect();
-                    let _ = w.reply.send(Err(Error::NotReady(format!(
-                        "slots {} were not ready within {:?}",
-                        not_ready.join(", "),
-                        self.settings.timeouts.ready
-                    ))));
+                    let pid = w.pid;
+                    let _ = self.launcher.signal(pid, Signal::SIGKILL);
                 }
             }
             Timer::ReadyAfter { worker } => self.mark_ready(worker, "its ready-after time passed"),
-            Timer::ReloadReady { worker } => self.reload_ready_timeout(worker),
-            Timer::StopGrace => self.close_listeners(),
-            Timer::RetirePoll => self.retire_poll(),
-            Timer::StopPoll => {
-                if let Some(s) = &mut self.stopping {
-                    s.polling = false;
-                }
-                self.check_flushed();
-            }
-            Timer::StopFlush => self.begin_drain(),
-            Timer::StopKill => {
-                for w in self.workers.values() {
-                    tracing::warn!(
-                        worker = w.id,
-                        pid = w.pid,
-                        "still running at the stop deadline; killing it"
-                    );
-                    let _ = signal_pid(w.pid, Signal::SIGKILL);
-                }
-                self.timers
-                    .insert(Timer::StopGiveUp, Duration::from_secs(5));
-            }
             Timer::Watchdog => {
                 if let Some(n) = &self.notifier {
                     n.watchdog();
                     if let Some(every) = n.watchdog_interval() {
-                        self.timers.insert(Timer::Watchdog, every);
+                        self.timers.arm(Timer::Watchdog, every);
                     }
                 }
             }
             Timer::SystemdStatus => {
                 if self.notifier.is_some() {
                     self.send_systemd_status();
-                    self.timers
-                        .insert(Timer::SystemdStatus, SYSTEMD_STATUS_EVERY);
+                    self.timers.arm(Timer::SystemdStatus, SYSTEMD_STATUS_EVERY);
                 }
             }
-            Timer::StopGiveUp => {
-                if let Some(s) = &mut self.stopping {
-                    if !self.workers.is_empty() {
-                        tracing::error!(
-                            workers = self.workers.len(),
-                            "workers were not reaped after SIGKILL; giving up on them"
-                        );
-                    }
-                    s.given_up = true;
-                }
-            }
+            Timer::Respawn { .. }
+            | Timer::Ready { .. }
+            | Timer::ReloadReady { .. }
+            | Timer::StopGrace
+            | Timer::StopPoll
+            | Timer::RetirePoll
+            | Timer::StopFlush
+            | Timer::StopKill
+            | Timer::StopGiveUp => self.offer(&Happening::Timer(t)),
         }
     }
-}
 
-fn signal_pid(pid: u32, signal: Signal) -> std::io::Result<()> {
-    let pid = i32::try_from(pid)
-        .ok()
-        .filter(|&p| p > 0)
-        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(std::io::Error::from)
-}
-
-fn describe_exit(exit: Exit) -> String {
-    match (exit.code, exit.signal) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(sig)) => match Signal::try_from(sig) {
-            Ok(s) => format!("killed by {s}"),
-            Err(_) => format!("killed by signal {sig}"),
-        },
-        (None, None) => "unknown status".to_string(),
+    /// The reload under way, for `status` and systemd: (generation, slots done, slots in all).
+    fn reload_state(&self) -> Option<(u64, usize, usize)> {
+        self.reloads
+            .progress_report()
+            .map(|p| (p.generation, p.done, p.total))
     }
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn inode(fd: impl AsFd) -> Option<(u64, u64)> {
-    nix::sys::stat::fstat(fd.as_fd())
-        .ok()
-        .map(|s| (s.st_dev, s.st_ino))
-}
+#[cfg(test)]
+mod tests;

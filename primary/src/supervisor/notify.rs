@@ -2,23 +2,27 @@
 //! ready, `RELOADING=1` and `READY=1` around a reload, `STOPPING=1`, and a `STATUS=` line kept
 //! up to date.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::time::Instant;
+
+use crate::supervisor::Supervisor;
+use crate::supervisor::effect::View;
 
 impl Supervisor {
     /// The `STATUS=` line: workers ready of wanted, generation, and what is under way.
     fn systemd_status_line(&self) -> String {
+        let view = self.view();
         let ready = self
+            .table
             .slots
-            .values()
-            .filter(|s| s.worker.is_some_and(|w| self.ready(w)))
+            .keys()
+            .filter(|&&s| view.slot_ready(s))
             .count();
-        let wanted = self.slots.len();
+        let wanted = self.table.slots.len();
         let mut line = format!(
             "{ready} of {wanted} workers ready, generation {}",
             self.generation
         );
-        if self.stopping.is_some() {
+        if self.stop.active() {
             line.push_str(", stopping");
         } else if let Some((generation, done, total)) = self.reload_state() {
             line = format!(
@@ -47,15 +51,18 @@ impl Supervisor {
     pub(super) fn announce_ready_if_ready(&mut self) {
         if self.ready_announced
             || !self.settings.announce_ready
-            || self.stopping.is_some()
-            || self.slots.is_empty()
+            || self.stop.active()
+            || self.table.slots.is_empty()
         {
             return;
         }
-        let all = self
-            .slots
-            .values()
-            .all(|s| s.worker.is_some_and(|w| self.ready(w)));
+        let view = View {
+            table: &self.table,
+            registry: &self.registry,
+            settings: &self.settings,
+            now: Instant::now(),
+        };
+        let all = self.table.slots.keys().all(|&s| view.slot_ready(s));
         if !all {
             return;
         }

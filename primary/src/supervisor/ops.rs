@@ -1,15 +1,32 @@
-//! The operations that span workers: scale, status, and stop.
+//! The commands that span workers — scale, status, stop — and what the machines ask of the
+//! listeners (the stop's and a leaving slot's socket work).
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+use netcluster_protocol::handle;
+use netcluster_protocol::message::ToWorker;
+use netcluster_protocol::steer;
+
+use crate::command::{Reply, ScaleReport, ScaleTo, StopMode};
+use crate::error::Error;
+use crate::event::Event;
+use crate::registry::Mode;
+use crate::settings::MAX_WORKERS;
+use crate::status::{Build, Status};
+use crate::supervisor::effect::{Effect, Happening, View};
+use crate::supervisor::machines::scale::ScaleWait;
+use crate::supervisor::timers::Timer;
+use crate::supervisor::{STATUS_TIMEOUT, StatusWait, Supervisor};
+use crate::worker::state::Phase;
 
 impl Supervisor {
     pub(super) fn scale(&mut self, to: ScaleTo, reply: Reply<Result<ScaleReport, Error>>) {
-        if self.stopping.is_some() {
+        if self.stop.active() {
             let _ = reply.send(Err(Error::Stopping));
             return;
         }
-        let from = self.slots.len();
+        let from = self.table.slots.len();
         let to = match to {
             ScaleTo::Exactly(n) => n,
             ScaleTo::By(d) => {
@@ -31,129 +48,84 @@ impl Supervisor {
         let mut up = Vec::new();
         let mut down = BTreeSet::new();
         if to > from {
-            let mut failure = None;
             for _ in from..to {
                 match self.fork() {
-                    Ok(info) => {
-                        if let Some(s) = info.slot {
-                            up.push(s);
-                        }
-                    }
+                    Ok(info) => up.extend(info.slot),
                     Err(e) => {
-                        failure = Some(e);
-                        break;
+                        // The slots that did start stay (and respawn); say why the rest did not.
+                        let _ = reply.send(Err(e));
+                        return;
                     }
                 }
-            }
-            if let Some(e) = failure {
-                // The slots that did start stay (and respawn); say why the rest did not.
-                let _ = reply.send(Err(e));
-                return;
             }
         } else {
-            let retire: Vec<usize> = self.slots.keys().rev().take(from - to).copied().collect();
-            for slot in retire {
-                if let Some(s) = self.slots.remove(&slot) {
-                    if let Some((_, key)) = s.next_attempt {
-                        self.timers.try_remove(&key);
+            let leaving: Vec<usize> = self
+                .table
+                .slots
+                .keys()
+                .rev()
+                .take(from - to)
+                .copied()
+                .collect();
+            for slot in leaving {
+                let Some(s) = self.table.slots.remove(&slot) else {
+                    continue;
+                };
+                let forget = self.restarts.forget(slot);
+                self.apply(forget);
+                if let Some(w) = s.worker {
+                    if let Some(worker) = self.table.get_mut(w) {
+                        worker.slot = None;
                     }
-                    if let Some(w) = s.worker {
-                        if let Some(worker) = self.workers.get_mut(&w) {
-                            worker.slot = None;
-                        }
-                        down.insert(w);
-                        report.stopped.push(w);
-                    }
-                    self.retire_slot(slot, s.worker);
+                    down.insert(w);
+                    report.stopped.push(w);
                 }
+                let view = View {
+                    table: &self.table,
+                    registry: &self.registry,
+                    settings: &self.settings,
+                    now: Instant::now(),
+                };
+                let effects = self.retires.retire(slot, s.worker, &view);
+                self.apply(effects);
             }
         }
-        let id = self.next_seq();
-        let timer = (!up.is_empty()).then(|| {
-            self.timers
-                .insert(Timer::Ready { wait: id }, self.settings.timeouts.ready)
-        });
-        self.scales.push(ScaleWait {
-            id,
+        let wait = ScaleWait {
+            id: self.next_seq(),
             report,
             up,
             down,
-            timer,
             reply,
-        });
-        self.check_scales();
-    }
-
-    /// Completes the scales whose workers are all ready or gone.
-    pub(super) fn check_scales(&mut self) {
-        let mut i = 0;
-        while i < self.scales.len() {
-            let wait = &self.scales[i];
-            let all_up = wait.up.iter().all(|slot| {
-                self.slots
-                    .get(slot)
-                    .and_then(|s| s.worker)
-                    .is_some_and(|w| self.ready(w))
-            });
-            let all_down = wait.down.iter().all(|w| !self.workers.contains_key(w));
-            if all_up && all_down {
-                let mut wait = self.scales.swap_remove(i);
-                for slot in &wait.up {
-                    if let Some(w) = self.slots.get(slot).and_then(|s| s.worker) {
-                        wait.report.started.push(w);
-                    }
-                }
-                if let Some(key) = wait.timer {
-                    self.timers.try_remove(&key);
-                }
-                tracing::info!(workers = wait.report.to, "scaled");
-                let _ = wait.reply.send(Ok(wait.report));
-            } else {
-                i += 1;
-            }
-        }
+        };
+        let view = View {
+            table: &self.table,
+            registry: &self.registry,
+            settings: &self.settings,
+            now: Instant::now(),
+        };
+        let effects = self.scales.wait(wait, &view);
+        self.apply(effects);
         self.announce_ready_if_ready();
-    }
-
-    /// Fails the scales waiting on `slot`'s worker, which exited before it was ready.
-    pub(super) fn fail_scales_for(&mut self, slot: usize, why: &str) {
-        let mut i = 0;
-        while i < self.scales.len() {
-            if self.scales[i].up.contains(&slot) {
-                let wait = self.scales.swap_remove(i);
-                if let Some(key) = wait.timer {
-                    self.timers.try_remove(&key);
-                }
-                let _ = wait.reply.send(Err(Error::NotReady(format!(
-                    "the worker of slot {slot} {why} before it was ready"
-                ))));
-            } else {
-                i += 1;
-            }
-        }
     }
 
     pub(super) fn status(&mut self, reply: Reply<Status>) {
         let seq = self.next_seq();
         let mut remaining = BTreeSet::new();
-        for w in self.workers.values() {
-            if w.phase.connected()
-                && w.phase != Phase::Starting
-                && w.tx
-                    .try_send(ToWorker::StatsQuery { seq }, Vec::new())
-                    .is_ok()
+        for w in self.table.workers.values() {
+            if w.phase().connected()
+                && w.phase() != Phase::Starting
+                && w.send(ToWorker::StatsQuery { seq }, Vec::new()).is_ok()
             {
                 remaining.insert(w.id);
             }
         }
-        let timer = self.timers.insert(Timer::Status { seq }, STATUS_TIMEOUT);
+        self.timers.arm(Timer::Status { seq }, STATUS_TIMEOUT);
         self.statuses.insert(
             seq,
             StatusWait {
                 remaining,
                 stats: HashMap::new(),
                 reply,
-                timer,
             },
         );
         self.check_status(seq);
@@ -173,149 +145,42 @@ impl Supervisor {
         let Some(wait) = self.statuses.remove(&seq) else {
             return;
         };
-        self.timers.try_remove(&wait.timer);
-        let now = Instant::now();
-        let mut listeners = Vec::new();
-        for l in self.registry.iter() {
-            let connections = wait
-                .stats
-                .values()
-                .flatten()
-                .filter(|s| s.key == l.key)
-                .fold(0u64, |acc, s| acc.saturating_add(s.open));
-            let queued = match &l.mode {
-                Mode::RoundRobin(rr) => rr.pending(),
-                _ => 0,
-            };
-            // Program workers hold every pinned listener from their start (they are no members:
-            // they never asked over a channel).
-            let programs = if l.pinned && !matches!(l.mode, Mode::RoundRobin(_)) {
-                self.workers
-                    .values()
-                    .filter(|w| w.kind == WorkerKind::Program && w.phase.serving())
-                    .count()
-            } else {
-                0
-            };
-            listeners.push(ListenerStatus {
-                name: l.name.clone(),
-                address: l.address.to_string(),
-                pinned: l.pinned,
-                workers: l.members.len() + programs,
-                connections,
-                queued,
-            });
-        }
-        let slots = self
-            .slots
-            .iter()
-            .map(|(&slot, s)| SlotStatus {
-                slot,
-                worker: s.worker,
-                restarts: s.restarts,
-                next_attempt_ms: s
-                    .next_attempt
-                    .map(|(at, _)| millis(at.saturating_duration_since(now))),
-                last_exit: s.last_exit.clone(),
-            })
-            .collect();
-        let mut workers: Vec<WorkerStatus> = self
-            .workers
-            .values()
-            .map(|w| {
-                let stats = wait.stats.get(&w.id);
-                let sum = |f: fn(&ListenerStats) -> u64| {
-                    stats.map(|s| s.iter().fold(0u64, |acc, x| acc.saturating_add(f(x))))
-                };
-                let program = w.kind == WorkerKind::Program;
-                WorkerStatus {
-                    slot: w.slot,
-                    id: w.id,
-                    pid: w.pid,
-                    generation: w.generation,
-                    kind: if program { "program" } else { "native" }.to_string(),
-                    state: w.phase.state().to_string(),
-                    status_text: w.status_text.clone(),
-                    // A program worker has no channel to answer on.
-                    responsive: program || (stats.is_some() && w.ping.is_none()),
-                    connections: sum(|s| s.open),
-                    served: sum(|s| s.served),
-                    restarts: w
-                        .slot
-                        .and_then(|s| self.slots.get(&s))
-                        .map_or(0, |s| s.restarts),
-                    uptime_ms: millis(now.saturating_duration_since(w.started)),
-                    in_state_ms: millis(now.saturating_duration_since(w.since)),
-                    rss_bytes: crate::status::rss_bytes(w.pid),
-                }
-            })
-            .collect();
-        // By slot, then age; workers without a slot (being replaced or drained) last.
-        workers.sort_by_key(|w| (w.slot.unwrap_or(usize::MAX), w.id));
-        let status = Status {
-            schema: STATUS_SCHEMA,
-            pid: std::process::id(),
-            uptime_ms: millis(now.saturating_duration_since(self.started)),
-            policy: self.settings.policy.to_string(),
+        self.timers.disarm(Timer::Status { seq });
+        let status = Build {
+            table: &self.table,
+            registry: &self.registry,
+            restarts: &self.restarts,
+            stats: &wait.stats,
+            started: self.started,
+            policy: self.settings.policy,
             generation: self.generation,
-            workers_wanted: self.slots.len(),
-            stopping: self.stopping.is_some(),
-            reload: self.reload_state().map(|(generation, done, slots)| {
-                crate::status::ReloadStatus {
-                    generation,
-                    done,
-                    slots,
-                }
-            }),
-            last_reload_error: self.last_reload.clone(),
-            listeners,
-            slots,
-            workers,
-        };
+            stopping: self.stop.active(),
+            reload: self.reloads.progress_report(),
+            last_reload_error: self.reloads.last_error(),
+        }
+        .status();
         let _ = wait.reply.send(status);
     }
 
     pub(super) fn stop(&mut self, mode: StopMode, reply: Option<Reply<Vec<Event>>>) {
-        if let Some(s) = &mut self.stopping {
-            s.replies.extend(reply);
-            if mode == StopMode::Now {
-                tracing::warn!("stopping now: killing every worker");
-                self.kill_all();
-            }
-            return;
+        let first = !self.stop.active();
+        let view = View {
+            table: &self.table,
+            registry: &self.registry,
+            settings: &self.settings,
+            now: Instant::now(),
+        };
+        let effects = self.stop.begin(mode, reply, &view);
+        if first {
+            // Every operation under way ends.
+            self.offer(&Happening::Stopping);
         }
-        tracing::info!(?mode, "stopping");
-        let handover = mode == StopMode::Handover;
-        self.stopping = Some(Stopping {
-            phase: StopPhase::Refusing,
-            replies: reply.into_iter().collect(),
-            exits: Vec::new(),
-            given_up: false,
-            polling: false,
-            handover,
-        });
-        self.notify_stopping(handover);
-        for (_, slot) in self.slots.iter_mut() {
-            if let Some((_, key)) = slot.next_attempt.take() {
-                self.timers.try_remove(&key);
-            }
-        }
-        for wait in self.scales.drain(..) {
-            if let Some(key) = wait.timer {
-                self.timers.try_remove(&key);
-            }
-            let _ = wait.reply.send(Err(Error::Stopping));
-        }
-        self.abandon_reload();
-        if handover {
-            // The sockets are the next primary's now: nothing is filtered, no socket file is
-            // removed, and nothing waits for the queues it keeps accepting from.
-            self.registry.disarm_unlinks();
-            self.close_listeners();
-            return;
-        }
-        // First no new handshake starts on the primary's own sockets; the handshakes under way
-        // get a round trip to land in the accept queues, where they will be served.
+        self.apply(effects);
+    }
+
+    /// No new handshake starts on the primary's own sockets; the handshakes under way land
+    /// in the accept queues, where they will be served.
+    pub(super) fn refuse_new(&mut self) {
         for l in self.registry.iter() {
             if !l.owned {
                 continue;
@@ -326,25 +191,13 @@ impl Supervisor {
                 }
             }
         }
-        if mode == StopMode::Now {
-            self.close_listeners();
-            self.kill_all();
-        } else {
-            self.timers.insert(Timer::StopGrace, HANDSHAKE_GRACE);
-        }
     }
 
-    /// The stop's handshake grace is over. Round-robin listeners close once their accept task
-    /// has let go (the primary takes what waits in the backlog and closes at once,
-    /// [`Supervisor::acceptor_done`]), and what was accepted is handed off; the workers keep
-    /// accepting from shared and reuseport sockets until their queues are empty. Only then
-    /// are the workers told to drain.
-    pub(super) fn close_listeners(&mut self) {
-        if let Some(s) = &mut self.stopping {
-            if s.phase == StopPhase::Refusing {
-                s.phase = StopPhase::Flushing;
-            }
-        }
+    /// Round-robin listeners close once their accept task has let go (the primary takes what
+    /// waits in the backlog and closes at once, [`Supervisor::acceptor_done`]), and what was
+    /// accepted is handed off; the workers keep accepting from shared and reuseport sockets
+    /// until their queues are empty.
+    pub(super) fn stop_accepting(&mut self) {
         for l in self.registry.iter_mut() {
             match &mut l.mode {
                 Mode::RoundRobin(rr) => rr.stop_accepting(),
@@ -357,65 +210,15 @@ impl Supervisor {
         for id in ids {
             self.dispatch(id);
         }
-        self.timers
-            .insert(Timer::StopFlush, self.settings.drain_timeout);
-        self.check_flushed();
     }
 
-    /// Whether every shared or reuseport socket the primary owns has an empty accept queue
-    /// (the workers took what was there).
-    fn queues_empty(&self) -> bool {
-        if self.stopping.as_ref().is_some_and(|s| s.handover) {
-            return true;
-        }
-        self.registry.iter().all(|l| {
-            matches!(l.mode, Mode::RoundRobin(_))
-                || !l.owned
-                || l.listening().into_iter().all(|fd| {
-                    netcluster_protocol::steer::accept_queue_len(fd).map_or(true, |n| n == 0)
-                })
-        })
-    }
-
-    /// Once every round-robin connection is handed off, tells the workers to drain.
-    pub(super) fn check_flushed(&mut self) {
-        let Some(s) = &self.stopping else {
-            return;
-        };
-        if s.phase != StopPhase::Flushing {
-            return;
-        }
-        let serving = self.workers.values().any(|w| w.phase.serving());
-        // Idle: every round-robin socket closed (its backlog taken) and nothing left to hand.
-        let idle = self.registry.iter().all(|l| match &l.mode {
-            Mode::RoundRobin(rr) => rr.is_idle() && l.socket().is_none(),
-            _ => true,
-        });
-        if !serving || (idle && self.queues_empty()) {
-            self.begin_drain();
-        } else if idle {
-            // The workers are still taking what waits in the shared or reuseport queues.
-            if let Some(s) = &mut self.stopping {
-                if !s.polling {
-                    s.polling = true;
-                    self.timers.insert(Timer::StopPoll, QUEUE_POLL);
-                }
-            }
-        }
-    }
-
-    pub(super) fn begin_drain(&mut self) {
-        if let Some(s) = &mut self.stopping {
-            if s.phase == StopPhase::Draining {
-                return;
-            }
-            s.phase = StopPhase::Draining;
-        }
+    /// What no worker took closes; the primary's copies of shared and reuseport sockets go
+    /// (the workers close theirs as they drain).
+    pub(super) fn close_queues(&mut self) {
         let mut closed = 0;
         for l in self.registry.iter_mut() {
             match &mut l.mode {
                 Mode::RoundRobin(rr) => closed += rr.close_pending(),
-                // The primary's copies go; the workers close theirs as they drain.
                 Mode::ReusePort(slots) => {
                     let all: Vec<usize> = slots.sockets().map(|(s, _)| s).collect();
                     for s in all {
@@ -432,25 +235,58 @@ impl Supervisor {
                 "no worker took these accepted connections before the deadline; closing them"
             );
         }
-        let ids: Vec<u32> = self.workers.keys().copied().collect();
-        for id in ids {
-            self.drain(id, DrainReason::Stop);
-        }
-        self.timers.insert(
-            Timer::StopKill,
-            self.settings.drain_timeout.saturating_add(KILL_GRACE),
-        );
     }
 
-    pub(super) fn kill_all(&mut self) {
-        for w in self.workers.values_mut() {
-            w.expected_exit = true;
-            let _ = signal_pid(w.pid, Signal::SIGKILL);
+    /// Spreads every reuseport group's new connections over the sockets of slots that stay.
+    pub(super) fn resteer(&mut self) {
+        let leaving = self.retires.leaving();
+        for l in self.registry.iter() {
+            let Mode::ReusePort(slots) = &l.mode else {
+                continue;
+            };
+            let Some(&first) = slots.group.first() else {
+                continue;
+            };
+            let Some(member) = slots.get(first) else {
+                continue;
+            };
+            let keep: Vec<u32> = slots
+                .group
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !leaving.contains(s))
+                .filter_map(|(i, _)| u32::try_from(i).ok())
+                .collect();
+            let result = if leaving.iter().all(|s| slots.get(*s).is_none()) {
+                steer::unsteer(member)
+            } else if keep.is_empty() {
+                Ok(())
+            } else {
+                steer::steer(member, &keep)
+            };
+            if let Err(e) = result {
+                tracing::warn!(
+                    listener = %l.address,
+                    "cannot steer connections away from leaving slots ({e}); dropping their new \
+                     SYNs instead (clients retry after a second)"
+                );
+                for s in &leaving {
+                    if let Some(fd) = slots.get(*s) {
+                        let _ = handle::refuse_new_connections(fd);
+                    }
+                }
+            }
         }
-        if let Some(s) = &mut self.stopping {
-            s.phase = StopPhase::Draining;
+    }
+
+    /// Closes a leaving slot's sockets (the kernel takes them out of their groups) and steers
+    /// the groups that remain.
+    pub(super) fn close_slot_sockets(&mut self, slot: usize) {
+        for l in self.registry.iter_mut() {
+            if let Mode::ReusePort(slots) = &mut l.mode {
+                drop(slots.remove(slot));
+            }
         }
-        self.timers
-            .insert(Timer::StopGiveUp, Duration::from_secs(5));
+        self.apply(vec![Effect::Resteer]);
     }
 }

@@ -73,10 +73,12 @@ impl WorkerTx {
     }
 }
 
-/// A queue whose worker has no channel (a program worker): every send finds it closed.
-pub(crate) fn closed_tx() -> WorkerTx {
-    let (tx, _rx) = mpsc::channel(1);
-    WorkerTx { tx }
+impl WorkerTx {
+    /// A queue of `queue` messages and its receiving end, for a writer (or a test) to drain.
+    pub fn pair(queue: usize) -> (WorkerTx, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        (WorkerTx { tx }, rx)
+    }
 }
 
 /// What a worker's reader reports to the supervisor.
@@ -189,7 +191,7 @@ pub(crate) async fn forward_output(
 /// Starts the writer and returns its queue. The writer ends when every [`WorkerTx`] is dropped
 /// or the channel fails.
 pub(crate) fn start_writer(channel: Arc<Channel>, queue: usize, id: u32) -> WorkerTx {
-    let (tx, mut rx) = mpsc::channel::<Outbound>(queue.max(1));
+    let (tx, mut rx) = WorkerTx::pair(queue);
     tokio::spawn(async move {
         while let Some(out) = rx.recv().await {
             let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(AsFd::as_fd).collect();
@@ -208,7 +210,7 @@ pub(crate) fn start_writer(channel: Arc<Channel>, queue: usize, id: u32) -> Work
             }
         }
     });
-    WorkerTx { tx }
+    tx
 }
 
 /// The reader: forwards the worker's messages until its process exits, then what is left in

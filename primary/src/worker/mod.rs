@@ -1,6 +1,7 @@
-//! One worker as the primary sees it: its [`state`] machine, the [`handle`] the library gives
-//! out, and the tasks that carry its channel ([`conn`]).
+//! One worker as the primary sees it: its [`state`] machine, its record in the worker
+//! [`table`], how it is started ([`launch`]), and the tasks that carry its channel ([`conn`]).
 
 pub mod conn;
-pub mod handle;
+pub mod launch;
 pub mod state;
+pub mod table;

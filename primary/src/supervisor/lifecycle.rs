@@ -1,26 +1,39 @@
 //! A worker's life in the loop: starting it, its handshake, its misbehaviour, draining,
-//! its exit, and restarting its slot.
+//! and its exit.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::time::Instant;
+
+use netcluster_protocol::message::{BoundAddress, PROTOCOL_VERSION, ToWorker};
+use nix::sys::signal::Signal;
+
+use crate::error::Error;
+use crate::event::{Event, WorkerInfo};
+use crate::registry::Mode;
+use crate::settings::MAX_WORKERS;
+use crate::spawn;
+use crate::supervisor::Supervisor;
+use crate::supervisor::effect::Happening;
+use crate::supervisor::machines::stop::KILL_GRACE;
+use crate::supervisor::timers::Timer;
+use crate::worker::launch::{Plumbing, ready_after};
+use crate::worker::state::{DrainReason, Exit, Phase, Transition};
+use crate::worker::table::{Io, Slot, StopCause, Worker};
 
 impl Supervisor {
     /// Adds a slot and starts a worker in it (Node's `cluster.fork()`).
     pub(super) fn fork(&mut self) -> Result<WorkerInfo, Error> {
-        if self.stopping.is_some() {
+        if self.stop.active() {
             return Err(Error::Stopping);
         }
-        if self.slots.len() >= MAX_WORKERS {
-            return Err(Error::BadWorkerCount(self.slots.len() + 1));
+        if self.table.slots.len() >= MAX_WORKERS {
+            return Err(Error::BadWorkerCount(self.table.slots.len() + 1));
         }
-        let slot = (1..)
-            .find(|s| !self.slots.contains_key(s) && !self.is_retiring(*s))
-            .unwrap_or(1);
-        self.slots.insert(slot, Slot::default());
-        match self.spawn_into(slot) {
+        let slot = self.table.free_slot(|s| self.retires.is_retiring(s));
+        self.table.slots.insert(slot, Slot::default());
+        match self.spawn_worker(slot, false) {
             Ok(info) => Ok(info),
             Err(e) => {
-                self.slots.remove(&slot);
+                self.table.slots.remove(&slot);
                 Err(e)
             }
         }
@@ -56,27 +69,6 @@ impl Supervisor {
         Ok(passed)
     }
 
-    /// The private directory of the notification sockets, made on first use.
-    fn notify_dir(&mut self) -> Result<std::path::PathBuf, Error> {
-        if self.notify_dir.is_none() {
-            let dir = tempfile::Builder::new()
-                .prefix("netcluster-notify-")
-                .tempdir()
-                .map_err(|e| Error::io("make a directory for notification sockets", e))?;
-            self.notify_dir = Some(dir);
-        }
-        Ok(self
-            .notify_dir
-            .as_ref()
-            .map(|d| d.path().to_path_buf())
-            .unwrap_or_default())
-    }
-
-    /// Starts a worker for `slot`, which it serves at once.
-    pub(super) fn spawn_into(&mut self, slot: usize) -> Result<WorkerInfo, Error> {
-        self.spawn_worker(slot, false)
-    }
-
     /// Starts a worker for `slot`; an `incoming` one (a reload's) takes the slot over only
     /// once it is ready.
     pub(super) fn spawn_worker(
@@ -84,8 +76,7 @@ impl Supervisor {
         slot: usize,
         incoming: bool,
     ) -> Result<WorkerInfo, Error> {
-        let id = self.next_id;
-        let kind = self.settings.kind;
+        let id = self.table.peek_id();
         let listeners = self.passed_listeners(slot)?;
         if self.settings.fd_store && !listeners.is_empty() {
             // A program's slot sockets were just made: systemd keeps them too.
@@ -99,110 +90,47 @@ impl Supervisor {
                 self.store_in_systemd(l);
             }
         }
-        let notify_dir = match kind {
-            WorkerKind::Program => self.notify_dir()?,
-            WorkerKind::Native => std::path::PathBuf::new(),
-        };
-        let mut spawned = spawn::spawn(spawn::Spec {
+        let spec = spawn::Spec {
             settings: &self.settings,
             id,
             slot,
             generation: self.generation,
             listeners,
-            notify_dir: &notify_dir,
-        })
-        .map_err(|error| Error::Spawn {
-            slot,
-            program: self.settings.exec.clone(),
-            error,
-        })?;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        let prefix = format!("[slot {slot}] ");
-        if let Some(out) = spawned.child.stdout.take() {
-            tokio::spawn(conn::forward_output(out, prefix.clone(), false));
-        }
-        if let Some(err) = spawned.child.stderr.take() {
-            tokio::spawn(conn::forward_output(err, prefix, true));
-        }
-        let notify = spawned.notify.take().map(|(sock, path)| {
-            let stop = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(conn::run_notify(
-                id,
-                sock,
-                path,
-                self.from_workers_tx.clone(),
-                stop.clone(),
-            ));
-            stop.drop_guard()
-        });
-        let (tx, task) = match spawned.channel {
-            Some(channel) => {
-                let channel = Arc::new(channel);
-                let tx = conn::start_writer(channel.clone(), self.settings.limits.queue, id);
-                let task = self.tasks.spawn(conn::run_reader(
-                    id,
-                    spawned.child,
-                    channel,
-                    self.from_workers_tx.clone(),
-                ));
-                (tx, task)
-            }
-            None => {
-                let task = self.tasks.spawn(conn::run_program(
-                    id,
-                    spawned.child,
-                    self.from_workers_tx.clone(),
-                ));
-                (conn::closed_tx(), task)
-            }
+            notify_dir: std::path::PathBuf::new(),
         };
-        self.task_workers.insert(task.id(), id);
-        if let (WorkerKind::Program, Readiness::After(after)) = (kind, self.settings.readiness) {
-            self.timers.insert(Timer::ReadyAfter { worker: id }, after);
-        }
-        let worker = Worker {
-            id,
-            pid: spawned.pid,
-            slot: Some(slot),
-            generation: self.generation,
-            started: Instant::now(),
-            phase: Phase::Starting,
-            tx,
-            listeners: BTreeSet::new(),
-            exited_after_disconnect: false,
-            expected_exit: false,
-            stopped_itself: false,
-            requests: 0,
-            over_limit: 0,
-            silent_handoffs: 0,
-            violations: 0,
-            ping: None,
-            kill_timer: None,
-            task: task.id(),
-            since: Instant::now(),
-            kind,
-            ready: false,
-            status_text: None,
-            _notify: notify,
+        let plumbing = Plumbing {
+            tasks: &mut self.tasks,
+            to_supervisor: &self.from_workers_tx,
         };
+        let launched = self
+            .launcher
+            .launch(spec, plumbing)
+            .map_err(|error| Error::Spawn {
+                slot,
+                program: self.settings.exec.clone(),
+                error,
+            })?;
+        let id = self.table.take_id();
+        if let Some(task) = launched.task {
+            self.task_workers.insert(task, id);
+        }
+        if let Some(after) = ready_after(self.settings.kind, self.settings.readiness) {
+            self.timers.arm(Timer::ReadyAfter { worker: id }, after);
+        }
+        let mut worker = Worker::new(id, launched.pid, slot, self.generation, launched.io);
+        worker.task = launched.task;
         let info = worker.info();
-        self.workers.insert(id, worker);
-        if !incoming {
-            if let Some(s) = self.slots.get_mut(&slot) {
-                s.worker = Some(id);
-                s.next_attempt = None;
-            }
-        }
+        self.table.insert(worker, incoming);
         tracing::info!(
             worker = id,
-            pid = spawned.pid,
+            pid = launched.pid,
             slot,
             generation = self.generation,
             "worker started"
         );
         self.emit(Event::Fork {
             id,
-            pid: spawned.pid,
+            pid: launched.pid,
         });
         Ok(info)
     }
@@ -214,8 +142,10 @@ impl Supervisor {
             match line.split_once('=') {
                 Some(("READY", "1")) => self.mark_ready(id, "it said READY=1"),
                 Some(("STATUS", status)) => {
-                    if let Some(w) = self.workers.get_mut(&id) {
-                        w.status_text = Some(status.chars().take(200).collect());
+                    if let Some(Io::Program { status_text, .. }) =
+                        self.table.get_mut(id).map(|w| &mut w.io)
+                    {
+                        *status_text = Some(status.chars().take(200).collect());
                     }
                 }
                 Some(("STOPPING", "1")) => {
@@ -228,14 +158,17 @@ impl Supervisor {
 
     /// A program worker is ready: it counts as online and listening.
     pub(super) fn mark_ready(&mut self, id: u32, why: &str) {
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.table.get_mut(id) else {
             return;
         };
-        if w.ready || w.kind != WorkerKind::Program {
+        let Io::Program { ready, .. } = &mut w.io else {
+            return;
+        };
+        if *ready {
             return;
         }
-        w.ready = true;
-        let fresh = w.phase == Phase::Starting;
+        *ready = true;
+        let fresh = w.phase() == Phase::Starting;
         if fresh && w.apply(Transition::Hello).is_ok() {
             let _ = w.apply(Transition::Listened);
             let pid = w.pid;
@@ -255,24 +188,7 @@ impl Supervisor {
                 });
             }
         }
-        self.check_scales();
-        self.reload_progress();
-    }
-
-    /// Whether worker `id` is ready: handshake done and listening on every pinned listener.
-    pub(super) fn ready(&self, id: u32) -> bool {
-        let Some(w) = self.workers.get(&id) else {
-            return false;
-        };
-        if w.kind == WorkerKind::Program {
-            return w.ready && w.phase.serving();
-        }
-        w.phase.serving()
-            && self
-                .registry
-                .iter()
-                .filter(|l| l.pinned)
-                .all(|l| w.listeners.contains(&l.id))
+        self.offer(&Happening::Progress);
     }
 
     /// Worker `id` said it is stopping by itself (`disconnect()` if `disconnect`, else a signal
@@ -280,59 +196,55 @@ impl Supervisor {
     /// crash. A worker the primary already told to stop (a stop, a reload, a scale-down) stays
     /// as it was: its exit is the one the primary asked for, whatever else reached it since.
     pub(super) fn stopping_by_itself(&mut self, id: u32, disconnect: bool) {
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.table.get(id) else {
             return;
         };
-        if w.expected_exit {
+        if w.expected_exit() {
             return;
         }
-        w.stopped_itself = true;
         self.drain(id, DrainReason::ByWorker);
-        if let Some(w) = self.workers.get_mut(&id) {
-            w.expected_exit = false;
+        if let Some(w) = self.table.get_mut(id) {
             // Node's `exitedAfterDisconnect` is for `disconnect()` (and the primary's own
             // stops), not for a worker that a signal stopped.
-            w.exited_after_disconnect = disconnect;
+            w.stop = Some(StopCause::ByItself { disconnect });
         }
     }
 
     /// Tells worker `id` to stop: it leaves every round-robin rotation at once, gets
-    /// `Shutdown`, and is killed if it is still running past the drain deadline.
+    /// `Shutdown` (a program worker its stop signal), and is killed if it is still running
+    /// past the drain deadline.
     pub(super) fn drain(&mut self, id: u32, reason: DrainReason) {
         let drain = self.settings.drain_timeout;
-        let Some(w) = self.workers.get_mut(&id) else {
+        let stop_signal = self.settings.stop_signal;
+        let Some(w) = self.table.get_mut(id) else {
             return;
         };
         let deadline = Instant::now() + drain + KILL_GRACE;
-        let was_serving = w.phase.serving() || w.phase == Phase::Starting;
+        let was_serving = w.phase().serving() || w.phase() == Phase::Starting;
         if w.apply(Transition::Drain { reason, deadline }).is_err() {
             return;
         }
-        w.expected_exit = true;
-        w.exited_after_disconnect = true;
-        if w.kind == WorkerKind::Program {
+        w.stop = Some(StopCause::Drained(reason));
+        let pid = w.pid;
+        if w.is_program() {
             // No channel: the stop signal, then SIGKILL at the deadline.
-            if let Err(e) = signal_pid(w.pid, self.settings.stop_signal) {
+            if let Err(e) = self.launcher.signal(pid, stop_signal) {
                 tracing::debug!(worker = id, "cannot signal the worker: {e}");
             }
         } else if was_serving || reason != DrainReason::ByWorker {
             let drain_timeout_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
-            if let Err(e) =
-                w.tx.try_send(ToWorker::Shutdown { drain_timeout_ms }, Vec::new())
-            {
+            if let Err(e) = w.send(ToWorker::Shutdown { drain_timeout_ms }, Vec::new()) {
                 tracing::warn!(
                     worker = id,
                     "cannot tell the worker to stop ({e:?}); it is killed at its deadline"
                 );
             }
         }
-        if w.kill_timer.is_none() {
-            w.kill_timer = Some(
-                self.timers
-                    .insert_at(Timer::Kill { worker: id }, deadline.into()),
-            );
-        }
         let listeners: Vec<u64> = w.listeners.iter().copied().collect();
+        let kill = Timer::Kill { worker: id };
+        if !self.timers.is_armed(kill) {
+            self.timers.arm_at(kill, deadline);
+        }
         for l in listeners {
             if let Some(rr) = self.registry.get_mut(l).and_then(|l| l.round_robin()) {
                 rr.retire(id);
@@ -352,7 +264,7 @@ impl Supervisor {
         }
         let drain_timeout_ms =
             u64::try_from(self.settings.drain_timeout.as_millis()).unwrap_or(u64::MAX);
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.table.get_mut(id) else {
             return;
         };
         if w.apply(Transition::Hello).is_err() {
@@ -370,15 +282,14 @@ impl Supervisor {
             version: PROTOCOL_VERSION,
             drain_timeout_ms,
         };
-        if let Err(e) = w.tx.try_send(welcome, Vec::new()) {
+        if let Err(e) = w.send(welcome, Vec::new()) {
             tracing::warn!(worker = id, "cannot welcome: {e:?}");
             return;
         }
         let pid = w.pid;
         tracing::info!(worker = id, pid, "worker online");
         self.emit(Event::Online { id, pid });
-        self.check_scales();
-        self.reload_progress();
+        self.offer(&Happening::Progress);
     }
 
     /// Worker `id` did something it must not (a bad frame, a second Hello, over a limit).
@@ -386,7 +297,7 @@ impl Supervisor {
     /// any worker that dies unasked, replaced).
     pub(super) fn violation(&mut self, id: u32, what: &str) {
         let limit = self.settings.limits.violations;
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.table.get_mut(id) else {
             return;
         };
         w.violations = w.violations.saturating_add(1);
@@ -404,11 +315,27 @@ impl Supervisor {
 
     /// Kills worker `id` for misbehaving; it is replaced like a crashed worker.
     pub(super) fn kill(&mut self, id: u32, why: &str) {
-        if let Some(w) = self.workers.get_mut(&id) {
+        if let Some(w) = self.table.get_mut(id) {
             tracing::error!(worker = id, pid = w.pid, "killing the worker: {why}");
-            w.expected_exit = false;
-            w.exited_after_disconnect = false;
-            let _ = signal_pid(w.pid, Signal::SIGKILL);
+            w.stop = Some(StopCause::Misbehaved);
+            let pid = w.pid;
+            let _ = self.launcher.signal(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// Kills every worker at a stop: their exits are asked for.
+    pub(super) fn kill_all(&mut self) {
+        let mut pids = Vec::new();
+        for w in self.table.workers.values_mut() {
+            if !w.expected_exit() {
+                w.stop = Some(StopCause::Killed {
+                    after_disconnect: w.exited_after_disconnect(),
+                });
+            }
+            pids.push(w.pid);
+        }
+        for pid in pids {
+            let _ = self.launcher.signal(pid, Signal::SIGKILL);
         }
     }
 
@@ -417,22 +344,21 @@ impl Supervisor {
     pub(super) fn suspect(&mut self, id: u32) {
         let ping_timeout = self.settings.timeouts.ping;
         let seq = self.next_seq();
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.table.get_mut(id) else {
             return;
         };
         let listeners: Vec<u64> = w.listeners.iter().copied().collect();
         if w.ping.is_none() {
             // Queued if there is room; if the queue is full the worker cannot answer in time.
-            let _ = w.tx.try_send(ToWorker::Ping { seq }, Vec::new());
-            let key = self
-                .timers
-                .insert(Timer::Ping { worker: id, seq }, ping_timeout);
-            w.ping = Some((seq, key));
+            let _ = w.send(ToWorker::Ping { seq }, Vec::new());
+            w.ping = Some(seq);
             tracing::warn!(
                 worker = id,
                 pid = w.pid,
                 "unresponsive: out of rotation until it answers a ping"
             );
+            self.timers
+                .arm(Timer::Ping { worker: id, seq }, ping_timeout);
         }
         for l in listeners {
             if let Some(rr) = self.registry.get_mut(l).and_then(|l| l.round_robin()) {
@@ -442,10 +368,10 @@ impl Supervisor {
     }
 
     pub(super) fn resume(&mut self, id: u32) {
-        let Some(w) = self.workers.get(&id) else {
+        let Some(w) = self.table.get(id) else {
             return;
         };
-        if !w.phase.serving() {
+        if !w.phase().serving() {
             return;
         }
         let listeners: Vec<u64> = w.listeners.iter().copied().collect();
@@ -458,7 +384,7 @@ impl Supervisor {
     }
 
     pub(super) fn channel_closed(&mut self, id: u32) {
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.table.get_mut(id) else {
             return;
         };
         if w.apply(Transition::ChannelClosed).is_err() {
@@ -481,156 +407,74 @@ impl Supervisor {
             self.check_status(seq);
         }
         self.emit(Event::Disconnect { id });
-        self.check_flushed();
+        self.offer(&Happening::Flushed);
     }
 
     pub(super) fn exited(&mut self, id: u32, exit: Exit) {
-        if self.workers.get(&id).is_some_and(|w| w.phase.connected()) {
+        if self.table.get(id).is_some_and(|w| w.phase().connected()) {
             self.channel_closed(id);
         }
-        let Some(mut w) = self.workers.remove(&id) else {
+        let its_slot = self
+            .table
+            .get(id)
+            .and_then(|w| w.slot)
+            .is_some_and(|s| self.table.slot_worker(s) == Some(id));
+        let Some(w) = self.table.remove(id, exit) else {
             return;
         };
-        if w.apply(Transition::Exited(exit)).is_err() {
-            w.phase = Phase::Dead(exit);
+        if let Some(task) = w.task {
+            self.task_workers.remove(&task);
         }
-        self.task_workers.remove(&w.task);
-        if let Some(key) = w.kill_timer.take() {
-            self.timers.try_remove(&key);
+        self.timers.disarm(Timer::Kill { worker: id });
+        self.timers.disarm(Timer::ReadyAfter { worker: id });
+        if let Some(seq) = w.ping {
+            self.timers.disarm(Timer::Ping { worker: id, seq });
         }
-        if let Some((_, key)) = w.ping.take() {
-            self.timers.try_remove(&key);
-        }
-        self.forget_handoff_timers(|_, worker| worker == id);
+        let forget = self.handoffs.forget(id, None);
+        self.apply(forget);
         let how = describe_exit(exit);
-        match exit_note(
-            w.expected_exit,
-            w.stopped_itself,
-            exit,
-            self.stopping.is_some(),
-        ) {
-            ExitNote::Expected => tracing::info!(worker = id, pid = w.pid, "worker exited ({how})"),
+        let pid = w.pid;
+        match exit_note(w.stop, exit, self.stop.active()) {
+            ExitNote::Expected => tracing::info!(worker = id, pid, "worker exited ({how})"),
             ExitNote::ByItself => tracing::info!(
                 worker = id,
-                pid = w.pid,
+                pid,
                 "worker exited after stopping by itself ({how})"
             ),
             ExitNote::WhileStopping => tracing::info!(
                 worker = id,
-                pid = w.pid,
+                pid,
                 "worker exited while the primary stops ({how})"
             ),
-            ExitNote::Unexpected => tracing::warn!(
-                worker = id,
-                pid = w.pid,
-                "worker exited unexpectedly ({how})"
-            ),
+            ExitNote::Unexpected => {
+                tracing::warn!(worker = id, pid, "worker exited unexpectedly ({how})");
+            }
         }
         let event = Event::Exit {
             id,
-            pid: w.pid,
+            pid,
             code: exit.code,
             signal: exit.signal,
-            exited_after_disconnect: w.exited_after_disconnect,
+            exited_after_disconnect: w.exited_after_disconnect(),
         };
-        if let Some(s) = &mut self.stopping {
-            s.exits.push(event.clone());
-        }
+        self.stop.record_exit(&event);
         self.emit(event);
-        self.graveyard.push_back(Dead { info: w.info() });
-        while self.graveyard.len() > GRAVEYARD {
-            self.graveyard.pop_front();
-        }
-        if let Some(slot) = w.slot {
-            let its_slot = self.slots.get(&slot).is_some_and(|s| s.worker == Some(id));
-            if its_slot && !w.expected_exit {
-                self.fail_scales_for(slot, &format!("exited ({how})"));
-            }
-            self.slot_lost_worker(slot, &w, &how);
-        }
-        self.retired_worker_exited(id);
-        self.check_scales();
-        self.reload_worker_exited(id, &how);
-        self.check_flushed();
+        self.offer(&Happening::Exited {
+            worker: &w,
+            its_slot,
+            how: &how,
+        });
     }
+}
 
-    /// `slot`'s worker `w` exited: schedule its next start if nobody asked it to stop.
-    pub(super) fn slot_lost_worker(&mut self, slot: usize, w: &Worker, how: &str) {
-        let Some(backoff) = self.settings.respawn else {
-            if let Some(s) = self.slots.get_mut(&slot) {
-                if s.worker == Some(w.id) {
-                    s.worker = None;
-                }
-            }
-            if !w.expected_exit {
-                // Node's behaviour: the slot is gone with its worker.
-                self.slots.remove(&slot);
-            }
-            return;
-        };
-        let stopping = self.stopping.is_some();
-        let Some(s) = self.slots.get_mut(&slot) else {
-            return;
-        };
-        if s.worker != Some(w.id) {
-            return;
-        }
-        s.worker = None;
-        if stopping {
-            return;
-        }
-        if w.expected_exit {
-            // Asked to stop while still in its slot (a library `disconnect()`): the slot is
-            // refilled at once.
-            s.attempt = 0;
-        }
-        if w.started.elapsed() >= backoff.reset_after {
-            s.attempt = 0;
-        }
-        let delay = if w.expected_exit {
-            Duration::ZERO
-        } else {
-            backoff.delay(s.attempt)
-        };
-        if !w.expected_exit {
-            s.attempt = s.attempt.saturating_add(1);
-            s.restarts = s.restarts.saturating_add(1);
-            s.last_exit = Some(how.to_string());
-        }
-        let at = Instant::now() + delay;
-        let key = self.timers.insert_at(Timer::Respawn { slot }, at.into());
-        s.next_attempt = Some((at, key));
-        if !w.expected_exit {
-            tracing::info!(slot, "restarting in {delay:?}");
-        }
-    }
-
-    pub(super) fn respawn(&mut self, slot: usize) {
-        if self.stopping.is_some() {
-            return;
-        }
-        let Some(s) = self.slots.get_mut(&slot) else {
-            return;
-        };
-        s.next_attempt = None;
-        if s.worker.is_some() {
-            return;
-        }
-        if let Err(e) = self.spawn_into(slot) {
-            tracing::error!(slot, "{e}");
-            let Some(backoff) = self.settings.respawn else {
-                return;
-            };
-            if let Some(s) = self.slots.get_mut(&slot) {
-                let delay = backoff.delay(s.attempt);
-                s.attempt = s.attempt.saturating_add(1);
-                s.restarts = s.restarts.saturating_add(1);
-                s.last_exit = Some(e.to_string());
-                let at = Instant::now() + delay;
-                let key = self.timers.insert_at(Timer::Respawn { slot }, at.into());
-                s.next_attempt = Some((at, key));
-            }
-        }
+pub(super) fn describe_exit(exit: Exit) -> String {
+    match (exit.code, exit.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        (None, None) => "unknown status".to_string(),
     }
 }
 
@@ -651,33 +495,28 @@ pub(super) enum ExitNote {
     Unexpected,
 }
 
-/// How a worker's `exit` is told: whether the primary asked it to stop (`expected`), whether
-/// it said it stops by itself, and whether the primary is stopping.
-pub(super) fn exit_note(
-    expected: bool,
-    stopped_itself: bool,
-    exit: Exit,
-    stopping: bool,
-) -> ExitNote {
+/// How a worker's `exit` is told, by why it stopped and whether the primary is stopping.
+pub(super) fn exit_note(cause: Option<StopCause>, exit: Exit, stopping: bool) -> ExitNote {
     let clean = exit.code == Some(0);
     let stop_signal = matches!(
         exit.signal.and_then(|s| Signal::try_from(s).ok()),
         Some(Signal::SIGINT | Signal::SIGTERM)
     );
-    if expected {
-        ExitNote::Expected
-    } else if stopped_itself && clean {
-        ExitNote::ByItself
-    } else if stopping && (clean || stop_signal) {
-        ExitNote::WhileStopping
-    } else {
-        ExitNote::Unexpected
+    match cause {
+        Some(c) if c.expected() => ExitNote::Expected,
+        Some(StopCause::ByItself { .. }) if clean => ExitNote::ByItself,
+        _ if stopping && (clean || stop_signal) => ExitNote::WhileStopping,
+        _ => ExitNote::Unexpected,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use nix::sys::signal::Signal;
+
+    use super::{ExitNote, exit_note};
+    use crate::worker::state::{DrainReason, Exit};
+    use crate::worker::table::StopCause;
 
     const CLEAN: Exit = Exit {
         code: Some(0),
@@ -693,36 +532,46 @@ mod tests {
             signal: Some(sig as i32),
         }
     }
+    const ASKED: Option<StopCause> = Some(StopCause::Drained(DrainReason::Stop));
+    const BY_ITSELF: Option<StopCause> = Some(StopCause::ByItself { disconnect: false });
 
     #[test]
     fn an_exit_the_primary_asked_for_is_expected() {
         for exit in [CLEAN, FAILED, killed(Signal::SIGKILL)] {
-            assert_eq!(exit_note(true, true, exit, false), ExitNote::Expected);
+            assert_eq!(exit_note(ASKED, exit, false), ExitNote::Expected);
+            let killed = Some(StopCause::Killed {
+                after_disconnect: false,
+            });
+            assert_eq!(exit_note(killed, exit, true), ExitNote::Expected);
         }
     }
 
     #[test]
     fn a_worker_that_said_it_stops_and_exits_cleanly_stopped_by_itself() {
-        assert_eq!(exit_note(false, true, CLEAN, false), ExitNote::ByItself);
+        assert_eq!(exit_note(BY_ITSELF, CLEAN, false), ExitNote::ByItself);
         // Not cleanly: a crash on the way out.
-        assert_eq!(exit_note(false, true, FAILED, false), ExitNote::Unexpected);
+        assert_eq!(exit_note(BY_ITSELF, FAILED, false), ExitNote::Unexpected);
     }
 
     #[test]
     fn a_clean_or_interrupted_exit_during_a_stop_is_no_surprise() {
         for exit in [CLEAN, killed(Signal::SIGINT), killed(Signal::SIGTERM)] {
-            assert_eq!(exit_note(false, false, exit, true), ExitNote::WhileStopping);
+            assert_eq!(exit_note(None, exit, true), ExitNote::WhileStopping);
         }
         // A crash is one, stop or not.
         for exit in [FAILED, killed(Signal::SIGSEGV), killed(Signal::SIGKILL)] {
-            assert_eq!(exit_note(false, false, exit, true), ExitNote::Unexpected);
+            assert_eq!(exit_note(None, exit, true), ExitNote::Unexpected);
         }
     }
 
     #[test]
     fn an_exit_nobody_announced_is_unexpected() {
         for exit in [CLEAN, FAILED, killed(Signal::SIGTERM)] {
-            assert_eq!(exit_note(false, false, exit, false), ExitNote::Unexpected);
+            assert_eq!(exit_note(None, exit, false), ExitNote::Unexpected);
+            assert_eq!(
+                exit_note(Some(StopCause::Misbehaved), exit, false),
+                ExitNote::Unexpected
+            );
         }
     }
 }

@@ -1,8 +1,20 @@
-//! Listeners and connections: pinning, a worker's listen and close, round-robin hand-offs,
-//! and cluster-wide connection counts.
+//! Listeners: pinning (`--listen`, `Cluster::share`), adoption and export (upgrades,
+//! systemd), systemd's file-descriptor store, and a worker's listen and close.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::os::fd::AsFd;
+
+use netcluster_protocol::handle::{self, ListenError};
+use netcluster_protocol::message::{BoundAddress, ListenKey, ListenParams, ListenTarget, ToWorker};
+
+use crate::error::Error;
+use crate::event::Event;
+use crate::registry::Mode;
+use crate::round_robin;
+use crate::settings::WorkerKind;
+use crate::supervisor::Supervisor;
+use crate::supervisor::effect::Happening;
+use crate::worker::conn::{OutFd, SendFailed};
+use crate::worker::state::{Phase, Transition};
 
 impl Supervisor {
     /// Pins a listener for the primary's lifetime (`--listen`, `Cluster::share`).
@@ -12,7 +24,7 @@ impl Supervisor {
         params: &ListenParams,
         name: Option<String>,
     ) -> Result<BoundAddress, Error> {
-        if self.stopping.is_some() {
+        if self.stop.active() {
             return Err(Error::Stopping);
         }
         if self.settings.kind == WorkerKind::Program
@@ -65,7 +77,7 @@ impl Supervisor {
     /// Takes a listening socket over (systemd's, the store's, a predecessor's) as a pinned
     /// listener.
     pub(super) fn adopt(&mut self, adopt: crate::registry::Adopt) -> Result<BoundAddress, Error> {
-        if self.stopping.is_some() {
+        if self.stop.active() {
             return Err(Error::Stopping);
         }
         let key = ListenKey {
@@ -144,7 +156,7 @@ impl Supervisor {
                     .group
                     .iter()
                     // A slot being retired keeps its socket only until its queue is empty.
-                    .filter(|s| self.slots.contains_key(s))
+                    .filter(|s| self.table.slots.contains_key(s))
                     .filter_map(|&s| slots.get(s).map(|fd| (s, fd)))
                     .map(|(s, fd)| dup(fd).map(|fd| (s, fd)))
                     .collect::<Result<Vec<_>, _>>()?,
@@ -228,8 +240,8 @@ impl Supervisor {
 
     pub(super) fn listen(&mut self, id: u32, seq: u64, key: ListenKey, params: &ListenParams) {
         let refuse = |this: &mut Self, errno: i32, message: String| {
-            if let Some(w) = this.workers.get(&id) {
-                let _ = w.tx.try_send(
+            if let Some(w) = this.table.get(id) {
+                let _ = w.send(
                     ToWorker::ListenErr {
                         seq,
                         address: key.target.to_string(),
@@ -240,20 +252,20 @@ impl Supervisor {
                 );
             }
         };
-        let Some(w) = self.workers.get(&id) else {
+        let Some(w) = self.table.get(id) else {
             return;
         };
-        if !w.phase.serving() {
-            let why = if w.phase == Phase::Starting {
+        if !w.phase().serving() {
+            let why = if w.phase() == Phase::Starting {
                 "listen before the handshake"
             } else {
                 "the worker is stopping"
             };
             refuse(self, 0, why.into());
             if self
-                .workers
-                .get(&id)
-                .is_some_and(|w| w.phase == Phase::Starting)
+                .table
+                .get(id)
+                .is_some_and(|w| w.phase() == Phase::Starting)
             {
                 self.violation(id, "listen before Hello");
             }
@@ -269,7 +281,7 @@ impl Supervisor {
             self.violation(id, "too many listen keys");
             return;
         }
-        if self.stopping.is_some() {
+        if self.stop.active() {
             refuse(self, 0, "the cluster is stopping".into());
             return;
         }
@@ -293,7 +305,7 @@ impl Supervisor {
                 return;
             }
         };
-        let slot = self.workers.get(&id).and_then(|w| w.slot);
+        let slot = self.table.get(id).and_then(|w| w.slot);
         let grant = match self.registry.grant(listener, slot) {
             Ok(g) => g,
             Err(e) => {
@@ -309,10 +321,10 @@ impl Supervisor {
             grant,
         };
         let fds = fd.into_iter().map(OutFd::Owned).collect();
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.table.get_mut(id) else {
             return;
         };
-        if let Err(e) = w.tx.try_send(reply, fds) {
+        if let Err(e) = w.send(reply, fds) {
             tracing::warn!(worker = id, "cannot send the listener ({e:?})");
             self.maybe_close(listener);
             if e == SendFailed::Full {
@@ -345,8 +357,7 @@ impl Supervisor {
         };
         self.emit(Event::Listening { id, address, fd });
         self.dispatch(listener);
-        self.check_scales();
-        self.reload_progress();
+        self.offer(&Happening::Progress);
     }
 
     /// The listener for `listen({fd})`: the registry's own listener when `fd` is one of the
@@ -393,312 +404,15 @@ impl Supervisor {
 
     /// Worker `id` no longer uses listener `l`.
     pub(super) fn leave(&mut self, l: u64, id: u32) {
-        self.forget_handoff_timers(|(listener, _), worker| listener == l && worker == id);
+        let forget = self.handoffs.forget(id, Some(l));
+        self.apply(forget);
         drop(self.registry.leave(l, id));
         self.dispatch(l);
     }
+}
 
-    pub(super) fn count_request(&mut self, id: u32, seq: u64, key: &ListenKey) {
-        let limit = self.settings.limits.requests;
-        let Some(w) = self.workers.get_mut(&id) else {
-            return;
-        };
-        if w.requests >= limit {
-            let _ = w.tx.try_send(
-                ToWorker::CountResult {
-                    seq,
-                    result: Err(CountError::TooMany { limit }),
-                },
-                Vec::new(),
-            );
-            // A burst past the limit is refused, not punished; a worker that does nothing but
-            // push past it is flooding.
-            w.over_limit = w.over_limit.saturating_add(1);
-            if w.over_limit > OVER_LIMIT_STREAK {
-                self.kill(
-                    id,
-                    &format!(
-                        "{OVER_LIMIT_STREAK} count requests in a row over its limit of {limit}"
-                    ),
-                );
-            }
-            return;
-        }
-        w.over_limit = 0;
-        if self.stopping.is_some() {
-            let _ = w.tx.try_send(
-                ToWorker::CountResult {
-                    seq,
-                    result: Err(CountError::Stopping),
-                },
-                Vec::new(),
-            );
-            return;
-        }
-        w.requests += 1;
-        match self.registry.find(key) {
-            Some(l) => self.ask_count(l, Asker::Worker { id, seq }),
-            None => self.deliver(Answered {
-                asker: Asker::Worker { id, seq },
-                result: Ok(0),
-                timer: None,
-            }),
-        }
-    }
-
-    /// Asks every member of listener `l` for its open connections, for `asker`.
-    pub(super) fn ask_count(&mut self, l: u64, asker: Asker) {
-        let Some(listener) = self.registry.get(l) else {
-            self.deliver(Answered {
-                asker,
-                result: Ok(0),
-                timer: None,
-            });
-            return;
-        };
-        let members = listener.members.clone();
-        let key = listener.key.clone();
-        match self.counts.ask(members.clone(), asker) {
-            Ok(seq) => {
-                self.arm_count(seq);
-                for w in members {
-                    self.send_or_fail_count(
-                        w,
-                        seq,
-                        ToWorker::CountQuery {
-                            seq,
-                            key: key.clone(),
-                        },
-                    );
-                }
-            }
-            Err(done) => self.deliver(done),
-        }
-    }
-
-    pub(super) fn arm_count(&mut self, seq: u64) {
-        let key = self
-            .timers
-            .insert(Timer::Count { seq }, self.settings.timeouts.count);
-        self.counts.set_timer(seq, key);
-    }
-
-    pub(super) fn send_or_fail_count(&mut self, worker: u32, seq: u64, msg: ToWorker) {
-        let failed = match self.workers.get(&worker) {
-            Some(w) => match w.tx.try_send(msg, Vec::new()) {
-                Ok(()) => None,
-                Err(SendFailed::Full) => Some(CountError::Unresponsive { worker }),
-                Err(SendFailed::Closed) => Some(CountError::WorkerExited { worker }),
-            },
-            None => Some(CountError::WorkerExited { worker }),
-        };
-        if let Some(err) = failed {
-            if let Some(done) = self.counts.fail(seq, err) {
-                self.deliver(done);
-            }
-        }
-    }
-
-    /// Gives a finished count to whoever asked.
-    pub(super) fn deliver(&mut self, done: Answered) {
-        if let Some(key) = &done.timer {
-            self.timers.try_remove(key);
-        }
-        match done.asker {
-            Asker::Api(tx) | Asker::Sent(tx) => {
-                let _ = tx.send(done.result);
-            }
-            Asker::Worker { id, seq } => {
-                if let Some(w) = self.workers.get_mut(&id) {
-                    w.requests = w.requests.saturating_sub(1);
-                    let _ = w.tx.try_send(
-                        ToWorker::CountResult {
-                            seq,
-                            result: done.result,
-                        },
-                        Vec::new(),
-                    );
-                }
-            }
-        }
-    }
-
-    /// Connections the accept tasks took: this one and every other already queued (an accept
-    /// task takes what the backlog holds in one go), then one dispatch per listener, so that
-    /// the connections of a burst travel several to a message.
-    pub(super) fn accepted(&mut self, first: Accepted) {
-        let mut touched: Vec<u64> = Vec::new();
-        let mut next = Some(first);
-        let mut taken = 0usize;
-        while let Some(accepted) = next.take() {
-            taken += 1;
-            match accepted.conn {
-                None => self.acceptor_done(accepted.listener),
-                Some(conn) => {
-                    if let Some(rr) = self
-                        .registry
-                        .get_mut(accepted.listener)
-                        .and_then(|l| l.round_robin())
-                    {
-                        rr.push(conn);
-                        if !touched.contains(&accepted.listener) {
-                            touched.push(accepted.listener);
-                        }
-                    }
-                }
-            }
-            // Bounded, so that commands and workers' messages are not held up by a flood.
-            if taken < ACCEPTED_AT_ONCE {
-                next = self.accepts.try_recv().ok();
-            }
-        }
-        for l in touched {
-            self.dispatch(l);
-        }
-    }
-
-    /// A round-robin listener's accept task has stopped and closed its copy of the socket.
-    /// At a stop the primary's copy is now the last: take the backlog, then close it, with
-    /// nothing in between.
-    pub(super) fn acceptor_done(&mut self, id: u64) {
-        if self.stopping.is_none() {
-            return;
-        }
-        let Some(l) = self.registry.get_mut(id) else {
-            return;
-        };
-        let fd = l.close_socket();
-        let handover = self.stopping.as_ref().is_some_and(|s| s.handover);
-        // Under a hand-over the backlog is the next primary's, which accepts from it.
-        if let (false, Some(rr), Some(fd)) = (handover, l.round_robin(), &fd) {
-            for _ in 0..BACKLOG_DRAIN {
-                match netcluster_protocol::fd::accept_nonblocking(fd.as_fd()) {
-                    Ok(conn) => rr.push_fd(conn),
-                    Err(_) => break,
-                }
-            }
-        }
-        drop(fd);
-        self.dispatch(id);
-        self.check_flushed();
-    }
-
-    /// Worker `id` answered hand-offs of round-robin listener `handle`. Every number is checked
-    /// against what is in flight to it; an answer to anything else changes nothing.
-    pub(super) fn answered(&mut self, id: u32, handle: u64, accepted: &[u64], refused: &[u64]) {
-        let Some(rr) = self.registry.get_mut(handle).and_then(|l| l.round_robin()) else {
-            tracing::debug!(worker = id, handle, "answer for a closed listener");
-            return;
-        };
-        let mut known = false;
-        let mut unknown = None;
-        let mut done = Vec::new();
-        let answers = accepted
-            .iter()
-            .map(|&s| (s, true))
-            .chain(refused.iter().map(|&s| (s, false)));
-        for (seq, took) in answers {
-            match rr.ack(id, seq, took) {
-                Ok(finished) => {
-                    known = true;
-                    done.extend(finished);
-                }
-                Err(e) => unknown = Some(e),
-            }
-        }
-        if let Some(e) = unknown {
-            tracing::debug!("{e}");
-        }
-        for batch in done {
-            if let Some((_, key)) = self.handoff_timers.remove(&(handle, batch)) {
-                self.timers.try_remove(&key);
-            }
-        }
-        if known {
-            if let Some(w) = self.workers.get_mut(&id) {
-                w.silent_handoffs = 0;
-            }
-            self.dispatch(handle);
-            self.check_flushed();
-        }
-    }
-
-    /// Removes the hand-off deadlines that `which((listener, message), worker)` picks.
-    pub(super) fn forget_handoff_timers(&mut self, which: impl Fn((u64, u64), u32) -> bool) {
-        let keys: Vec<(u64, u64)> = self
-            .handoff_timers
-            .iter()
-            .filter(|&(&k, &(worker, _))| which(k, worker))
-            .map(|(&k, _)| k)
-            .collect();
-        for k in keys {
-            if let Some((_, key)) = self.handoff_timers.remove(&k) {
-                self.timers.try_remove(&key);
-            }
-        }
-    }
-
-    /// Hands listener `l`'s waiting connections to its workers, several to a message when
-    /// several wait for the same worker.
-    pub(super) fn dispatch(&mut self, l: u64) {
-        let handoff_ms =
-            u64::try_from(self.settings.timeouts.handoff.as_millis()).unwrap_or(u64::MAX);
-        loop {
-            let Some(rr) = self.registry.get_mut(l).and_then(|l| l.round_robin()) else {
-                return;
-            };
-            let batches = rr.next_batches();
-            if batches.is_empty() {
-                return;
-            }
-            // A message that could not be queued puts its connections back: go round again
-            // (its worker is paused or gone, so this ends).
-            let mut requeued = false;
-            let expires_ms = monotonic_ms().saturating_add(handoff_ms);
-            for b in batches {
-                let sent = match self.workers.get(&b.worker) {
-                    Some(w) => {
-                        let msg = ToWorker::Connections {
-                            handle: l,
-                            seqs: b.seqs,
-                            expires_ms,
-                        };
-                        let fds = b.fds.into_iter().map(OutFd::Shared).collect();
-                        w.tx.try_send(msg, fds)
-                    }
-                    None => Err(SendFailed::Closed),
-                };
-                match sent {
-                    Ok(()) => {
-                        let key = self.timers.insert(
-                            Timer::Handoff {
-                                listener: l,
-                                worker: b.worker,
-                                batch: b.id,
-                            },
-                            self.settings.timeouts.handoff + HANDOFF_GRACE,
-                        );
-                        if let Some((_, old)) =
-                            self.handoff_timers.insert((l, b.id), (b.worker, key))
-                        {
-                            self.timers.try_remove(&old);
-                        }
-                    }
-                    Err(e) => {
-                        requeued = true;
-                        let full = e == SendFailed::Full;
-                        if let Some(rr) = self.registry.get_mut(l).and_then(|l| l.round_robin()) {
-                            rr.not_sent(b.worker, b.id, full);
-                        }
-                        if full {
-                            self.suspect(b.worker);
-                        }
-                    }
-                }
-            }
-            if !requeued {
-                return;
-            }
-        }
-    }
+fn inode(fd: impl AsFd) -> Option<(u64, u64)> {
+    nix::sys::stat::fstat(fd.as_fd())
+        .ok()
+        .map(|s| (s.st_dev, s.st_ino))
 }
