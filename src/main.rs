@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use netcluster::apps::App;
 use netcluster::cli::{ListenSpec, parse_listen_spec, parse_secs, parse_signal};
-use netcluster::cluster::control::{self, Request};
+use netcluster::cluster::control::{self, Reply, Request};
 use netcluster::cluster::{
     self, Cluster, Incoming, Readiness, Role, SchedulingPolicy, Settings, Upgrader, WorkerKind,
 };
@@ -454,44 +454,43 @@ async fn worker(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn ask(control: &ControlArgs, request: Request) -> anyhow::Result<serde_json::Value> {
+/// Sends `request` to the primary and returns its reply (the one that answers `request`: the
+/// client checks).
+async fn ask(control: &ControlArgs, request: Request) -> anyhow::Result<Reply> {
     let path = control
         .control
         .clone()
         .unwrap_or_else(control::default_path);
-    let reply = control::request(&path, request, control.timeout).await?;
-    if !reply.ok {
-        bail!(
-            reply
-                .error
-                .unwrap_or_else(|| "the primary refused without a reason".into())
-        );
-    }
-    Ok(reply.result.unwrap_or(serde_json::Value::Null))
+    Ok(control::request(&path, request, control.timeout).await?)
+}
+
+/// The primary answered `request` with another reply than the one for it (which
+/// [`control::request`] refuses: this is never reached).
+fn unexpected(reply: &Reply) -> anyhow::Error {
+    anyhow::anyhow!("the primary answered with a {:?} reply", reply.name())
 }
 
 async fn status(json: bool, control: ControlArgs) -> anyhow::Result<()> {
-    let value = ask(&control, Request::Status).await?;
+    let status = match ask(&control, Request::Status).await? {
+        Reply::Status { result } => result,
+        other => return Err(unexpected(&other)),
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
-    let status: cluster::Status =
-        serde_json::from_value(value).context("the primary's status has an unknown shape")?;
     print!("{}", status.table());
     Ok(())
 }
 
 async fn scale(workers: u32, control: ControlArgs) -> anyhow::Result<()> {
-    let value = ask(
-        &control,
-        Request::Scale {
-            workers: workers as usize,
-        },
-    )
-    .await?;
-    let report: cluster::ScaleReport =
-        serde_json::from_value(value).context("the primary's reply has an unknown shape")?;
+    let request = Request::Scale {
+        workers: workers as usize,
+    };
+    let report = match ask(&control, request).await? {
+        Reply::Scaled { result } => result,
+        other => return Err(unexpected(&other)),
+    };
     println!(
         "scaled from {} to {} workers (started {:?}, stopped {:?})",
         report.from, report.to, report.started, report.stopped
@@ -500,9 +499,10 @@ async fn scale(workers: u32, control: ControlArgs) -> anyhow::Result<()> {
 }
 
 async fn reload(control: ControlArgs) -> anyhow::Result<()> {
-    let value = ask(&control, Request::Reload).await?;
-    let report: cluster::ReloadReport =
-        serde_json::from_value(value).context("the primary's reply has an unknown shape")?;
+    let report = match ask(&control, Request::Reload).await? {
+        Reply::Reloaded { result } => result,
+        other => return Err(unexpected(&other)),
+    };
     println!(
         "reloaded {} slots to generation {} in {} ms (all new serving after {} ms)",
         report.replaced.len(),
@@ -514,9 +514,10 @@ async fn reload(control: ControlArgs) -> anyhow::Result<()> {
 }
 
 async fn upgrade(control: ControlArgs) -> anyhow::Result<()> {
-    let value = ask(&control, Request::Upgrade).await?;
-    let report: cluster::UpgradeReport =
-        serde_json::from_value(value).context("the primary's reply has an unknown shape")?;
+    let report = match ask(&control, Request::Upgrade).await? {
+        Reply::Upgraded { result } => result,
+        other => return Err(unexpected(&other)),
+    };
     let plural = |n: usize, one: &'static str, many: &'static str| if n == 1 { one } else { many };
     println!(
         "upgraded: primary {} → {} (generation {}), {} {} ({} {}) handed over in {} ms; \
@@ -534,11 +535,10 @@ async fn upgrade(control: ControlArgs) -> anyhow::Result<()> {
 }
 
 async fn stop(control: ControlArgs) -> anyhow::Result<()> {
-    let value = ask(&control, Request::Stop).await?;
-    let n = value
-        .get("workers_exited")
-        .and_then(serde_json::Value::as_u64)
-        .unwrap_or(0);
+    let n = match ask(&control, Request::Stop).await? {
+        Reply::Stopped { result } => result.workers_exited,
+        other => return Err(unexpected(&other)),
+    };
     println!(
         "stopped ({n} {} exited)",
         if n == 1 { "worker" } else { "workers" }

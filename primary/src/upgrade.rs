@@ -290,12 +290,9 @@ impl crate::control::Operations for Upgrader {
     fn upgrade(
         &self,
         cluster: ClusterHandle,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpgradeReport, String>> + Send>> {
         let up = self.clone();
-        Box::pin(async move {
-            let report = up.upgrade(&cluster).await.map_err(|e| e.to_string())?;
-            serde_json::to_value(report).map_err(|e| e.to_string())
-        })
+        Box::pin(async move { up.upgrade(&cluster).await.map_err(|e| e.to_string()) })
     }
 }
 
