@@ -10,16 +10,15 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use netcluster::apps::App;
 use netcluster::cli::{ListenSpec, parse_listen_spec, parse_secs, parse_signal};
 use netcluster::cluster::control::{self, Reply, Request};
 use netcluster::cluster::{
-    self, Cluster, Incoming, Readiness, Role, SchedulingPolicy, Settings, Upgrader, WorkerKind,
+    self, Cluster, Incoming, Readiness, Role, SchedulingPolicy, Settings, WorkerKind,
 };
 use netcluster::net::ListenOptions;
 use netcluster::protocol::message::{ListenParams, ListenTarget};
@@ -225,10 +224,6 @@ fn main() -> ExitCode {
 }
 
 async fn primary(args: ServeArgs) -> anyhow::Result<()> {
-    // The binary to start at an upgrade: this path, read now (an install replaces the file
-    // behind it).
-    let upgrader =
-        Upgrader::from_current_exe(args.ready_timeout).context("cannot find this executable")?;
     // Started by an upgrade: the old primary's listeners, its generation and worker count.
     let mut incoming = Incoming::receive().await?;
     let mut settings = Settings::from_current_exe().context("cannot find this executable")?;
@@ -280,10 +275,7 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     // them, or taking systemd's).
     let listeners: Vec<Planned> = match &mut incoming {
         Some(inc) => {
-            settings.generation = inc.generation().saturating_add(1);
-            settings.workers = inc.workers();
-            // systemd hears READY=1 from this primary once it is the main process.
-            settings.announce_ready = false;
+            inc.configure(&mut settings);
             inc.take_listeners()
                 .into_iter()
                 .map(Planned::Adopt)
@@ -311,7 +303,6 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     // Nothing here reads events: keep none (the log says what happens).
     drop(cluster.take_events());
     let handle = cluster.handle();
-    let ops: Arc<dyn control::Operations> = Arc::new(upgrader.clone());
     let control_path = args.control.clone().unwrap_or_else(control::default_path);
     // The control socket first: a second primary on the same path fails before it binds
     // anything, and once `listening on` is printed the primary answers `netcluster status`.
@@ -319,7 +310,7 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     let mut control = match &incoming {
         Some(_) => None,
         None => {
-            let c = control::serve(&control_path, handle.clone(), ops.clone())?;
+            let c = control::serve(&control_path, handle.clone())?;
             tracing::info!("control socket at {}", c.path().display());
             Some(c)
         }
@@ -346,22 +337,14 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(e) = failure {
         if let Some(inc) = incoming {
-            return abandon_upgrade(inc, &mut cluster, &e.to_string()).await;
+            let e = inc.abandon(&handle, &e.to_string()).await;
+            cluster.wait().await;
+            return Err(e.into());
         }
         return Err(e.into());
     }
-    let hooks = |upgrader: Upgrader| cluster::signals::Hooks {
-        upgrade: Some(Box::new(move |cluster| {
-            let upgrader = upgrader.clone();
-            tokio::spawn(async move {
-                // The outcome is logged by the upgrader.
-                let _ = upgrader.upgrade(&cluster).await;
-            });
-        })),
-    };
     if incoming.is_none() {
-        cluster::signals::spawn(handle.clone(), hooks(upgrader.clone()))
-            .context("cannot install signal handlers")?;
+        cluster::signals::spawn(handle.clone()).context("cannot install signal handlers")?;
     }
     match cluster.settings().kind {
         WorkerKind::Program => tracing::info!(
@@ -377,32 +360,25 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
             "starting workers"
         ),
     }
-    let scaled = handle.scale(workers).await;
-    match &scaled {
-        Ok(_) => tracing::info!("{workers} workers ready"),
-        Err(e) => tracing::error!("workers not ready: {e}"),
-    }
-    if let Some(inc) = incoming {
-        // The new primary of an upgrade: ready, then it takes over (or is called off).
-        if let Err(e) = scaled {
-            return abandon_upgrade(inc, &mut cluster, &e.to_string()).await;
-        }
-        if let Err(e) = inc.ready().await {
-            handle.hand_over().await.ok();
-            cluster.wait().await;
-            return Err(e.into());
-        }
-        match control::serve_replacing(&control_path, handle.clone(), ops.clone()) {
-            Ok(c) => control = Some(c),
-            Err(e) => {
-                return abandon_upgrade(inc, &mut cluster, &e.to_string()).await;
+    match incoming {
+        None => match handle.scale(workers).await {
+            Ok(_) => tracing::info!("{workers} workers ready"),
+            Err(e) => tracing::error!("workers not ready: {e}"),
+        },
+        // The new primary of an upgrade: ready, then it takes over (or is called off) and
+        // serves the control socket in place of the old primary's.
+        Some(inc) => {
+            let serve =
+                |h: &cluster::ClusterHandle| control::serve_replacing(&control_path, h.clone());
+            match inc.take_over(&handle, serve).await {
+                Ok(c) => control = Some(c),
+                Err(e) => {
+                    cluster.wait().await;
+                    return Err(e.into());
+                }
             }
+            cluster::signals::spawn(handle.clone()).context("cannot install signal handlers")?;
         }
-        inc.serving().await;
-        handle.announce_ready().await;
-        cluster::signals::spawn(handle.clone(), hooks(upgrader.clone()))
-            .context("cannot install signal handlers")?;
-        tracing::info!("took over: this is the primary now");
     }
     cluster.wait().await;
     if let Some(c) = control {
@@ -410,15 +386,6 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// The new primary of an upgrade cannot take over: it tells the old one (which serves on),
-/// stops its workers without touching a socket, and exits with the reason.
-async fn abandon_upgrade(inc: Incoming, cluster: &mut Cluster, why: &str) -> anyhow::Result<()> {
-    inc.failed(why).await;
-    cluster.handle().hand_over().await.ok();
-    cluster.wait().await;
-    bail!("cannot take over from the old primary: {why}")
 }
 
 async fn worker(args: ServeArgs) -> anyhow::Result<()> {

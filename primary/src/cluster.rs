@@ -2,6 +2,7 @@
 //! commands: what the library, signals and the control socket all use).
 
 use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use netcluster_protocol::handle::ListenError;
@@ -14,6 +15,7 @@ use crate::event::{Event, Events, WorkerInfo};
 use crate::settings::{ClusterBuilder, Settings};
 use crate::status::Status;
 use crate::supervisor::{Inputs, Supervisor};
+use crate::upgrade::{UpgradeReport, Upgrader};
 use crate::worker::handle::WorkerHandle;
 
 /// A cheap, cloneable handle to a running cluster: every operation is a command to its
@@ -31,6 +33,9 @@ use crate::worker::handle::WorkerHandle;
 pub struct ClusterHandle {
     commands: mpsc::Sender<Command>,
     events: broadcast::WeakSender<Event>,
+    /// What a primary upgrade starts, shared by every handle of the cluster (or why there is
+    /// nothing to start).
+    upgrader: Arc<Mutex<Result<Upgrader, String>>>,
 }
 
 impl ClusterHandle {
@@ -124,6 +129,27 @@ impl ClusterHandle {
     /// replaced keep their old workers); [`Error::Stopping`].
     pub async fn reload(&self) -> Result<crate::ReloadReport, Error> {
         self.request(|reply| Command::Reload { reply }).await?
+    }
+
+    /// Primary upgrade: starts the program again as a new primary (the binary now on disk, by
+    /// the path this one was started as, with its arguments; see [`Cluster::set_upgrader`]),
+    /// hands it every listening socket, and once its workers are ready and it serves, this
+    /// primary drains its own workers and stops. No listening socket closes at any moment. The
+    /// new primary must take the hand-over ([`Incoming`](crate::Incoming)), as `netcluster
+    /// serve` does. Returns once the new primary serves.
+    ///
+    /// # Errors
+    /// [`Error::Upgrade`] saying what failed — the new primary did not start, exited, was not
+    /// ready in time, an upgrade is already under way — in which case this primary serves on
+    /// as before.
+    pub async fn upgrade(&self) -> Result<UpgradeReport, Error> {
+        let upgrader = self
+            .upgrader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .map_err(Error::Upgrade)?;
+        upgrader.upgrade(self).await
     }
 
     /// The live workers.
@@ -299,12 +325,17 @@ impl Cluster {
         let (events_tx, events_rx) = broadcast::channel(settings.limits.events.max(1));
         let weak = events_tx.downgrade();
         // The supervisor holds the only strong sender: when it ends, subscribers see the end.
+        // Read now: the path of the binary an upgrade starts is the one this program was
+        // started as, whatever is installed there later.
+        let upgrader = Upgrader::from_current_exe(settings.timeouts.ready)
+            .map_err(|e| format!("cannot find this program's executable: {e}"));
         let supervisor = Supervisor::new(settings.clone(), Inputs { commands }, events_tx);
         let join = tokio::spawn(supervisor.run());
         Cluster {
             handle: ClusterHandle {
                 commands: commands_tx,
                 events: weak,
+                upgrader: Arc::new(Mutex::new(upgrader)),
             },
             settings,
             events: Some(Events::new(events_rx)),
@@ -331,6 +362,17 @@ impl Cluster {
     /// A handle for other tasks (signals, the control socket, the application).
     pub fn handle(&self) -> ClusterHandle {
         self.handle.clone()
+    }
+
+    /// What [`ClusterHandle::upgrade`] starts, for every handle of this cluster. By default
+    /// it is [`Upgrader::from_current_exe`] with the ready timeout of the settings: this
+    /// program again, by the path it was started as, with its arguments.
+    pub fn set_upgrader(&self, upgrader: Upgrader) {
+        *self
+            .handle
+            .upgrader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Ok(upgrader);
     }
 
     /// See [`ClusterHandle::share`].

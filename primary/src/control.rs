@@ -68,7 +68,7 @@ pub const CONTROL_ENV: &str = "NETCLUSTER_CONTROL";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase")]
 pub enum Request {
-    /// The primary's [`Status`](crate::Status).
+    /// The primary's [`Status`].
     Status,
     /// Run this many workers; replies once they are ready (or why not).
     Scale {
@@ -240,29 +240,6 @@ impl<'de> Deserialize<'de> for Response {
     }
 }
 
-/// What a control request is answered with beyond what the library does itself: the program
-/// that runs the primary gives the operations that need it (a primary upgrade execs it).
-pub trait Operations: Send + Sync + 'static {
-    /// Carries out a primary upgrade.
-    fn upgrade(
-        &self,
-        cluster: ClusterHandle,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpgradeReport, String>> + Send>>;
-}
-
-/// No upgrade: that request gets an error reply.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoOperations;
-
-impl Operations for NoOperations {
-    fn upgrade(
-        &self,
-        _: ClusterHandle,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<UpgradeReport, String>> + Send>> {
-        Box::pin(async { Err("upgrade is not available in this program".to_string()) })
-    }
-}
-
 /// The default control socket path: `$NETCLUSTER_CONTROL`, else
 /// `$XDG_RUNTIME_DIR/netcluster/control.sock`, else `/tmp/netcluster-UID/control.sock` — a
 /// directory of the user's own, so primaries of different users never collide.
@@ -339,11 +316,7 @@ fn in_private_dir(path: &Path) -> Result<(), Error> {
 ///
 /// # Errors
 /// [`Error::Io`] naming the path: in use, not a socket, a directory that is not the user's.
-pub fn serve(
-    path: &Path,
-    cluster: ClusterHandle,
-    ops: Arc<dyn Operations>,
-) -> Result<ControlSocket, Error> {
+pub fn serve(path: &Path, cluster: ClusterHandle) -> Result<ControlSocket, Error> {
     let named = |what: &str, e: io::Error| named(path, what, e);
     in_private_dir(path)?;
     match std::fs::symlink_metadata(path) {
@@ -376,7 +349,7 @@ pub fn serve(
         Err(e) => return Err(named("stat", e)),
     }
     let (listener, inode) = bind_private(path).map_err(|(what, e)| named(what, e))?;
-    Ok(start(path, inode, listener, cluster, ops))
+    Ok(start(path, inode, listener, cluster))
 }
 
 /// Creates the control socket at `path` in place of the one there — a running primary's —
@@ -385,11 +358,7 @@ pub fn serve(
 ///
 /// # Errors
 /// [`Error::Io`] naming the path.
-pub fn serve_replacing(
-    path: &Path,
-    cluster: ClusterHandle,
-    ops: Arc<dyn Operations>,
-) -> Result<ControlSocket, Error> {
+pub fn serve_replacing(path: &Path, cluster: ClusterHandle) -> Result<ControlSocket, Error> {
     let named = |what: &str, e: io::Error| named(path, what, e);
     in_private_dir(path)?;
     let mut beside = path.as_os_str().to_owned();
@@ -401,7 +370,7 @@ pub fn serve_replacing(
         let _ = std::fs::remove_file(&beside);
         return Err(named("rename over the old one", e));
     }
-    Ok(start(path, inode, listener, cluster, ops))
+    Ok(start(path, inode, listener, cluster))
 }
 
 /// A failed step of [`bind_private`]: what was being done, and the OS's answer.
@@ -438,10 +407,9 @@ fn start(
     inode: (u64, u64),
     listener: UnixListener,
     cluster: ClusterHandle,
-    ops: Arc<dyn Operations>,
 ) -> ControlSocket {
     let clients = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
-    let task = tokio::spawn(accept_loop(listener, cluster, ops, clients.clone()));
+    let task = tokio::spawn(accept_loop(listener, cluster, clients.clone()));
     ControlSocket {
         path: path.to_path_buf(),
         inode,
@@ -487,7 +455,6 @@ use std::os::unix::fs::DirBuilderExt;
 async fn accept_loop(
     listener: UnixListener,
     cluster: ClusterHandle,
-    ops: Arc<dyn Operations>,
     clients: Arc<tokio::sync::Mutex<JoinSet<()>>>,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CLIENTS));
@@ -512,17 +479,16 @@ async fn accept_loop(
             continue;
         };
         let cluster = cluster.clone();
-        let ops = ops.clone();
         let mut set = clients.lock().await;
         while set.try_join_next().is_some() {}
         set.spawn(async move {
-            serve_client(stream, cluster, ops).await;
+            serve_client(stream, cluster).await;
             drop(permit);
         });
     }
 }
 
-async fn serve_client(mut stream: UnixStream, cluster: ClusterHandle, ops: Arc<dyn Operations>) {
+async fn serve_client(mut stream: UnixStream, cluster: ClusterHandle) {
     let me = nix::unistd::geteuid().as_raw();
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == me || cred.uid() == 0 => {}
@@ -559,7 +525,7 @@ async fn serve_client(mut stream: UnixStream, cluster: ClusterHandle, ops: Arc<d
     let reply = Response {
         // A client of version 1 reads the same document: `reply` is a field it ignores.
         version: envelope.version,
-        reply: answer(envelope.request, &cluster, ops.as_ref()).await,
+        reply: answer(envelope.request, &cluster).await,
     };
     let _ = write_reply(&mut stream, &reply).await;
 }
@@ -651,7 +617,7 @@ async fn write_reply(stream: &mut UnixStream, reply: &Response) -> io::Result<()
     Ok(())
 }
 
-async fn answer(request: Request, cluster: &ClusterHandle, ops: &dyn Operations) -> Reply {
+async fn answer(request: Request, cluster: &ClusterHandle) -> Reply {
     let reply = match request {
         Request::Status => cluster
             .status()
@@ -670,12 +636,10 @@ async fn answer(request: Request, cluster: &ClusterHandle, ops: &dyn Operations)
             .reload()
             .await
             .map(|result| Reply::Reloaded { result }),
-        Request::Upgrade => {
-            return match ops.upgrade(cluster.clone()).await {
-                Ok(result) => Reply::Upgraded { result },
-                Err(e) => Reply::error(e),
-            };
-        }
+        Request::Upgrade => cluster
+            .upgrade()
+            .await
+            .map(|result| Reply::Upgraded { result }),
     };
     reply.unwrap_or_else(Reply::error)
 }
