@@ -300,13 +300,15 @@ fn test_listener() -> (std::net::TcpListener, std::net::SocketAddr) {
 fn meta(addr: std::net::SocketAddr, sockets: u32) -> netcluster::protocol::handover::Handover {
     netcluster::protocol::handover::Handover::Listener {
         index: 0,
-        target: netcluster::protocol::message::ListenTarget::Tcp(addr),
-        ordinal: 0,
-        name: "web".into(),
-        fdname: "web".into(),
-        pinned: true,
-        owned: true,
-        reuseport: false,
+        info: netcluster::cluster::ListenerInfo {
+            target: netcluster::protocol::message::ListenTarget::Tcp(addr),
+            ordinal: 0,
+            name: Some("web".into()),
+            fdname: Some("web".into()),
+            pinned: true,
+            owned: true,
+            reuseport: false,
+        },
         sockets,
     }
 }

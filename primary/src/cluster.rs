@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use netcluster_protocol::handle::ListenError;
+use netcluster_protocol::handover::ListenerRecord;
 use netcluster_protocol::message::{BoundAddress, ListenParams, ListenTarget};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -259,14 +260,15 @@ impl ClusterHandle {
     }
 
     /// Takes a listening socket over instead of binding one (systemd's, one from systemd's
-    /// file-descriptor store, or a predecessor's in an upgrade), pinned under `adopt.target`:
-    /// workers that listen on that key share it. Returns the address it is bound to.
+    /// file-descriptor store, or a predecessor's in an upgrade) under the key of its record
+    /// (`listener.info.target` and `ordinal`): workers that listen on that key share it.
+    /// Returns the address it is bound to.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] when the key is taken, [`Error::Listen`] when the socket is not
     /// a bound socket, [`Error::Stopping`].
-    pub async fn adopt(&self, adopt: crate::registry::Adopt) -> Result<BoundAddress, Error> {
-        self.request(|reply| Command::Adopt { adopt, reply })
+    pub async fn adopt(&self, listener: ListenerRecord) -> Result<BoundAddress, Error> {
+        self.request(|reply| Command::Adopt { listener, reply })
             .await?
     }
 

@@ -72,14 +72,14 @@ use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
 use netcluster_protocol::channel::{self, Channel};
-use netcluster_protocol::handover::{Handover, HandoverError, Received, Receiver, UPGRADE_FD_ENV};
+use netcluster_protocol::handover::{
+    Handover, HandoverError, ListenerRecord, Received, Receiver, UPGRADE_FD_ENV,
+};
 use serde::{Deserialize, Serialize};
 use std::os::fd::AsFd;
 
 use crate::cluster::ClusterHandle;
-use crate::command::Exported;
 use crate::error::Error;
-use crate::registry::Adopt;
 use crate::settings::Settings;
 
 /// The descriptor number of the hand-over in the new primary.
@@ -448,56 +448,21 @@ async fn send_handover(
         .await?;
     let mut sockets = 0usize;
     for (index, l) in export.listeners.iter().enumerate() {
-        let Exported {
-            target,
-            ordinal,
-            name,
-            fdname,
-            pinned,
-            owned,
-            reuseport,
-            socket,
-            slots,
-        } = l;
         let index = count(index);
-        channel
-            .send(
-                &Handover::Listener {
-                    index,
-                    target: target.clone(),
-                    ordinal: *ordinal,
-                    name: name.clone(),
-                    fdname: fdname.clone(),
-                    pinned: *pinned,
-                    owned: *owned,
-                    reuseport: *reuseport,
-                    sockets: count(slots.len() + usize::from(socket.is_some())),
-                },
-                &[],
-            )
-            .await?;
-        if let Some(fd) = socket {
-            channel
-                .send(
-                    &Handover::Socket {
-                        listener: index,
-                        slot: None,
-                    },
-                    &[fd.as_fd()],
-                )
-                .await?;
-            sockets += 1;
-        }
-        for (slot, fd) in slots {
-            channel
-                .send(
-                    &Handover::Socket {
-                        listener: index,
-                        slot: Some(count(*slot)),
-                    },
-                    &[fd.as_fd()],
-                )
-                .await?;
+        let listener = Handover::Listener {
+            index,
+            info: l.info.clone(),
+            sockets: count(l.sockets()),
+        };
+        channel.send(&listener, &[]).await?;
+        let own = l.socket.iter().map(|fd| (None, fd));
+        let slots = l.slots.iter().map(|(slot, fd)| (Some(count(*slot)), fd));
+        for (slot, fd) in own.chain(slots) {
+            let frame = Handover::Socket {
+                listener: index,
+                slot,
+            };
+            channel.send(&frame, &[fd.as_fd()]).await?;
             sockets += 1;
         }
     }
@@ -609,21 +574,8 @@ impl Incoming {
 
     /// The listeners handed over (taken out: a second call gets none), to
     /// [`ClusterHandle::adopt`] in order.
-    pub fn take_listeners(&mut self) -> Vec<Adopt> {
+    pub fn take_listeners(&mut self) -> Vec<ListenerRecord> {
         std::mem::take(&mut self.received.listeners)
-            .into_iter()
-            .map(|l| Adopt {
-                target: l.target,
-                ordinal: l.ordinal,
-                name: Some(l.name),
-                fdname: Some(l.fdname),
-                socket: l.socket,
-                slots: l.slots,
-                pinned: l.pinned,
-                owned: l.owned,
-                reuseport: l.reuseport,
-            })
-            .collect()
     }
 
     /// Takes over, once the listeners are adopted ([`Incoming::take_listeners`]): starts as

@@ -522,15 +522,19 @@ impl Supervisor {
             }
             Command::Stop { mode, reply } => self.stop(mode, reply),
             Command::Reload { reply } => self.reload(reply),
-            Command::Adopt { adopt, reply } => {
-                let _ = reply.send(self.adopt(adopt));
+            Command::Adopt { listener, reply } => {
+                let _ = reply.send(self.adopt(listener));
             }
             Command::Export { reply } => {
-                let result = self.export().map(|listeners| crate::command::Export {
-                    listeners,
-                    generation: self.generation,
-                    workers: self.slots.len(),
-                });
+                let slots = &self.slots;
+                let result =
+                    self.registry
+                        .export(|slot| slots.contains_key(&slot))
+                        .map(|listeners| crate::command::Export {
+                            listeners,
+                            generation: self.generation,
+                            workers: self.slots.len(),
+                        });
                 let _ = reply.send(result);
             }
             Command::AnnounceReady => self.took_over(),
