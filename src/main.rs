@@ -18,7 +18,7 @@ use netcluster::apps::App;
 use netcluster::cli::{ListenSpec, parse_listen_spec, parse_secs, parse_signal};
 use netcluster::cluster::control::{self, Reply, Request};
 use netcluster::cluster::{
-    self, Cluster, Incoming, Readiness, Role, SchedulingPolicy, Settings, WorkerKind,
+    self, Cluster, Incoming, Readiness, Role, SchedulingPolicy, Settings, Upgrader, WorkerKind,
 };
 use netcluster::net::ListenOptions;
 use netcluster::protocol::message::{ListenParams, ListenTarget};
@@ -224,6 +224,10 @@ fn main() -> ExitCode {
 }
 
 async fn primary(args: ServeArgs) -> anyhow::Result<()> {
+    // The binary to start at an upgrade: this path, read now (an install replaces the file
+    // behind it).
+    let upgrader =
+        Upgrader::from_current_exe(args.ready_timeout).context("cannot find this executable")?;
     // Started by an upgrade: the old primary's listeners, its generation and worker count.
     let mut incoming = Incoming::receive().await?;
     let mut settings = Settings::from_current_exe().context("cannot find this executable")?;
@@ -300,6 +304,8 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let workers = settings.workers;
     let mut cluster = Cluster::new(settings);
+    // An upgrade starts this binary again (it takes the hand-over above).
+    cluster.set_upgrader(upgrader);
     // Nothing here reads events: keep none (the log says what happens).
     drop(cluster.take_events());
     let handle = cluster.handle();

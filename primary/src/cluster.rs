@@ -19,6 +19,10 @@ use crate::supervisor::{Inputs, Supervisor};
 use crate::upgrade::{UpgradeReport, Upgrader};
 use crate::worker::handle::WorkerHandle;
 
+/// Why an upgrade is refused by a cluster given no [`Upgrader`].
+const NO_UPGRADER: &str = "upgrade is not available in this program (it set no upgrader: \
+                           Cluster::set_upgrader)";
+
 /// A cheap, cloneable handle to a running cluster: every operation is a command to its
 /// supervisor, answered when done.
 ///
@@ -132,24 +136,28 @@ impl ClusterHandle {
         self.request(|reply| Command::Reload { reply }).await?
     }
 
-    /// Primary upgrade: starts the program again as a new primary (the binary now on disk, by
-    /// the path this one was started as, with its arguments; see [`Cluster::set_upgrader`]),
+    /// Primary upgrade, for a cluster given an [`Upgrader`] ([`Cluster::set_upgrader`]): starts
+    /// the program again as a new primary (the binary now on disk, by the path this one was
+    /// started as, with its arguments),
     /// hands it every listening socket, and once its workers are ready and it serves, this
     /// primary drains its own workers and stops. No listening socket closes at any moment. The
     /// new primary must take the hand-over ([`Incoming`](crate::Incoming)), as `netcluster
     /// serve` does. Returns once the new primary serves.
     ///
     /// # Errors
-    /// [`Error::Upgrade`] saying what failed — the new primary did not start, exited, was not
-    /// ready in time, an upgrade is already under way — in which case this primary serves on
-    /// as before.
+    /// [`Error::Upgrade`] saying what failed — no upgrader was set, the new primary did not
+    /// start, exited, was not ready in time, an upgrade is already under way — in which case
+    /// this primary serves on as before.
     pub async fn upgrade(&self) -> Result<UpgradeReport, Error> {
         let upgrader = self
             .upgrader
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .map_err(Error::Upgrade)?;
+            .map_err(|why| {
+                tracing::warn!("{why}");
+                Error::Upgrade(why)
+            })?;
         upgrader.upgrade(self).await
     }
 
@@ -327,10 +335,8 @@ impl Cluster {
         let (events_tx, events_rx) = broadcast::channel(settings.limits.events.max(1));
         let weak = events_tx.downgrade();
         // The supervisor holds the only strong sender: when it ends, subscribers see the end.
-        // Read now: the path of the binary an upgrade starts is the one this program was
-        // started as, whatever is installed there later.
-        let upgrader = Upgrader::from_current_exe(settings.timeouts.ready)
-            .map_err(|e| format!("cannot find this program's executable: {e}"));
+        // Opt-in: a program that does not take the hand-over must not be started by one.
+        let upgrader = Err(NO_UPGRADER.to_string());
         let supervisor = Supervisor::new(settings.clone(), Inputs { commands }, events_tx);
         let join = tokio::spawn(supervisor.run());
         Cluster {
@@ -366,9 +372,10 @@ impl Cluster {
         self.handle.clone()
     }
 
-    /// What [`ClusterHandle::upgrade`] starts, for every handle of this cluster. By default
-    /// it is [`Upgrader::from_current_exe`] with the ready timeout of the settings: this
-    /// program again, by the path it was started as, with its arguments.
+    /// What [`ClusterHandle::upgrade`] starts, for every handle of this cluster; without one,
+    /// an upgrade is refused. Usually [`Upgrader::from_current_exe`], made at start (the path
+    /// this program was started as, whatever is installed there later), for a program that
+    /// takes the hand-over when it starts ([`Incoming`](crate::Incoming)).
     pub fn set_upgrader(&self, upgrader: Upgrader) {
         *self
             .handle

@@ -4,8 +4,9 @@
 //! listening socket at any moment, so the accept queues never go away and no connection is
 //! refused. Node cannot do this (nodejs/node-v0.x-archive#5050); nginx, HAProxy and einhorn can.
 //!
-//! **The old primary** ([`ClusterHandle::upgrade`], which runs the cluster's [`Upgrader`]; `SIGUSR2`
-//! and the control socket's `upgrade` call it, as they call [`ClusterHandle::reload`]):
+//! **The old primary** ([`ClusterHandle::upgrade`], which runs the [`Upgrader`] the program gave
+//! its cluster; `SIGUSR2` and the control socket's `upgrade` call it, as they call
+//! [`ClusterHandle::reload`]):
 //! 1. tells systemd `RELOADING=1` (with `MONOTONIC_USEC`), and duplicates every listener's
 //!    sockets ([`ClusterHandle::export`]);
 //! 2. starts the binary with its own arguments and environment, plus
@@ -29,7 +30,7 @@
 //! [`Cluster`](crate::Cluster) does the same:
 //!
 //! ```no_run
-//! use netcluster_primary::{Cluster, Incoming, Settings, control};
+//! use netcluster_primary::{Cluster, Incoming, Settings, Upgrader, control};
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut incoming = Incoming::receive().await?; // before anything is bound
 //! let mut settings = Settings::from_current_exe()?;
@@ -37,6 +38,8 @@
 //!     inc.configure(&mut settings);
 //! }
 //! let mut cluster = Cluster::new(settings);
+//! // What an upgrade of this primary starts: this program again.
+//! cluster.set_upgrader(Upgrader::from_current_exe(cluster.settings().timeouts.ready)?);
 //! let handle = cluster.handle();
 //! let path = control::default_path();
 //! let _control = match incoming {
@@ -753,6 +756,19 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), cluster.wait())
             .await
             .expect("the cluster stops");
+    }
+
+    #[tokio::test]
+    async fn a_cluster_given_no_upgrader_refuses_an_upgrade() {
+        let settings = Settings::from_current_exe().expect("settings");
+        let cluster = crate::Cluster::new(settings);
+        let handle = cluster.handle();
+        let err = handle.upgrade().await.expect_err("no upgrader");
+        assert!(
+            matches!(&err, Error::Upgrade(why) if why.contains("not available")),
+            "{err}"
+        );
+        handle.stop().await.expect("stop");
     }
 
     #[tokio::test]
