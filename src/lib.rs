@@ -35,8 +35,8 @@ pub mod cluster {
         WorkerKind, WorkerState, inherited_fds,
     };
     pub use netcluster_primary::{
-        Export, Exported, Incoming, UpgradeReport, Upgrader, control, registry, signals, systemd,
-        upgrade,
+        Export, Incoming, ListenerInfo, ListenerRecord, UpgradeReport, Upgrader, control, registry,
+        signals, systemd, upgrade,
     };
     pub use netcluster_worker::cluster::{
         ReceivedHandle, ReceivedServer, Role, StopReason, Worker, is_worker, role, worker,

@@ -10,14 +10,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use netcluster::apps::App;
 use netcluster::cli::{ListenSpec, parse_listen_spec, parse_secs, parse_signal};
-use netcluster::cluster::control::{self, Request};
+use netcluster::cluster::control::{self, Reply, Request};
 use netcluster::cluster::{
     self, Cluster, Incoming, Readiness, Role, SchedulingPolicy, Settings, Upgrader, WorkerKind,
 };
@@ -280,10 +279,7 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     // them, or taking systemd's).
     let listeners: Vec<Planned> = match &mut incoming {
         Some(inc) => {
-            settings.generation = inc.generation().saturating_add(1);
-            settings.workers = inc.workers();
-            // systemd hears READY=1 from this primary once it is the main process.
-            settings.announce_ready = false;
+            inc.configure(&mut settings);
             inc.take_listeners()
                 .into_iter()
                 .map(Planned::Adopt)
@@ -308,10 +304,11 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let workers = settings.workers;
     let mut cluster = Cluster::new(settings);
+    // An upgrade starts this binary again (it takes the hand-over above).
+    cluster.set_upgrader(upgrader);
     // Nothing here reads events: keep none (the log says what happens).
     drop(cluster.take_events());
     let handle = cluster.handle();
-    let ops: Arc<dyn control::Operations> = Arc::new(upgrader.clone());
     let control_path = args.control.clone().unwrap_or_else(control::default_path);
     // The control socket first: a second primary on the same path fails before it binds
     // anything, and once `listening on` is printed the primary answers `netcluster status`.
@@ -319,7 +316,7 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     let mut control = match &incoming {
         Some(_) => None,
         None => {
-            let c = control::serve(&control_path, handle.clone(), ops.clone())?;
+            let c = control::serve(&control_path, handle.clone())?;
             tracing::info!("control socket at {}", c.path().display());
             Some(c)
         }
@@ -346,22 +343,14 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(e) = failure {
         if let Some(inc) = incoming {
-            return abandon_upgrade(inc, &mut cluster, &e.to_string()).await;
+            let e = inc.abandon(&handle, &e.to_string()).await;
+            cluster.wait().await;
+            return Err(e.into());
         }
         return Err(e.into());
     }
-    let hooks = |upgrader: Upgrader| cluster::signals::Hooks {
-        upgrade: Some(Box::new(move |cluster| {
-            let upgrader = upgrader.clone();
-            tokio::spawn(async move {
-                // The outcome is logged by the upgrader.
-                let _ = upgrader.upgrade(&cluster).await;
-            });
-        })),
-    };
     if incoming.is_none() {
-        cluster::signals::spawn(handle.clone(), hooks(upgrader.clone()))
-            .context("cannot install signal handlers")?;
+        cluster::signals::spawn(handle.clone()).context("cannot install signal handlers")?;
     }
     match cluster.settings().kind {
         WorkerKind::Program => tracing::info!(
@@ -377,32 +366,25 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
             "starting workers"
         ),
     }
-    let scaled = handle.scale(workers).await;
-    match &scaled {
-        Ok(_) => tracing::info!("{workers} workers ready"),
-        Err(e) => tracing::error!("workers not ready: {e}"),
-    }
-    if let Some(inc) = incoming {
-        // The new primary of an upgrade: ready, then it takes over (or is called off).
-        if let Err(e) = scaled {
-            return abandon_upgrade(inc, &mut cluster, &e.to_string()).await;
-        }
-        if let Err(e) = inc.ready().await {
-            handle.hand_over().await.ok();
-            cluster.wait().await;
-            return Err(e.into());
-        }
-        match control::serve_replacing(&control_path, handle.clone(), ops.clone()) {
-            Ok(c) => control = Some(c),
-            Err(e) => {
-                return abandon_upgrade(inc, &mut cluster, &e.to_string()).await;
+    match incoming {
+        None => match handle.scale(workers).await {
+            Ok(_) => tracing::info!("{workers} workers ready"),
+            Err(e) => tracing::error!("workers not ready: {e}"),
+        },
+        // The new primary of an upgrade: ready, then it takes over (or is called off) and
+        // serves the control socket in place of the old primary's.
+        Some(inc) => {
+            let serve =
+                |h: &cluster::ClusterHandle| control::serve_replacing(&control_path, h.clone());
+            match inc.take_over(&handle, serve).await {
+                Ok(c) => control = Some(c),
+                Err(e) => {
+                    cluster.wait().await;
+                    return Err(e.into());
+                }
             }
+            cluster::signals::spawn(handle.clone()).context("cannot install signal handlers")?;
         }
-        inc.serving().await;
-        handle.announce_ready().await;
-        cluster::signals::spawn(handle.clone(), hooks(upgrader.clone()))
-            .context("cannot install signal handlers")?;
-        tracing::info!("took over: this is the primary now");
     }
     cluster.wait().await;
     if let Some(c) = control {
@@ -410,15 +392,6 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// The new primary of an upgrade cannot take over: it tells the old one (which serves on),
-/// stops its workers without touching a socket, and exits with the reason.
-async fn abandon_upgrade(inc: Incoming, cluster: &mut Cluster, why: &str) -> anyhow::Result<()> {
-    inc.failed(why).await;
-    cluster.handle().hand_over().await.ok();
-    cluster.wait().await;
-    bail!("cannot take over from the old primary: {why}")
 }
 
 async fn worker(args: ServeArgs) -> anyhow::Result<()> {
@@ -454,44 +427,43 @@ async fn worker(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn ask(control: &ControlArgs, request: Request) -> anyhow::Result<serde_json::Value> {
+/// Sends `request` to the primary and returns its reply (the one that answers `request`: the
+/// client checks).
+async fn ask(control: &ControlArgs, request: Request) -> anyhow::Result<Reply> {
     let path = control
         .control
         .clone()
         .unwrap_or_else(control::default_path);
-    let reply = control::request(&path, request, control.timeout).await?;
-    if !reply.ok {
-        bail!(
-            reply
-                .error
-                .unwrap_or_else(|| "the primary refused without a reason".into())
-        );
-    }
-    Ok(reply.result.unwrap_or(serde_json::Value::Null))
+    Ok(control::request(&path, request, control.timeout).await?)
+}
+
+/// The primary answered `request` with another reply than the one for it (which
+/// [`control::request`] refuses: this is never reached).
+fn unexpected(reply: &Reply) -> anyhow::Error {
+    anyhow::anyhow!("the primary answered with a {:?} reply", reply.name())
 }
 
 async fn status(json: bool, control: ControlArgs) -> anyhow::Result<()> {
-    let value = ask(&control, Request::Status).await?;
+    let status = match ask(&control, Request::Status).await? {
+        Reply::Status { result } => result,
+        other => return Err(unexpected(&other)),
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
-    let status: cluster::Status =
-        serde_json::from_value(value).context("the primary's status has an unknown shape")?;
     print!("{}", status.table());
     Ok(())
 }
 
 async fn scale(workers: u32, control: ControlArgs) -> anyhow::Result<()> {
-    let value = ask(
-        &control,
-        Request::Scale {
-            workers: workers as usize,
-        },
-    )
-    .await?;
-    let report: cluster::ScaleReport =
-        serde_json::from_value(value).context("the primary's reply has an unknown shape")?;
+    let request = Request::Scale {
+        workers: workers as usize,
+    };
+    let report = match ask(&control, request).await? {
+        Reply::Scaled { result } => result,
+        other => return Err(unexpected(&other)),
+    };
     println!(
         "scaled from {} to {} workers (started {:?}, stopped {:?})",
         report.from, report.to, report.started, report.stopped
@@ -500,9 +472,10 @@ async fn scale(workers: u32, control: ControlArgs) -> anyhow::Result<()> {
 }
 
 async fn reload(control: ControlArgs) -> anyhow::Result<()> {
-    let value = ask(&control, Request::Reload).await?;
-    let report: cluster::ReloadReport =
-        serde_json::from_value(value).context("the primary's reply has an unknown shape")?;
+    let report = match ask(&control, Request::Reload).await? {
+        Reply::Reloaded { result } => result,
+        other => return Err(unexpected(&other)),
+    };
     println!(
         "reloaded {} slots to generation {} in {} ms (all new serving after {} ms)",
         report.replaced.len(),
@@ -514,9 +487,10 @@ async fn reload(control: ControlArgs) -> anyhow::Result<()> {
 }
 
 async fn upgrade(control: ControlArgs) -> anyhow::Result<()> {
-    let value = ask(&control, Request::Upgrade).await?;
-    let report: cluster::UpgradeReport =
-        serde_json::from_value(value).context("the primary's reply has an unknown shape")?;
+    let report = match ask(&control, Request::Upgrade).await? {
+        Reply::Upgraded { result } => result,
+        other => return Err(unexpected(&other)),
+    };
     let plural = |n: usize, one: &'static str, many: &'static str| if n == 1 { one } else { many };
     println!(
         "upgraded: primary {} → {} (generation {}), {} {} ({} {}) handed over in {} ms; \
@@ -534,11 +508,10 @@ async fn upgrade(control: ControlArgs) -> anyhow::Result<()> {
 }
 
 async fn stop(control: ControlArgs) -> anyhow::Result<()> {
-    let value = ask(&control, Request::Stop).await?;
-    let n = value
-        .get("workers_exited")
-        .and_then(serde_json::Value::as_u64)
-        .unwrap_or(0);
+    let n = match ask(&control, Request::Stop).await? {
+        Reply::Stopped { result } => result.workers_exited,
+        other => return Err(unexpected(&other)),
+    };
     println!(
         "stopped ({n} {} exited)",
         if n == 1 { "worker" } else { "workers" }

@@ -11,8 +11,8 @@ use std::os::fd::OwnedFd;
 
 use crate::cli::ListenSpec;
 use crate::cluster::SchedulingPolicy;
-use crate::cluster::registry::Adopt;
 use crate::cluster::systemd::SystemdSocket;
+use crate::cluster::{ListenerInfo, ListenerRecord};
 use crate::protocol::message::{BoundAddress, ListenTarget};
 
 /// The environment variable through which the primary gives its built-in workers the listen
@@ -30,7 +30,7 @@ pub enum Planned {
         target: ListenTarget,
     },
     /// Take this socket over.
-    Adopt(Adopt),
+    Adopt(ListenerRecord),
 }
 
 impl Planned {
@@ -38,7 +38,7 @@ impl Planned {
     pub fn target(&self) -> &ListenTarget {
         match self {
             Planned::Share { target, .. } => target,
-            Planned::Adopt(a) => &a.target,
+            Planned::Adopt(a) => &a.info.target,
         }
     }
 }
@@ -155,16 +155,18 @@ pub fn plan(
             (socket.map(|s| s.fd), Vec::new())
         };
         tracing::info!(listener = %target, "taking the listener back from systemd's store");
-        per_spec[i].push(Planned::Adopt(Adopt {
-            target,
-            ordinal: ordinals[i],
-            name: name.clone(),
-            fdname: name.clone(),
+        per_spec[i].push(Planned::Adopt(ListenerRecord {
+            info: ListenerInfo {
+                target,
+                ordinal: ordinals[i],
+                name: name.clone(),
+                fdname: name.clone(),
+                pinned: true,
+                owned: true,
+                reuseport,
+            },
             socket,
             slots: slot_fds,
-            pinned: true,
-            owned: true,
-            reuseport,
         }));
     }
     for (i, spec) in specs.iter().enumerate() {
@@ -210,17 +212,16 @@ pub fn plan(
                 BoundAddress::Tcp(a) => ListenTarget::Tcp(a),
                 BoundAddress::Unix(p) => ListenTarget::Unix(p),
             };
-            per_spec[i].push(Planned::Adopt(Adopt {
+            let info = ListenerInfo {
                 target,
                 ordinal: 0,
                 name: Some(s.name.clone()),
                 fdname: Some(s.name),
-                socket: Some(s.fd),
-                slots: Vec::new(),
                 pinned: true,
                 owned: false,
                 reuseport: false,
-            }));
+            };
+            per_spec[i].push(Planned::Adopt(ListenerRecord::new(info, s.fd)));
         }
     }
     let unclaimed = pool
@@ -326,8 +327,8 @@ mod tests {
         let Planned::Adopt(a) = &plan.listeners[0] else {
             panic!("adopt")
         };
-        assert!(!a.owned, "systemd's socket stays systemd's");
-        assert_eq!(a.fdname.as_deref(), Some("admin"));
+        assert!(!a.info.owned, "systemd's socket stays systemd's");
+        assert_eq!(a.info.fdname.as_deref(), Some("admin"));
         assert_eq!(plan.unclaimed.len(), 1);
         assert_eq!(plan.unclaimed[0].1, "other");
     }
@@ -383,21 +384,21 @@ mod tests {
         let Planned::Adopt(a) = &plan.listeners[0] else {
             panic!("adopt by name")
         };
-        assert!(a.owned);
+        assert!(a.info.owned);
         assert_eq!(
-            a.target,
+            a.info.target,
             ListenTarget::Tcp("127.0.0.1:0".parse().expect("addr"))
         );
-        assert_eq!(a.ordinal, 0);
+        assert_eq!(a.info.ordinal, 0);
         let Planned::Adopt(b) = &plan.listeners[1] else {
             panic!("adopt by address")
         };
-        assert_eq!(b.target, ListenTarget::Tcp(addr2));
+        assert_eq!(b.info.target, ListenTarget::Tcp(addr2));
         let Planned::Adopt(c) = &plan.listeners[2] else {
             panic!("adopt the slots")
         };
-        assert!(c.reuseport);
-        assert_eq!(c.ordinal, 1, "the second port-0 value");
+        assert!(c.info.reuseport);
+        assert_eq!(c.info.ordinal, 1, "the second port-0 value");
         assert_eq!(
             c.slots.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
             vec![1, 2]

@@ -356,7 +356,7 @@ fn shared_accept_wakes_one_worker_at_a_time_in_turn() {
     const EACH: usize = 10;
     let (mut r, address) = start_with("127.0.0.1:0", "4", "shared");
     let addr: SocketAddr = address.parse().expect("addr");
-    wait_workers_listening(&r, WORKERS);
+    wait_listening(&r, WORKERS);
     let workers = worker_pids_of(&r);
     let streams: Vec<_> = runtime().block_on(async {
         let mut streams = Vec::new();
@@ -521,4 +521,46 @@ fn the_policy_environment_variable_sets_the_default() {
     // Shared: the worker holds the primary's listening socket (round robin would not).
     workers_holding(&r, 1, listener);
     r.wait_stderr(T, |l| l.contains("policy=shared"));
+}
+
+#[test]
+fn the_control_socket_answers_with_typed_replies_in_either_version() {
+    use netcluster::cluster::control::{self, ClientError, Reply, Request};
+    use std::io::{Read, Write};
+    let (r, _address) = start("127.0.0.1:0", "1");
+    wait_listening(&r, 1);
+    let path = r.control();
+    let rt = runtime();
+    // The library's client: the reply that answers the request, typed.
+    let reply = rt
+        .block_on(control::request(&path, Request::Status, T))
+        .expect("status");
+    let Reply::Status { result } = reply else {
+        panic!("a status reply: {reply:?}");
+    };
+    assert_eq!(result.pid, r.pid);
+    assert_eq!(result.workers.len(), 1);
+    // A refusal is an error with the primary's reason, not a reply that says ok.
+    let err = rt
+        .block_on(control::request(&path, Request::Scale { workers: 0 }, T))
+        .expect_err("no workers is refused");
+    assert!(
+        matches!(&err, ClientError::Refused { error } if error.contains("0 workers")),
+        "{err}"
+    );
+    // A version 1 client is answered in version 1, in the shape it reads.
+    #[derive(serde::Deserialize)]
+    struct Version1 {
+        version: u32,
+        ok: bool,
+        result: netcluster::cluster::Status,
+    }
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+    stream
+        .write_all(b"{\"version\":1,\"command\":\"status\"}\n")
+        .expect("write");
+    let mut line = String::new();
+    stream.read_to_string(&mut line).expect("read");
+    let old: Version1 = serde_json::from_str(&line).expect("a version 1 reply");
+    assert_eq!((old.version, old.ok, old.result.pid), (1, true, r.pid));
 }

@@ -116,12 +116,10 @@ fn socket_activation_serves_two_named_sockets_and_the_activating_connection() {
     // sockets on its first connection) and waits in the queue until a worker takes it.
     let mut first = TcpStream::connect(web).unwrap();
     echo_on(&mut first, "the activating connection\n");
-    let status = wait_workers_listening(&r, 2);
-    let listeners: Vec<String> = status["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["address"].as_str().unwrap().to_string())
+    let listeners: Vec<String> = wait_listening(&r, 2)
+        .listeners
+        .into_iter()
+        .map(|l| l.address)
         .collect();
     assert_eq!(
         listeners,
@@ -304,11 +302,10 @@ fn notifications_follow_start_reload_and_stop_in_order_with_watchdog_pings() {
         "{ready}"
     );
     // Ready means ready: both workers listen already.
-    let status = status_json(&r);
-    let workers = status["workers"].as_array().unwrap();
+    let workers = status(&r).workers;
     assert!(
-        workers.len() == 2 && workers.iter().all(|w| w["state"] == "listening"),
-        "{status}"
+        workers.len() == 2 && workers.iter().all(|w| w.state == "listening"),
+        "{workers:?}"
     );
     // Pings every 100 ms (half of WATCHDOG_USEC) while the loop runs.
     for _ in 0..3 {

@@ -35,7 +35,7 @@ fn upgrade_under_load(args: &[&str]) {
     all.extend_from_slice(args);
     let mut r = Running::start(&bin, &all);
     let addr = listening_addr(&mut r);
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     let first = r.pid;
     // Idle to idle: under round robin the primary holds the connections it is handing off.
     let fds_first = settled_fd_count(first);
@@ -46,18 +46,14 @@ fn upgrade_under_load(args: &[&str]) {
     for i in 0..UPGRADES {
         let (status, out, err) = ctl(&r, &["upgrade"]);
         assert!(status.success(), "upgrade {i}: {out}{err}");
-        let now = wait_workers_listening(&r, 2);
-        let pid = now["pid"].as_u64().unwrap() as u32;
+        let now = wait_listening(&r, 2);
+        let pid = now.pid;
         assert!(
             !pids.contains(&pid),
             "upgrade {i}: a new primary, not {pids:?}"
         );
         assert!(out.contains(&format!("→ {pid}")), "{out}");
-        assert_eq!(
-            now["listeners"][0]["address"],
-            addr.to_string(),
-            "the port stays"
-        );
+        assert_eq!(now.listeners[0].address, addr.to_string(), "the port stays");
         pids.push(pid);
         load.wait_for_more(20, T);
         let (status, out, err) = ctl(&r, &["reload"]);
@@ -88,10 +84,9 @@ fn upgrade_under_load(args: &[&str]) {
         fd_count(last),
         fd_table(last)
     );
-    let status = status_json(&r);
     assert_eq!(
-        status["generation"].as_u64(),
-        Some(1 + 2 * UPGRADES as u64),
+        status(&r).generation,
+        1 + 2 * UPGRADES as u64,
         "each upgrade and each reload is a generation"
     );
 }
@@ -145,7 +140,7 @@ fn a_binary_that_fails_leaves_the_old_primary_serving() {
         ],
     );
     let addr = listening_addr(&mut r);
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     let load = HttpLoad::start(addr, 2, 2, Duration::from_millis(2));
     load.wait_for_more(50, T);
     // A binary that exits at once.
@@ -183,12 +178,11 @@ fn sigusr2_upgrades_too() {
         &["serve", "--workers", "1", "--listen", "127.0.0.1:0"],
     );
     let addr = listening_addr(&mut r);
-    wait_workers_listening(&r, 1);
+    wait_listening(&r, 1);
     r.signal(nix::sys::signal::Signal::SIGUSR2);
     let pid = eventually(T, "a new primary", || {
-        let s = status_json(&r);
-        let pid = s["pid"].as_u64()? as u32;
-        (pid != r.pid && s["workers"].as_array()?.len() == 1).then_some(pid)
+        let s = status(&r);
+        (s.pid != r.pid && s.workers.len() == 1).then_some(s.pid)
     });
     assert_ne!(pid, r.pid);
     echo_request(addr, "after SIGUSR2").unwrap();
@@ -218,7 +212,7 @@ fn a_hundred_and_twenty_listeners_with_long_names_cross_over() {
                 .unwrap(),
         );
     }
-    wait_workers_listening(&r, 1);
+    wait_listening(&r, 1);
     let fds_first = settled_fd_count(r.pid);
     let (status, out, err) = ctl(&r, &["upgrade"]);
     assert!(status.success(), "{out}{err}");
@@ -226,14 +220,13 @@ fn a_hundred_and_twenty_listeners_with_long_names_cross_over() {
         out.contains(&format!("{n} listeners ({n} sockets)")),
         "{out}"
     );
-    let s = wait_workers_listening(&r, 1);
-    let pid = s["pid"].as_u64().unwrap() as u32;
+    let s = wait_listening(&r, 1);
+    let pid = s.pid;
     assert_ne!(pid, r.pid);
-    let listeners = s["listeners"].as_array().unwrap();
-    assert_eq!(listeners.len(), n);
-    for (i, l) in listeners.iter().enumerate() {
-        assert_eq!(l["name"], names[i].as_str());
-        assert_eq!(l["address"], addrs[i].to_string());
+    assert_eq!(s.listeners.len(), n);
+    for (i, l) in s.listeners.iter().enumerate() {
+        assert_eq!(l.name, names[i]);
+        assert_eq!(l.address, addrs[i].to_string());
     }
     for addr in &addrs {
         echo_request(*addr, "crossed over").unwrap();
@@ -300,13 +293,15 @@ fn test_listener() -> (std::net::TcpListener, std::net::SocketAddr) {
 fn meta(addr: std::net::SocketAddr, sockets: u32) -> netcluster::protocol::handover::Handover {
     netcluster::protocol::handover::Handover::Listener {
         index: 0,
-        target: netcluster::protocol::message::ListenTarget::Tcp(addr),
-        ordinal: 0,
-        name: "web".into(),
-        fdname: "web".into(),
-        pinned: true,
-        owned: true,
-        reuseport: false,
+        info: netcluster::cluster::ListenerInfo {
+            target: netcluster::protocol::message::ListenTarget::Tcp(addr),
+            ordinal: 0,
+            name: Some("web".into()),
+            fdname: Some("web".into()),
+            pinned: true,
+            owned: true,
+            reuseport: false,
+        },
         sockets,
     }
 }

@@ -2,9 +2,11 @@
 //! commands: what the library, signals and the control socket all use).
 
 use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use netcluster_protocol::handle::ListenError;
+use netcluster_protocol::handover::ListenerRecord;
 use netcluster_protocol::message::{BoundAddress, ListenParams, ListenTarget};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -14,7 +16,12 @@ use crate::event::{Event, Events, WorkerInfo};
 use crate::settings::{ClusterBuilder, Settings};
 use crate::status::Status;
 use crate::supervisor::{Inputs, Supervisor};
+use crate::upgrade::{UpgradeReport, Upgrader};
 use crate::worker_handle::WorkerHandle;
+
+/// Why an upgrade is refused by a cluster given no [`Upgrader`].
+const NO_UPGRADER: &str = "upgrade is not available in this program (it set no upgrader: \
+                           Cluster::set_upgrader)";
 
 /// A cheap, cloneable handle to a running cluster: every operation is a command to its
 /// supervisor, answered when done.
@@ -31,6 +38,9 @@ use crate::worker_handle::WorkerHandle;
 pub struct ClusterHandle {
     commands: mpsc::Sender<Command>,
     events: broadcast::WeakSender<Event>,
+    /// What a primary upgrade starts, shared by every handle of the cluster (or why there is
+    /// nothing to start).
+    upgrader: Arc<Mutex<Result<Upgrader, String>>>,
 }
 
 impl ClusterHandle {
@@ -124,6 +134,31 @@ impl ClusterHandle {
     /// replaced keep their old workers); [`Error::Stopping`].
     pub async fn reload(&self) -> Result<crate::ReloadReport, Error> {
         self.request(|reply| Command::Reload { reply }).await?
+    }
+
+    /// Primary upgrade, for a cluster given an [`Upgrader`] ([`Cluster::set_upgrader`]): starts
+    /// the program again as a new primary (the binary now on disk, by the path this one was
+    /// started as, with its arguments),
+    /// hands it every listening socket, and once its workers are ready and it serves, this
+    /// primary drains its own workers and stops. No listening socket closes at any moment. The
+    /// new primary must take the hand-over ([`Incoming`](crate::Incoming)), as `netcluster
+    /// serve` does. Returns once the new primary serves.
+    ///
+    /// # Errors
+    /// [`Error::Upgrade`] saying what failed — no upgrader was set, the new primary did not
+    /// start, exited, was not ready in time, an upgrade is already under way — in which case
+    /// this primary serves on as before.
+    pub async fn upgrade(&self) -> Result<UpgradeReport, Error> {
+        let upgrader = self
+            .upgrader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .map_err(|why| {
+                tracing::warn!("{why}");
+                Error::Upgrade(why)
+            })?;
+        upgrader.upgrade(self).await
     }
 
     /// The live workers.
@@ -233,14 +268,15 @@ impl ClusterHandle {
     }
 
     /// Takes a listening socket over instead of binding one (systemd's, one from systemd's
-    /// file-descriptor store, or a predecessor's in an upgrade), pinned under `adopt.target`:
-    /// workers that listen on that key share it. Returns the address it is bound to.
+    /// file-descriptor store, or a predecessor's in an upgrade) under the key of its record
+    /// (`listener.info.target` and `ordinal`): workers that listen on that key share it.
+    /// Returns the address it is bound to.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] when the key is taken, [`Error::Listen`] when the socket is not
     /// a bound socket, [`Error::Stopping`].
-    pub async fn adopt(&self, adopt: crate::registry::Adopt) -> Result<BoundAddress, Error> {
-        self.request(|reply| Command::Adopt { adopt, reply })
+    pub async fn adopt(&self, listener: ListenerRecord) -> Result<BoundAddress, Error> {
+        self.request(|reply| Command::Adopt { listener, reply })
             .await?
     }
 
@@ -299,12 +335,15 @@ impl Cluster {
         let (events_tx, events_rx) = broadcast::channel(settings.limits.events.max(1));
         let weak = events_tx.downgrade();
         // The supervisor holds the only strong sender: when it ends, subscribers see the end.
+        // Opt-in: a program that does not take the hand-over must not be started by one.
+        let upgrader = Err(NO_UPGRADER.to_string());
         let supervisor = Supervisor::new(settings.clone(), Inputs { commands }, events_tx);
         let join = tokio::spawn(supervisor.run());
         Cluster {
             handle: ClusterHandle {
                 commands: commands_tx,
                 events: weak,
+                upgrader: Arc::new(Mutex::new(upgrader)),
             },
             settings,
             events: Some(Events::new(events_rx)),
@@ -331,6 +370,18 @@ impl Cluster {
     /// A handle for other tasks (signals, the control socket, the application).
     pub fn handle(&self) -> ClusterHandle {
         self.handle.clone()
+    }
+
+    /// What [`ClusterHandle::upgrade`] starts, for every handle of this cluster; without one,
+    /// an upgrade is refused. Usually [`Upgrader::from_current_exe`], made at start (the path
+    /// this program was started as, whatever is installed there later), for a program that
+    /// takes the hand-over when it starts ([`Incoming`](crate::Incoming)).
+    pub fn set_upgrader(&self, upgrader: Upgrader) {
+        *self
+            .handle
+            .upgrader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Ok(upgrader);
     }
 
     /// See [`ClusterHandle::share`].

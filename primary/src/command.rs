@@ -5,6 +5,7 @@
 
 use std::os::fd::OwnedFd;
 
+use netcluster_protocol::handover::ListenerRecord;
 use netcluster_protocol::message::{
     BoundAddress, CountError, ListenParams, ListenTarget, ToWorker,
 };
@@ -55,30 +56,6 @@ pub enum StopMode {
     /// finish, but leaves the sockets as they are — no filter, no waiting for their queues —
     /// since they go on accepting for the new primary.
     Handover,
-}
-
-/// A listener as one primary hands it to the next (an upgrade): its key, names and
-/// duplicates of its sockets.
-#[derive(Debug)]
-pub struct Exported {
-    /// What workers listen on to share it.
-    pub target: netcluster_protocol::message::ListenTarget,
-    /// Its port-0 ordinal.
-    pub ordinal: u32,
-    /// The operator's name.
-    pub name: String,
-    /// Its `LISTEN_FDNAMES` name.
-    pub fdname: String,
-    /// Configured by the operator.
-    pub pinned: bool,
-    /// Made by a netcluster primary (not systemd's).
-    pub owned: bool,
-    /// A reuseport listener (its own socket only reserves the port; its slots listen).
-    pub reuseport: bool,
-    /// Its own socket (for reuseport: the reservation of the port).
-    pub socket: Option<std::os::fd::OwnedFd>,
-    /// A reuseport listener's slot sockets, in the kernel's group order.
-    pub slots: Vec<(usize, std::os::fd::OwnedFd)>,
 }
 
 /// One operation for the supervisor.
@@ -142,7 +119,7 @@ pub(crate) enum Command {
         reply: Reply<Result<crate::supervisor::ReloadReport, Error>>,
     },
     Adopt {
-        adopt: crate::registry::Adopt,
+        listener: ListenerRecord,
         reply: Reply<Result<BoundAddress, Error>>,
     },
     Export {
@@ -155,7 +132,7 @@ pub(crate) enum Command {
 #[derive(Debug)]
 pub struct Export {
     /// Every listener, with duplicates of its sockets.
-    pub listeners: Vec<Exported>,
+    pub listeners: Vec<ListenerRecord>,
     /// The generation its workers run.
     pub generation: u64,
     /// How many workers it runs (its slots).

@@ -9,11 +9,20 @@
 //! error reply.
 //!
 //! ```text
-//! → {"version":1,"command":"status"}
-//! ← {"version":1,"ok":true,"result":{"schema":1,"pid":4242,…}}
-//! → {"version":1,"command":"scale","workers":4}
-//! ← {"version":1,"ok":false,"error":"the worker of slot 3 exited (exit code 1) before it was ready"}
+//! → {"version":2,"command":"status"}
+//! ← {"version":2,"ok":true,"reply":"status","result":{"schema":1,"pid":4242,…}}
+//! → {"version":2,"command":"scale","workers":4}
+//! ← {"version":2,"ok":false,"reply":"error","error":"the worker of slot 3 exited (exit code 1) before it was ready"}
 //! ```
+//!
+//! A reply is a [`Reply`]: one variant per outcome, so a reply that says `ok` cannot carry an
+//! error, nor an error a result; `ok` on the wire is derived from the variant (for scripts),
+//! and a reply whose `ok` disagrees with it is refused.
+//!
+//! **Version 1** (before `reply` named the variant) is still spoken, both ways: a request of
+//! version 1 is answered in version 1 (the same document under `"version":1`, which version 1
+//! clients read as before), and [`request`] asks a primary that answers in version 1 again in
+//! version 1 — the case of a new `netcluster upgrade` asking the old primary.
 //!
 //! **Safety.** The socket is created mode 0600 (before it listens, so there is no window in
 //! which it is open to others), and the peer's uid (`SO_PEERCRED`) must be the primary's or
@@ -35,11 +44,17 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::cluster::ClusterHandle;
-use crate::command::ScaleTo;
+use crate::command::{ScaleReport, ScaleTo};
 use crate::error::Error;
+use crate::status::Status;
+use crate::supervisor::ReloadReport;
+use crate::upgrade::UpgradeReport;
 
-/// The version of the control protocol.
-pub const CONTROL_VERSION: u32 = 1;
+/// The version of the control protocol: 2 since replies are a [`Reply`] named by their
+/// `reply` field.
+pub const CONTROL_VERSION: u32 = 2;
+/// The earlier version still spoken (see the module documentation).
+pub const CONTROL_VERSION_1: u32 = 1;
 /// The largest request accepted, in bytes.
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// How long a client has to send its request.
@@ -53,7 +68,7 @@ pub const CONTROL_ENV: &str = "NETCLUSTER_CONTROL";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase")]
 pub enum Request {
-    /// The primary's [`Status`](crate::Status).
+    /// The primary's [`Status`].
     Status,
     /// Run this many workers; replies once they are ready (or why not).
     Scale {
@@ -78,61 +93,150 @@ pub struct Envelope {
     pub request: Request,
 }
 
-/// A reply.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What a primary answers: one variant per outcome, named on the wire by `reply`, with the
+/// outcome under `result` (or the reason under `error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "lowercase")]
+pub enum Reply {
+    /// To [`Request::Status`].
+    Status {
+        /// The primary's status (the document of `netcluster status --json`).
+        result: Status,
+    },
+    /// To [`Request::Scale`], once the workers are ready (or have exited).
+    Scaled {
+        /// What the scale did.
+        result: ScaleReport,
+    },
+    /// To [`Request::Stop`], as the primary stops.
+    Stopped {
+        /// What the stop did.
+        result: StopReport,
+    },
+    /// To [`Request::Reload`], once every slot runs the new generation.
+    Reloaded {
+        /// What the reload did.
+        result: ReloadReport,
+    },
+    /// To [`Request::Upgrade`], once the new primary serves.
+    Upgraded {
+        /// What the upgrade did.
+        result: UpgradeReport,
+    },
+    /// The request failed, or was refused.
+    Error {
+        /// Why, in words for the operator.
+        error: String,
+    },
+}
+
+impl Reply {
+    /// An error reply.
+    pub fn error(why: impl std::fmt::Display) -> Reply {
+        Reply::Error {
+            error: why.to_string(),
+        }
+    }
+
+    /// Whether the request succeeded (the `ok` of the wire).
+    pub fn is_ok(&self) -> bool {
+        !matches!(self, Reply::Error { .. })
+    }
+
+    /// The `reply` name of the variant that answers `request` when it succeeds.
+    pub fn name_for(request: &Request) -> &'static str {
+        match request {
+            Request::Status => "status",
+            Request::Scale { .. } => "scaled",
+            Request::Stop => "stopped",
+            Request::Reload => "reloaded",
+            Request::Upgrade => "upgraded",
+        }
+    }
+
+    /// The `reply` name of this variant.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Reply::Status { .. } => "status",
+            Reply::Scaled { .. } => "scaled",
+            Reply::Stopped { .. } => "stopped",
+            Reply::Reloaded { .. } => "reloaded",
+            Reply::Upgraded { .. } => "upgraded",
+            Reply::Error { .. } => "error",
+        }
+    }
+}
+
+/// What a stop did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopReport {
+    /// Workers that exited during the stop.
+    pub workers_exited: usize,
+}
+
+/// A reply as it travels: its version and the [`Reply`], with `ok` derived from the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
-    /// [`CONTROL_VERSION`].
+    /// [`CONTROL_VERSION`] (or [`CONTROL_VERSION_1`], to a client of that version).
     pub version: u32,
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// What it produced (the status, a scale report, …).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
-    /// Why it failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    /// The reply.
+    pub reply: Reply,
 }
 
 impl Response {
-    fn ok(result: serde_json::Value) -> Response {
+    /// `reply` in this primary's version.
+    pub fn new(reply: Reply) -> Response {
         Response {
             version: CONTROL_VERSION,
-            ok: true,
-            result: Some(result),
-            error: None,
-        }
-    }
-
-    fn err(error: impl std::fmt::Display) -> Response {
-        Response {
-            version: CONTROL_VERSION,
-            ok: false,
-            result: None,
-            error: Some(error.to_string()),
+            reply,
         }
     }
 }
 
-/// What a control request is answered with beyond what the library does itself: the program
-/// that runs the primary gives the operations that need it (a primary upgrade execs it).
-pub trait Operations: Send + Sync + 'static {
-    /// Carries out a primary upgrade; the reply's `result` on success.
-    fn upgrade(
-        &self,
-        cluster: ClusterHandle,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>;
+/// The wire form of a [`Response`], out.
+#[derive(Serialize)]
+struct ResponseOut<'a> {
+    version: u32,
+    ok: bool,
+    #[serde(flatten)]
+    reply: &'a Reply,
 }
 
-/// No upgrade: that request gets an error reply.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoOperations;
+/// The wire form of a [`Response`], in.
+#[derive(Deserialize)]
+struct ResponseIn {
+    version: u32,
+    #[serde(default)]
+    ok: Option<bool>,
+    #[serde(flatten)]
+    reply: Reply,
+}
 
-impl Operations for NoOperations {
-    fn upgrade(
-        &self,
-        _: ClusterHandle,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>> {
-        Box::pin(async { Err("upgrade is not available in this program".to_string()) })
+impl Serialize for Response {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        ResponseOut {
+            version: self.version,
+            ok: self.reply.is_ok(),
+            reply: &self.reply,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Response {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = ResponseIn::deserialize(deserializer)?;
+        if wire.ok.is_some_and(|ok| ok != wire.reply.is_ok()) {
+            return Err(serde::de::Error::custom(format!(
+                "a reply that says ok: {} and is {:?}",
+                !wire.reply.is_ok(),
+                wire.reply.name()
+            )));
+        }
+        Ok(Response {
+            version: wire.version,
+            reply: wire.reply,
+        })
     }
 }
 
@@ -212,11 +316,7 @@ fn in_private_dir(path: &Path) -> Result<(), Error> {
 ///
 /// # Errors
 /// [`Error::Io`] naming the path: in use, not a socket, a directory that is not the user's.
-pub fn serve(
-    path: &Path,
-    cluster: ClusterHandle,
-    ops: Arc<dyn Operations>,
-) -> Result<ControlSocket, Error> {
+pub fn serve(path: &Path, cluster: ClusterHandle) -> Result<ControlSocket, Error> {
     let named = |what: &str, e: io::Error| named(path, what, e);
     in_private_dir(path)?;
     match std::fs::symlink_metadata(path) {
@@ -249,7 +349,7 @@ pub fn serve(
         Err(e) => return Err(named("stat", e)),
     }
     let (listener, inode) = bind_private(path).map_err(|(what, e)| named(what, e))?;
-    Ok(start(path, inode, listener, cluster, ops))
+    Ok(start(path, inode, listener, cluster))
 }
 
 /// Creates the control socket at `path` in place of the one there — a running primary's —
@@ -258,11 +358,7 @@ pub fn serve(
 ///
 /// # Errors
 /// [`Error::Io`] naming the path.
-pub fn serve_replacing(
-    path: &Path,
-    cluster: ClusterHandle,
-    ops: Arc<dyn Operations>,
-) -> Result<ControlSocket, Error> {
+pub fn serve_replacing(path: &Path, cluster: ClusterHandle) -> Result<ControlSocket, Error> {
     let named = |what: &str, e: io::Error| named(path, what, e);
     in_private_dir(path)?;
     let mut beside = path.as_os_str().to_owned();
@@ -274,7 +370,7 @@ pub fn serve_replacing(
         let _ = std::fs::remove_file(&beside);
         return Err(named("rename over the old one", e));
     }
-    Ok(start(path, inode, listener, cluster, ops))
+    Ok(start(path, inode, listener, cluster))
 }
 
 /// A failed step of [`bind_private`]: what was being done, and the OS's answer.
@@ -311,10 +407,9 @@ fn start(
     inode: (u64, u64),
     listener: UnixListener,
     cluster: ClusterHandle,
-    ops: Arc<dyn Operations>,
 ) -> ControlSocket {
     let clients = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
-    let task = tokio::spawn(accept_loop(listener, cluster, ops, clients.clone()));
+    let task = tokio::spawn(accept_loop(listener, cluster, clients.clone()));
     ControlSocket {
         path: path.to_path_buf(),
         inode,
@@ -360,7 +455,6 @@ use std::os::unix::fs::DirBuilderExt;
 async fn accept_loop(
     listener: UnixListener,
     cluster: ClusterHandle,
-    ops: Arc<dyn Operations>,
     clients: Arc<tokio::sync::Mutex<JoinSet<()>>>,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CLIENTS));
@@ -378,24 +472,23 @@ async fn accept_loop(
                 let mut stream = stream;
                 let _ = write_reply(
                     &mut stream,
-                    &Response::err("too many control clients at once; try again"),
+                    &Response::new(Reply::error("too many control clients at once; try again")),
                 )
                 .await;
             });
             continue;
         };
         let cluster = cluster.clone();
-        let ops = ops.clone();
         let mut set = clients.lock().await;
         while set.try_join_next().is_some() {}
         set.spawn(async move {
-            serve_client(stream, cluster, ops).await;
+            serve_client(stream, cluster).await;
             drop(permit);
         });
     }
 }
 
-async fn serve_client(mut stream: UnixStream, cluster: ClusterHandle, ops: Arc<dyn Operations>) {
+async fn serve_client(mut stream: UnixStream, cluster: ClusterHandle) {
     let me = nix::unistd::geteuid().as_raw();
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == me || cred.uid() == 0 => {}
@@ -407,7 +500,7 @@ async fn serve_client(mut stream: UnixStream, cluster: ClusterHandle, ops: Arc<d
             );
             let _ = write_reply(
                 &mut stream,
-                &Response::err("permission denied: not the primary's user"),
+                &Response::new(Reply::error("permission denied: not the primary's user")),
             )
             .await;
             return;
@@ -417,45 +510,82 @@ async fn serve_client(mut stream: UnixStream, cluster: ClusterHandle, ops: Arc<d
             return;
         }
     }
-    let request = match read_request(&mut stream).await {
+    let envelope = match read_request(&mut stream).await {
         Ok(r) => r,
-        Err(why) => {
+        Err((version, why)) => {
             tracing::info!("control socket: {why}");
-            let _ = write_reply(&mut stream, &Response::err(why)).await;
+            let reply = Response {
+                version,
+                reply: Reply::error(why),
+            };
+            let _ = write_reply(&mut stream, &reply).await;
             return;
         }
     };
-    let reply = answer(request, &cluster, ops.as_ref()).await;
+    let reply = Response {
+        // A client of version 1 reads the same document: `reply` is a field it ignores.
+        version: envelope.version,
+        reply: answer(envelope.request, &cluster).await,
+    };
     let _ = write_reply(&mut stream, &reply).await;
 }
 
-/// Reads one request line: at most [`MAX_REQUEST`] bytes within [`REQUEST_TIMEOUT`].
-async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
+/// Reads one request line: at most [`MAX_REQUEST`] bytes within [`REQUEST_TIMEOUT`]. An error
+/// comes with the version to answer it in.
+async fn read_request(stream: &mut UnixStream) -> Result<Envelope, (u32, String)> {
     let mut line = Vec::new();
     let read = async {
         let mut reader = BufReader::new(&mut *stream).take(MAX_REQUEST as u64 + 1);
         reader.read_until(b'\n', &mut line).await
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
-        Err(_) => return Err(format!("no request within {REQUEST_TIMEOUT:?}")),
-        Ok(Err(e)) => return Err(format!("cannot read the request: {e}")),
+        Err(_) => {
+            return Err((
+                CONTROL_VERSION,
+                format!("no request within {REQUEST_TIMEOUT:?}"),
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err((CONTROL_VERSION, format!("cannot read the request: {e}")));
+        }
         Ok(Ok(_)) => {}
     }
-    parse_request(&line)
+    parse_envelope(&line).map_err(|why| (reply_version(&line), why))
+}
+
+/// The version to answer a request line in: version 1 to a line that says it, else this
+/// primary's.
+fn reply_version(line: &[u8]) -> u32 {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    match serde_json::from_slice::<Version>(line) {
+        Ok(v) if v.version == CONTROL_VERSION_1 => CONTROL_VERSION_1,
+        _ => CONTROL_VERSION,
+    }
 }
 
 /// Parses one request line of the control protocol: at most [`MAX_REQUEST`] bytes of JSON with
-/// a `version` this primary speaks.
+/// a `version` this primary speaks ([`CONTROL_VERSION`] or [`CONTROL_VERSION_1`]).
 ///
 /// ```
 /// use netcluster_primary::control::{parse_request, Request};
-/// assert_eq!(parse_request(br#"{"version":1,"command":"scale","workers":3}"#), Ok(Request::Scale { workers: 3 }));
+/// assert_eq!(parse_request(br#"{"version":2,"command":"scale","workers":3}"#), Ok(Request::Scale { workers: 3 }));
 /// assert!(parse_request(b"{").unwrap_err().starts_with("malformed request"));
 /// ```
 ///
 /// # Errors
 /// What is wrong with it, in words for the reply.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    parse_envelope(line).map(|e| e.request)
+}
+
+/// [`parse_request`], keeping the version the request was made in.
+///
+/// # Errors
+/// As [`parse_request`].
+pub fn parse_envelope(line: &[u8]) -> Result<Envelope, String> {
     if line.len() > MAX_REQUEST {
         return Err(format!("request larger than {MAX_REQUEST} bytes"));
     }
@@ -465,17 +595,16 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     let value: serde_json::Value =
         serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
     match value.get("version").and_then(serde_json::Value::as_u64) {
-        Some(v) if v == u64::from(CONTROL_VERSION) => {}
+        Some(v) if v == u64::from(CONTROL_VERSION) || v == u64::from(CONTROL_VERSION_1) => {}
         Some(v) => {
             return Err(format!(
-                "control protocol version {v} is not spoken here (this primary speaks {CONTROL_VERSION})"
+                "control protocol version {v} is not spoken here (this primary speaks \
+                 {CONTROL_VERSION_1} and {CONTROL_VERSION})"
             ));
         }
         None => return Err("the request has no version".into()),
     }
-    serde_json::from_value::<Envelope>(value)
-        .map(|e| e.request)
-        .map_err(|e| format!("malformed request: {e}"))
+    serde_json::from_value::<Envelope>(value).map_err(|e| format!("malformed request: {e}"))
 }
 
 async fn write_reply(stream: &mut UnixStream, reply: &Response) -> io::Result<()> {
@@ -488,33 +617,31 @@ async fn write_reply(stream: &mut UnixStream, reply: &Response) -> io::Result<()
     Ok(())
 }
 
-async fn answer(request: Request, cluster: &ClusterHandle, ops: &dyn Operations) -> Response {
-    let json = |v: Result<serde_json::Value, serde_json::Error>| match v {
-        Ok(v) => Response::ok(v),
-        Err(e) => Response::err(e),
+async fn answer(request: Request, cluster: &ClusterHandle) -> Reply {
+    let reply = match request {
+        Request::Status => cluster
+            .status()
+            .await
+            .map(|result| Reply::Status { result }),
+        Request::Scale { workers } => cluster
+            .scale_to(ScaleTo::Exactly(workers))
+            .await
+            .map(|result| Reply::Scaled { result }),
+        Request::Stop => cluster.stop().await.map(|exits| Reply::Stopped {
+            result: StopReport {
+                workers_exited: exits.len(),
+            },
+        }),
+        Request::Reload => cluster
+            .reload()
+            .await
+            .map(|result| Reply::Reloaded { result }),
+        Request::Upgrade => cluster
+            .upgrade()
+            .await
+            .map(|result| Reply::Upgraded { result }),
     };
-    match request {
-        Request::Status => match cluster.status().await {
-            Ok(s) => json(serde_json::to_value(s)),
-            Err(e) => Response::err(e),
-        },
-        Request::Scale { workers } => match cluster.scale_to(ScaleTo::Exactly(workers)).await {
-            Ok(r) => json(serde_json::to_value(r)),
-            Err(e) => Response::err(e),
-        },
-        Request::Stop => match cluster.stop().await {
-            Ok(exits) => Response::ok(serde_json::json!({ "workers_exited": exits.len() })),
-            Err(e) => Response::err(e),
-        },
-        Request::Reload => match cluster.reload().await {
-            Ok(r) => json(serde_json::to_value(r)),
-            Err(e) => Response::err(e),
-        },
-        Request::Upgrade => match ops.upgrade(cluster.clone()).await {
-            Ok(v) => Response::ok(v),
-            Err(e) => Response::err(e),
-        },
-    }
+    reply.unwrap_or_else(Reply::error)
 }
 
 /// Why a control request got no reply.
@@ -547,6 +674,12 @@ pub enum ClientError {
         /// What failed.
         error: io::Error,
     },
+    /// The primary answered with an error: its reason.
+    #[error("{error}")]
+    Refused {
+        /// Why, in the primary's words.
+        error: String,
+    },
     /// The reply was not JSON of the expected shape.
     #[error("control socket {}: bad reply: {detail}", path.display())]
     BadReply {
@@ -557,15 +690,46 @@ pub enum ClientError {
     },
 }
 
-/// Sends `request` to the primary at `path` and returns its reply, waiting at most `timeout`.
+/// Sends `request` to the primary at `path` and returns its reply, waiting at most `timeout`
+/// for it. A primary that speaks only version 1 of the protocol is asked again in version 1.
 ///
 /// # Errors
-/// [`ClientError`], naming the path.
+/// [`ClientError`], naming the path; [`ClientError::Refused`] with the primary's reason when it
+/// answers with [`Reply::Error`].
 pub async fn request(
     path: &Path,
     request: Request,
     timeout: Duration,
-) -> Result<Response, ClientError> {
+) -> Result<Reply, ClientError> {
+    let bad = |detail: String| ClientError::BadReply {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let line = exchange(path, CONTROL_VERSION, &request, timeout).await?;
+    let mut response = decode_reply(&request, &line).map_err(bad)?;
+    if response.version == CONTROL_VERSION_1 && !response.reply.is_ok() {
+        // It refused version 2: a primary from before it (the old one, during an upgrade).
+        let line = exchange(path, CONTROL_VERSION_1, &request, timeout).await?;
+        response = decode_reply(&request, &line).map_err(bad)?;
+    }
+    match response.reply {
+        Reply::Error { error } => Err(ClientError::Refused { error }),
+        reply if reply.name() == Reply::name_for(&request) => Ok(reply),
+        other => Err(bad(format!(
+            "a {:?} reply to a {:?} request",
+            other.name(),
+            Reply::name_for(&request)
+        ))),
+    }
+}
+
+/// One request of `version` and the line that answers it.
+async fn exchange(
+    path: &Path,
+    version: u32,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Vec<u8>, ClientError> {
     let io_err = |error: io::Error| ClientError::Io {
         path: path.to_path_buf(),
         error,
@@ -577,8 +741,8 @@ pub async fn request(
             error,
         })?;
     let mut line = serde_json::to_vec(&Envelope {
-        version: CONTROL_VERSION,
-        request,
+        version,
+        request: request.clone(),
     })
     .map_err(|e| io_err(io::Error::other(e)))?;
     line.push(b'\n');
@@ -613,9 +777,53 @@ pub async fn request(
             detail: "the primary closed the connection without a reply".into(),
         });
     }
-    serde_json::from_slice(&reply).map_err(|e| ClientError::BadReply {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
+    Ok(reply)
+}
+
+/// Decodes the line that answers `request`: a reply of this version, or one of version 1,
+/// whose variant the request names (version 1 did not).
+///
+/// # Errors
+/// What is wrong with it.
+pub fn decode_reply(request: &Request, line: &[u8]) -> Result<Response, String> {
+    /// A version 1 reply: `ok`, and a `result` or an `error`.
+    #[derive(Deserialize)]
+    struct Version1 {
+        version: u32,
+        ok: bool,
+        #[serde(default)]
+        result: Option<serde_json::Value>,
+        #[serde(default)]
+        error: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Named {
+        #[serde(default)]
+        reply: Option<String>,
+    }
+    let named: Named = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    if named.reply.is_some() {
+        return serde_json::from_slice(line).map_err(|e| e.to_string());
+    }
+    let v1: Version1 = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    if v1.version != CONTROL_VERSION_1 {
+        return Err(format!("a version {} reply without `reply`", v1.version));
+    }
+    let reply = if v1.ok {
+        let tagged = serde_json::json!({
+            "reply": Reply::name_for(request),
+            "result": v1.result.unwrap_or(serde_json::Value::Null),
+        });
+        serde_json::from_value(tagged).map_err(|e| e.to_string())?
+    } else {
+        Reply::error(
+            v1.error
+                .unwrap_or_else(|| "the primary refused without a reason".into()),
+        )
+    };
+    Ok(Response {
+        version: v1.version,
+        reply,
     })
 }
 
@@ -641,12 +849,185 @@ mod tests {
         assert!(serde_json::from_str::<Envelope>(r#"{"version":1,"command":"dance"}"#).is_err());
     }
 
+    fn status() -> Status {
+        Status {
+            schema: crate::STATUS_SCHEMA,
+            pid: 4242,
+            uptime_ms: 10,
+            policy: "round-robin".into(),
+            generation: 2,
+            workers_wanted: 1,
+            stopping: false,
+            reload: None,
+            last_reload_error: None,
+            listeners: Vec::new(),
+            slots: Vec::new(),
+            workers: Vec::new(),
+        }
+    }
+
+    fn every_reply() -> Vec<Reply> {
+        vec![
+            Reply::Status { result: status() },
+            Reply::Scaled {
+                result: ScaleReport {
+                    from: 1,
+                    to: 2,
+                    started: vec![3],
+                    stopped: vec![],
+                },
+            },
+            Reply::Stopped {
+                result: StopReport { workers_exited: 2 },
+            },
+            Reply::Reloaded {
+                result: ReloadReport {
+                    generation: 3,
+                    replaced: vec![(1, Some(3), 5)],
+                    serving_ms: 9,
+                    took_ms: 12,
+                },
+            },
+            Reply::Upgraded {
+                result: UpgradeReport {
+                    old_pid: 1,
+                    new_pid: 2,
+                    generation: 2,
+                    listeners: 1,
+                    sockets: 1,
+                    took_ms: 14,
+                },
+            },
+            Reply::error("no"),
+        ]
+    }
+
     #[test]
     fn replies_on_the_wire() {
-        let r = Response::err("no");
+        let r = Response::new(Reply::error("no"));
         assert_eq!(
             serde_json::to_string(&r).expect("json"),
-            r#"{"version":1,"ok":false,"error":"no"}"#
+            r#"{"version":2,"ok":false,"reply":"error","error":"no"}"#
+        );
+        let r = Response::new(Reply::Stopped {
+            result: StopReport { workers_exited: 2 },
+        });
+        assert_eq!(
+            serde_json::to_string(&r).expect("json"),
+            r#"{"version":2,"ok":true,"reply":"stopped","result":{"workers_exited":2}}"#
+        );
+    }
+
+    #[test]
+    fn every_reply_round_trips() {
+        for reply in every_reply() {
+            let sent = Response::new(reply);
+            let line = serde_json::to_vec(&sent).expect("json");
+            let back: Response = serde_json::from_slice(&line).expect("parse");
+            assert_eq!(back, sent);
+        }
+    }
+
+    #[test]
+    fn a_reply_cannot_say_ok_and_carry_an_error() {
+        for line in [
+            r#"{"version":2,"ok":true,"reply":"error","error":"x"}"#,
+            r#"{"version":2,"ok":false,"reply":"stopped","result":{"workers_exited":1}}"#,
+        ] {
+            let err = serde_json::from_str::<Response>(line).expect_err(line);
+            assert!(err.to_string().contains("a reply that says ok"), "{err}");
+        }
+        // A success without its result, or an error without its reason, is no reply either.
+        for line in [
+            r#"{"version":2,"ok":true,"reply":"stopped"}"#,
+            r#"{"version":2,"ok":false,"reply":"error"}"#,
+            r#"{"version":2,"ok":true,"reply":"dance","result":1}"#,
+        ] {
+            assert!(serde_json::from_str::<Response>(line).is_err(), "{line}");
+        }
+        assert!(
+            every_reply()
+                .iter()
+                .filter(|r| !r.is_ok())
+                .all(|r| matches!(r, Reply::Error { .. }))
+        );
+    }
+
+    #[test]
+    fn replies_name_the_request_they_answer() {
+        let requests = [
+            Request::Status,
+            Request::Scale { workers: 2 },
+            Request::Stop,
+            Request::Reload,
+            Request::Upgrade,
+        ];
+        for (request, reply) in requests.iter().zip(every_reply()) {
+            assert_eq!(Reply::name_for(request), reply.name());
+        }
+    }
+
+    #[test]
+    fn version_1_is_still_spoken_both_ways() {
+        // Requests of either version; others are refused, naming theirs.
+        let v1 = parse_envelope(br#"{"version":1,"command":"reload"}"#).expect("v1");
+        assert_eq!((v1.version, v1.request), (1, Request::Reload));
+        let v2 = parse_envelope(br#"{"version":2,"command":"reload"}"#).expect("v2");
+        assert_eq!(v2.version, 2);
+        let err = parse_envelope(br#"{"version":9,"command":"status"}"#).expect_err("v9");
+        assert!(err.contains("version 9"), "{err}");
+        assert_eq!(reply_version(br#"{"version":1,"command":"dance"}"#), 1);
+        assert_eq!(reply_version(b"{not json"), CONTROL_VERSION);
+
+        // A version 1 client reads the answer it is given as it always did.
+        #[derive(Deserialize)]
+        struct Version1 {
+            version: u32,
+            ok: bool,
+            result: Option<ScaleReport>,
+            error: Option<String>,
+        }
+        let scaled = every_reply().swap_remove(1);
+        let line = serde_json::to_vec(&Response {
+            version: 1,
+            reply: scaled.clone(),
+        })
+        .expect("json");
+        let old: Version1 = serde_json::from_slice(&line).expect("a version 1 reply");
+        assert_eq!((old.version, old.ok, old.error), (1, true, None));
+        let Reply::Scaled { result } = &scaled else {
+            panic!("scaled");
+        };
+        assert_eq!(old.result.as_ref(), Some(result));
+
+        // And a version 1 primary's answers decode, by the request they answer.
+        let got = decode_reply(
+            &Request::Stop,
+            br#"{"version":1,"ok":true,"result":{"workers_exited":2}}"#,
+        )
+        .expect("v1 stop");
+        assert_eq!(
+            got,
+            Response {
+                version: 1,
+                reply: Reply::Stopped {
+                    result: StopReport { workers_exited: 2 }
+                }
+            }
+        );
+        let got = decode_reply(
+            &Request::Upgrade,
+            br#"{"version":1,"ok":false,"error":"control protocol version 2 is not spoken here (this primary speaks 1)"}"#,
+        )
+        .expect("v1 error");
+        assert_eq!(got.version, 1);
+        assert!(matches!(got.reply, Reply::Error { error } if error.contains("version 2")));
+        assert!(
+            decode_reply(
+                &Request::Status,
+                br#"{"version":1,"ok":true,"result":{"pid":1}}"#
+            )
+            .is_err()
         );
     }
 

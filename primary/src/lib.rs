@@ -12,7 +12,8 @@
 //! - [`Status`]: what `netcluster status` shows.
 //! - [`systemd`]: socket activation, `sd_notify`, the file-descriptor store.
 //! - [`upgrade`]: replacing the primary's own binary without closing a listener.
-//! - [`registry`]: listeners and the [`SchedulingPolicy`].
+//! - [`registry`]: listeners and the [`SchedulingPolicy`]; a [`ListenerRecord`] is a listener
+//!   as it passes between owners (export, hand-over, adoption).
 
 mod cluster;
 mod command;
@@ -33,10 +34,11 @@ mod worker;
 mod worker_handle;
 
 pub use cluster::{Cluster, ClusterHandle};
-pub use command::{Export, Exported, ScaleReport, ScaleTo, StopMode};
+pub use command::{Export, ScaleReport, ScaleTo, StopMode};
 pub use error::Error;
 pub use event::{Event, Events, UserMessage, WorkerInfo};
-pub use registry::{Adopt, SchedulingPolicy};
+pub use netcluster_protocol::handover::{ListenerInfo, ListenerRecord};
+pub use registry::SchedulingPolicy;
 pub use settings::{
     Backoff, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Limits, MAX_WORKERS, Readiness, Settings,
     Timeouts, WorkerKind, inherited_fds,

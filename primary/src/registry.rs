@@ -9,18 +9,24 @@
 //! request's backlog and mode options; later requests share it. A failed bind is not remembered,
 //! so a later request can retry.
 //!
+//! A listener goes in by a bind, or by the adoption of a
+//! [`ListenerRecord`] (systemd's socket, the store's, a predecessor's), both through one insert;
+//! at an upgrade every listener goes out as a record (an export) for the next primary to adopt.
+//!
 //! The registry starts no task by itself: for a round-robin listener it returns the accept
 //! task's descriptor and gate, and the supervisor starts it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use netcluster_protocol::handle::{self, ListenError};
+use netcluster_protocol::handover::{ListenerInfo, ListenerRecord};
 use netcluster_protocol::message::{BoundAddress, Grant, ListenKey, ListenParams, ListenTarget};
 
+use crate::error::Error;
 use crate::round_robin::{Gate, RoundRobin};
 
 /// How a cluster shares a listening socket among its workers (Node's `cluster.schedulingPolicy`).
@@ -188,6 +194,19 @@ impl Listener {
         self.fd.take()
     }
 
+    /// What describes it, for its record.
+    pub fn info(&self) -> ListenerInfo {
+        ListenerInfo {
+            target: self.key.target.clone(),
+            ordinal: self.key.ordinal,
+            name: Some(self.name.clone()),
+            fdname: Some(self.fdname.clone()),
+            pinned: self.pinned,
+            owned: self.owned,
+            reuseport: matches!(self.mode, Mode::ReusePort(_)),
+        }
+    }
+
     /// The round-robin state, if the listener is round robin.
     pub fn round_robin(&mut self) -> Option<&mut RoundRobin> {
         match &mut self.mode {
@@ -209,29 +228,31 @@ impl Drop for Listener {
     }
 }
 
-/// A listening socket the primary takes over instead of binding: from systemd, from its
-/// file-descriptor store, or from the primary it replaces (an upgrade).
+/// How a listener about to go in is shared (its state comes with it in [`Mode`]).
 #[derive(Debug)]
-pub struct Adopt {
-    /// What workers listen on to share it (the address it is bound to).
-    pub target: ListenTarget,
-    /// For port 0: which port-0 listen of a worker it answers.
-    pub ordinal: u32,
-    /// The operator's name for it.
-    pub name: Option<String>,
-    /// Its name in a program worker's `LISTEN_FDNAMES`.
-    pub fdname: Option<String>,
-    /// The socket (for reuseport: the reservation of the port, if any).
-    pub socket: Option<OwnedFd>,
+enum Sharing {
+    Shared,
+    RoundRobin,
+    /// With the slot state to put the slot sockets in.
+    ReusePort(Slots),
+}
+
+/// A listener about to go in: what bind or adopt found out about it.
+#[derive(Debug)]
+struct New {
+    key: ListenKey,
+    address: BoundAddress,
+    socket: Option<OwnedFd>,
     /// A reuseport listener's slot sockets, in the kernel's group order.
-    pub slots: Vec<(usize, OwnedFd)>,
-    /// Open for as long as the primary runs.
-    pub pinned: bool,
-    /// A netcluster primary made it (this one's predecessor): it may be changed at a stop. A
-    /// systemd socket is not: it is the operator's.
-    pub owned: bool,
-    /// A reuseport listener: `socket` (if any) only reserves the port, and `slots` listen.
-    pub reuseport: bool,
+    slots: Vec<(usize, OwnedFd)>,
+    /// The operator's name (`None`: its address).
+    name: Option<String>,
+    /// Its `LISTEN_FDNAMES` name (`None`: made from the name).
+    fdname: Option<String>,
+    pinned: bool,
+    owned: bool,
+    unlink: Option<PathBuf>,
+    sharing: Sharing,
 }
 
 /// A listener just bound; for round robin, what the accept task needs.
@@ -283,110 +304,82 @@ impl Registry {
     ) -> Result<Bound, ListenError> {
         let tcp = matches!(key.target, ListenTarget::Tcp(_) | ListenTarget::TcpAny(_));
         let stale_ok = pinned.is_some();
-        let (fd, address, mode) = match self.policy {
+        let (fd, address, sharing) = match self.policy {
             SchedulingPolicy::ReusePort if tcp => {
                 let (fd, address) = handle::reserve_reuse_port(&key.target, params)?;
-                (fd, address, None)
+                let slots = Slots {
+                    params: params.clone(),
+                    ..Slots::default()
+                };
+                (fd, address, Sharing::ReusePort(slots))
             }
             SchedulingPolicy::RoundRobin => {
                 let (fd, address) = bind(&key.target, params, stale_ok)?;
-                let gate = Gate::new(self.accept_ahead);
-                (fd, address, Some(gate))
+                (fd, address, Sharing::RoundRobin)
             }
             _ => {
                 let (fd, address) = bind(&key.target, params, stale_ok)?;
-                (fd, address, None)
+                (fd, address, Sharing::Shared)
             }
         };
-        let id = self.next_id;
-        self.next_id += 1;
-        let acceptor = match &mode {
-            Some(gate) => Some((
-                fd.as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| ListenError::new(&key.target, e))?,
-                gate.clone(),
-            )),
-            None => None,
-        };
-        let mode = match (mode, self.policy) {
-            (Some(gate), _) => Mode::RoundRobin(Box::new(RoundRobin::new(gate, self.accept_ahead))),
-            (None, SchedulingPolicy::ReusePort) if tcp => Mode::ReusePort(Slots {
-                params: params.clone(),
-                ..Slots::default()
-            }),
-            (None, _) => Mode::Shared,
-        };
-        let unlink = match &key.target {
-            ListenTarget::Unix(path) => Some(path.clone()),
-            _ => None,
-        };
-        let name = pinned.clone().unwrap_or_else(|| key.target.to_string());
-        let fdname = fd_name(&name, id);
-        self.listeners.insert(
-            id,
-            Listener {
-                id,
-                key: key.clone(),
-                name,
-                fdname,
-                address,
-                fd: Some(fd),
-                pinned: pinned.is_some(),
-                owned: !matches!(key.target, ListenTarget::Fd(_)),
-                members: BTreeSet::new(),
-                unlink,
-                mode,
+        self.insert(New {
+            key: key.clone(),
+            address,
+            socket: Some(fd),
+            slots: Vec::new(),
+            pinned: pinned.is_some(),
+            name: pinned,
+            fdname: None,
+            owned: !matches!(key.target, ListenTarget::Fd(_)),
+            unlink: match &key.target {
+                ListenTarget::Unix(path) => Some(path.clone()),
+                _ => None,
             },
-        );
-        self.by_key.insert(key.clone(), id);
-        Ok(Bound { id, acceptor })
+            sharing,
+        })
     }
 
-    /// Takes `adopt`'s sockets over as the listener of its key (the key must not be bound).
+    /// Takes `record`'s sockets over as the listener of its key (the key must not be bound).
     ///
     /// # Errors
-    /// When the socket cannot be duplicated for a round-robin accept task, or there is none.
-    pub fn adopt(&mut self, adopt: Adopt) -> Result<Bound, ListenError> {
+    /// When the record has no socket, a socket is not bound, a reuseport listener does not fit
+    /// the policy, or a socket cannot be duplicated for a round-robin accept task.
+    pub fn adopt(&mut self, record: ListenerRecord) -> Result<Bound, ListenError> {
+        let ListenerRecord {
+            info,
+            socket,
+            slots,
+        } = record;
         let key = ListenKey {
-            target: adopt.target.clone(),
-            ordinal: adopt.ordinal,
+            target: info.target,
+            ordinal: info.ordinal,
         };
         let named = |e: io::Error| ListenError::new(&key.target, e);
-        let first_slot = adopt.slots.first().map(|(_, fd)| fd.as_fd());
-        let address = match (&adopt.socket, first_slot) {
+        let first_slot = slots.first().map(|(_, fd)| fd.as_fd());
+        let address = match (&socket, first_slot) {
             (Some(fd), _) => handle::check_bound(fd.as_fd()),
             (None, Some(fd)) => handle::check_bound(fd),
             (None, None) => Err(io::Error::new(io::ErrorKind::InvalidInput, "no socket")),
         }
         .map_err(named)?;
+        let every = || socket.iter().chain(slots.iter().map(|(_, fd)| fd));
         // Like the sockets the primary binds: accept tasks and workers never block on them
         // (systemd passes its sockets blocking).
-        for fd in adopt
-            .socket
-            .iter()
-            .chain(adopt.slots.iter().map(|(_, fd)| fd))
-        {
+        for fd in every() {
             socket2::SockRef::from(fd)
                 .set_nonblocking(true)
                 .map_err(named)?;
         }
-        if adopt.owned {
+        if info.owned {
             // A primary that stopped gracefully left its filter refusing new connections on
             // the sockets it gave systemd's store: this one takes connections again.
-            let sockets = adopt
-                .socket
-                .iter()
-                .chain(adopt.slots.iter().map(|(_, fd)| fd));
-            for fd in sockets {
+            for fd in every() {
                 handle::accept_new_connections(fd.as_fd()).map_err(named)?;
             }
         }
-        let id = self.next_id;
-        self.next_id += 1;
         let tcp = matches!(address, BoundAddress::Tcp(_));
-        let (mode, acceptor) = match self.policy {
-            _ if adopt.reuseport && !(tcp && self.policy == SchedulingPolicy::ReusePort) => {
+        let sharing = match self.policy {
+            _ if info.reuseport && !(tcp && self.policy == SchedulingPolicy::ReusePort) => {
                 return Err(named(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
@@ -395,13 +388,42 @@ impl Registry {
                     ),
                 )));
             }
-            SchedulingPolicy::RoundRobin => {
-                let Some(fd) = &adopt.socket else {
-                    return Err(named(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "no socket",
-                    )));
-                };
+            SchedulingPolicy::RoundRobin => Sharing::RoundRobin,
+            SchedulingPolicy::ReusePort if info.reuseport => Sharing::ReusePort(Slots::default()),
+            // One socket given, not made per slot: it is shared (a systemd socket).
+            _ => Sharing::Shared,
+        };
+        self.insert(New {
+            // A socket file the predecessor made is this primary's to remove; systemd's are
+            // systemd's.
+            unlink: match (&key.target, info.owned) {
+                (ListenTarget::Unix(path), true) => Some(path.clone()),
+                _ => None,
+            },
+            key,
+            address,
+            socket,
+            slots,
+            name: info.name,
+            fdname: info.fdname,
+            pinned: info.pinned,
+            owned: info.owned,
+            sharing,
+        })
+    }
+
+    /// Adds a listener that bind or adopt made ready: the one place a listener goes in. A
+    /// round-robin listener comes back with what its accept task needs.
+    ///
+    /// # Errors
+    /// When a round-robin listener has no socket, or it cannot be duplicated (`EMFILE`).
+    fn insert(&mut self, new: New) -> Result<Bound, ListenError> {
+        let named = |e: io::Error| ListenError::new(&new.key.target, e);
+        let (mode, acceptor) = match new.sharing {
+            Sharing::RoundRobin => {
+                let fd = new.socket.as_ref().ok_or_else(|| {
+                    named(io::Error::new(io::ErrorKind::InvalidInput, "no socket"))
+                })?;
                 let gate = Gate::new(self.accept_ahead);
                 let dup = fd.as_fd().try_clone_to_owned().map_err(named)?;
                 (
@@ -409,45 +431,70 @@ impl Registry {
                     Some((dup, gate)),
                 )
             }
-            // One socket given, not made per slot: it is shared (a systemd socket).
-            SchedulingPolicy::ReusePort if adopt.reuseport => {
-                let mut slots = Slots {
-                    params: ListenParams::default(),
-                    ..Slots::default()
-                };
-                for (slot, fd) in adopt.slots {
+            Sharing::ReusePort(mut slots) => {
+                for (slot, fd) in new.slots {
                     slots.group.push(slot);
                     slots.sockets.insert(slot, fd);
                 }
                 (Mode::ReusePort(slots), None)
             }
-            _ => (Mode::Shared, None),
+            Sharing::Shared => (Mode::Shared, None),
         };
-        let name = adopt.name.clone().unwrap_or_else(|| key.target.to_string());
-        let fdname = adopt.fdname.clone().unwrap_or_else(|| fd_name(&name, id));
+        let id = self.next_id;
+        self.next_id += 1;
+        let name = new.name.unwrap_or_else(|| new.key.target.to_string());
+        let fdname = new.fdname.unwrap_or_else(|| fd_name(&name, id));
+        self.by_key.insert(new.key.clone(), id);
         self.listeners.insert(
             id,
             Listener {
                 id,
-                key: key.clone(),
+                key: new.key,
                 name,
                 fdname,
-                address,
-                fd: adopt.socket,
-                pinned: adopt.pinned,
-                owned: adopt.owned,
+                address: new.address,
+                fd: new.socket,
+                pinned: new.pinned,
+                owned: new.owned,
                 members: BTreeSet::new(),
-                // A socket file the predecessor made is this primary's to remove; systemd's
-                // are systemd's.
-                unlink: match (&key.target, adopt.owned) {
-                    (ListenTarget::Unix(path), true) => Some(path.clone()),
-                    _ => None,
-                },
+                unlink: new.unlink,
                 mode,
             },
         );
-        self.by_key.insert(key, id);
         Ok(Bound { id, acceptor })
+    }
+
+    /// Duplicates of every listener's sockets with what describes them, for the primary that
+    /// takes over (an upgrade); of a reuseport listener's slots, those `keep` keeps (a slot
+    /// being retired keeps its socket only until its queue is empty).
+    ///
+    /// # Errors
+    /// When a socket cannot be duplicated (`EMFILE`), naming the listener.
+    pub fn export(&self, keep: impl Fn(usize) -> bool) -> Result<Vec<ListenerRecord>, Error> {
+        let mut out = Vec::new();
+        for l in self.listeners.values() {
+            let dup = |fd: BorrowedFd<'_>| {
+                fd.try_clone_to_owned()
+                    .map_err(|e| Error::io(format!("duplicate the socket of {}", l.address), e))
+            };
+            let socket = l.socket().map(dup).transpose()?;
+            let slots = match &l.mode {
+                Mode::ReusePort(slots) => slots
+                    .group
+                    .iter()
+                    .filter(|&&s| keep(s))
+                    .filter_map(|&s| slots.get(s).map(|fd| (s, fd)))
+                    .map(|(s, fd)| dup(fd).map(|fd| (s, fd)))
+                    .collect::<Result<Vec<_>, _>>()?,
+                _ => Vec::new(),
+            };
+            out.push(ListenerRecord {
+                info: l.info(),
+                socket,
+                slots,
+            });
+        }
+        Ok(out)
     }
 
     pub fn get(&self, id: u64) -> Option<&Listener> {
@@ -828,6 +875,122 @@ mod tests {
         };
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(text.split_whitespace().nth(2), Some("5"), "{text}");
+    }
+
+    #[test]
+    fn an_exported_listener_is_adopted_as_it_was() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let unix = ListenKey {
+            target: ListenTarget::Unix(dir.path().join("a.sock")),
+            ordinal: 0,
+        };
+        let mut old = Registry::new(SchedulingPolicy::RoundRobin, 4);
+        let tcp = old
+            .bind(&tcp0(1), &ListenParams::default(), Some("web".into()))
+            .expect("bind");
+        old.bind(&unix, &ListenParams::default(), None)
+            .expect("bind unix");
+        let records = old.export(|_| true).expect("export");
+        assert_eq!(records.len(), 2);
+        let web = &records[0];
+        assert_eq!(web.info, old.get(tcp.id).expect("l").info());
+        assert_eq!(web.info.name.as_deref(), Some("web"));
+        assert_eq!(web.info.fdname.as_deref(), Some("web"));
+        assert!(web.info.pinned && web.info.owned && !web.info.reuseport);
+        assert_eq!(web.sockets(), 1);
+        let exported_inode = inode(web.socket.as_ref().expect("socket"));
+
+        let mut new = Registry::new(SchedulingPolicy::RoundRobin, 4);
+        let infos: Vec<ListenerInfo> = records.iter().map(|r| r.info.clone()).collect();
+        let mut ids = Vec::new();
+        for record in records {
+            let bound = new.adopt(record).expect("adopt");
+            assert!(
+                bound.acceptor.is_some(),
+                "a round-robin listener's accept task"
+            );
+            ids.push(bound.id);
+        }
+        let adopted: Vec<ListenerInfo> = ids
+            .iter()
+            .map(|&id| new.get(id).expect("adopted").info())
+            .collect();
+        assert_eq!(adopted, infos, "the same key, names and flags");
+        let l = new.get(ids[0]).expect("web");
+        assert_eq!(l.address, old.get(tcp.id).expect("l").address);
+        assert_eq!(inode(&l.socket().expect("open")), exported_inode);
+        assert_eq!(new.find(&tcp0(1)), Some(ids[0]));
+        // The predecessor's socket file is the new primary's to remove; the old one's copy
+        // leaves it be.
+        old.disarm_unlinks();
+        old.close_all();
+        assert!(dir.path().join("a.sock").exists());
+        new.close_all();
+        assert!(!dir.path().join("a.sock").exists());
+    }
+
+    #[test]
+    fn a_reuseport_listener_goes_out_with_the_slots_kept_and_comes_back_with_them() {
+        let mut old = Registry::new(SchedulingPolicy::ReusePort, 4);
+        let b = old
+            .bind(&tcp0(0), &ListenParams::default(), Some("rp".into()))
+            .expect("reserve");
+        for slot in [1, 2, 3] {
+            old.grant(b.id, Some(slot)).expect("slot");
+        }
+        let records = old.export(|slot| slot != 2).expect("export");
+        let [record] = <[ListenerRecord; 1]>::try_from(records).expect("one");
+        assert!(record.info.reuseport);
+        assert!(record.socket.is_some(), "the reservation of the port");
+        assert_eq!(
+            record.slots.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![1, 3],
+            "slot 2 is being retired"
+        );
+        assert_eq!(record.sockets(), 3);
+
+        // Under another policy it cannot be taken over, and says so.
+        let mut shared = Registry::new(SchedulingPolicy::Shared, 4);
+        let dup = |r: &ListenerRecord| ListenerRecord {
+            info: r.info.clone(),
+            socket: r.socket.as_ref().map(|fd| fd.try_clone().expect("dup")),
+            slots: r
+                .slots
+                .iter()
+                .map(|(s, fd)| (*s, fd.try_clone().expect("dup")))
+                .collect(),
+        };
+        let err = shared.adopt(dup(&record)).expect_err("not reuseport");
+        assert!(err.to_string().contains("reuseport"), "{err}");
+
+        let mut new = Registry::new(SchedulingPolicy::ReusePort, 4);
+        let bound = new.adopt(record).expect("adopt");
+        assert!(bound.acceptor.is_none());
+        let Mode::ReusePort(slots) = &new.get(bound.id).expect("l").mode else {
+            panic!("reuseport");
+        };
+        assert_eq!(slots.group, vec![1, 3]);
+    }
+
+    #[test]
+    fn a_record_without_a_socket_is_refused() {
+        let mut r = Registry::new(SchedulingPolicy::Shared, 4);
+        let record = ListenerRecord {
+            info: ListenerInfo {
+                target: tcp0(0).target,
+                ordinal: 0,
+                name: None,
+                fdname: None,
+                pinned: true,
+                owned: false,
+                reuseport: false,
+            },
+            socket: None,
+            slots: Vec::new(),
+        };
+        let err = r.adopt(record).expect_err("nothing to adopt");
+        assert!(err.to_string().contains("no socket"), "{err}");
+        assert_eq!(r.iter().count(), 0);
     }
 
     #[test]

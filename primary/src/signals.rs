@@ -63,13 +63,13 @@ pub fn action(signal: Signal, interrupts_before: u32) -> Option<Action> {
     })
 }
 
-/// Handles [`HANDLED`] for `cluster` until it stops. A reload is the library's; an upgrade is
-/// carried out by `hooks.upgrade` (given by the program that knows how), and without it the
-/// signal is logged as not available.
+/// Handles [`HANDLED`] for `cluster` until it stops: each action is a call on the handle
+/// ([`ClusterHandle::reload`], [`ClusterHandle::upgrade`], …) in a task of its own, whose
+/// outcome is logged.
 ///
 /// # Errors
 /// When a handler cannot be installed.
-pub fn spawn(cluster: ClusterHandle, hooks: Hooks) -> io::Result<tokio::task::JoinHandle<()>> {
+pub fn spawn(cluster: ClusterHandle) -> io::Result<tokio::task::JoinHandle<()>> {
     let on = |sig: Signal| signal(SignalKind::from_raw(sig as i32));
     let mut term = on(Signal::SIGTERM)?;
     let mut int = on(Signal::SIGINT)?;
@@ -123,10 +123,12 @@ pub fn spawn(cluster: ClusterHandle, hooks: Hooks) -> io::Result<tokio::task::Jo
                         }
                     });
                 }
-                Action::Upgrade => match &hooks.upgrade {
-                    Some(f) => f(cluster),
-                    None => tracing::warn!("{sig}: upgrade is not available"),
-                },
+                Action::Upgrade => {
+                    tokio::spawn(async move {
+                        // The upgrade logs its outcome, either way.
+                        let _ = cluster.upgrade().await;
+                    });
+                }
                 Action::LogStatus => {
                     tokio::spawn(async move {
                         if let Ok(status) = cluster.status().await {
@@ -137,22 +139,6 @@ pub fn spawn(cluster: ClusterHandle, hooks: Hooks) -> io::Result<tokio::task::Jo
             }
         }
     }))
-}
-
-/// What the program offers beyond the library: a primary upgrade needs the program's own
-/// binary and arguments.
-#[derive(Default)]
-pub struct Hooks {
-    /// Starts a primary upgrade.
-    pub upgrade: Option<Box<dyn Fn(ClusterHandle) + Send + Sync>>,
-}
-
-impl std::fmt::Debug for Hooks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hooks")
-            .field("upgrade", &self.upgrade.is_some())
-            .finish()
-    }
 }
 
 #[cfg(test)]

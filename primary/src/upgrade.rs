@@ -4,7 +4,9 @@
 //! listening socket at any moment, so the accept queues never go away and no connection is
 //! refused. Node cannot do this (nodejs/node-v0.x-archive#5050); nginx, HAProxy and einhorn can.
 //!
-//! **The old primary** ([`Upgrader::upgrade`]):
+//! **The old primary** ([`ClusterHandle::upgrade`], which runs the [`Upgrader`] the program gave
+//! its cluster; `SIGUSR2` and the control socket's `upgrade` call it, as they call
+//! [`ClusterHandle::reload`]):
 //! 1. tells systemd `RELOADING=1` (with `MONOTONIC_USEC`), and duplicates every listener's
 //!    sockets ([`ClusterHandle::export`]);
 //! 2. starts the binary with its own arguments and environment, plus
@@ -18,11 +20,52 @@
 //! 5. hands over ([`ClusterHandle::hand_over`]): its workers drain as at a graceful stop, but
 //!    the sockets are left as they are for the new primary, and it exits once they have.
 //!
-//! **The new primary** ([`Incoming`]): receives and checks the hand-over, adopts every listener
-//! (the same keys, so its workers share the same sockets), starts its workers at the next
-//! generation, says `Ready`, and on `TakeOver` serves the control socket and tells systemd
-//! `READY=1`. If the old primary goes away before `TakeOver`, it takes over anyway: serving
-//! beats leaving the sockets to nobody.
+//! **The new primary** ([`Incoming`]): receives and checks the hand-over
+//! ([`Incoming::receive`]), takes its settings ([`Incoming::configure`]: the next generation, as
+//! many workers) and adopts every listener ([`Incoming::take_listeners`],
+//! [`ClusterHandle::adopt`]: the same keys, so its workers share the same sockets); then
+//! [`Incoming::take_over`] starts its workers, says `Ready`, and on `TakeOver` serves the control
+//! socket and tells systemd `READY=1`. If the old primary goes away before `TakeOver`, it takes
+//! over anyway: serving beats leaving the sockets to nobody. Any program whose primary is a
+//! [`Cluster`](crate::Cluster) does the same:
+//!
+//! ```no_run
+//! use netcluster_primary::{Cluster, Incoming, Settings, Upgrader, control};
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut incoming = Incoming::receive().await?; // before anything is bound
+//! let mut settings = Settings::from_current_exe()?;
+//! if let Some(inc) = &incoming {
+//!     inc.configure(&mut settings);
+//! }
+//! let mut cluster = Cluster::new(settings);
+//! // What an upgrade of this primary starts: this program again.
+//! cluster.set_upgrader(Upgrader::from_current_exe(cluster.settings().timeouts.ready)?);
+//! let handle = cluster.handle();
+//! let path = control::default_path();
+//! let _control = match incoming {
+//!     Some(mut inc) => {
+//!         for listener in inc.take_listeners() {
+//!             handle.adopt(listener).await?;
+//!         }
+//!         // Ready, then the control socket in place of the old primary's.
+//!         match inc.take_over(&handle, |h| control::serve_replacing(&path, h.clone())).await {
+//!             Ok(c) => c,
+//!             Err(e) => {
+//!                 cluster.wait().await; // its workers stop; the old primary serves on
+//!                 return Err(e.into());
+//!             }
+//!         }
+//!     }
+//!     None => {
+//!         let c = control::serve(&path, handle.clone())?;
+//!         // ... share the listeners ...
+//!         handle.scale(4).await?;
+//!         c
+//!     }
+//! };
+//! cluster.wait().await;
+//! # Ok(()) }
+//! ```
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -32,14 +75,15 @@ use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
 use netcluster_protocol::channel::{self, Channel};
-use netcluster_protocol::handover::{Handover, HandoverError, Received, Receiver, UPGRADE_FD_ENV};
+use netcluster_protocol::handover::{
+    Handover, HandoverError, ListenerRecord, Received, Receiver, UPGRADE_FD_ENV,
+};
 use serde::{Deserialize, Serialize};
 use std::os::fd::AsFd;
 
 use crate::cluster::ClusterHandle;
-use crate::command::Exported;
 use crate::error::Error;
-use crate::registry::Adopt;
+use crate::settings::Settings;
 
 /// The descriptor number of the hand-over in the new primary.
 const UPGRADE_FD: i32 = 3;
@@ -286,19 +330,6 @@ impl Upgrader {
     }
 }
 
-impl crate::control::Operations for Upgrader {
-    fn upgrade(
-        &self,
-        cluster: ClusterHandle,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>> {
-        let up = self.clone();
-        Box::pin(async move {
-            let report = up.upgrade(&cluster).await.map_err(|e| e.to_string())?;
-            serde_json::to_value(report).map_err(|e| e.to_string())
-        })
-    }
-}
-
 /// An upgrade under way, from the old primary's side: the new primary's process and channel.
 struct Upgrade<'a> {
     child: &'a mut tokio::process::Child,
@@ -420,56 +451,21 @@ async fn send_handover(
         .await?;
     let mut sockets = 0usize;
     for (index, l) in export.listeners.iter().enumerate() {
-        let Exported {
-            target,
-            ordinal,
-            name,
-            fdname,
-            pinned,
-            owned,
-            reuseport,
-            socket,
-            slots,
-        } = l;
         let index = count(index);
-        channel
-            .send(
-                &Handover::Listener {
-                    index,
-                    target: target.clone(),
-                    ordinal: *ordinal,
-                    name: name.clone(),
-                    fdname: fdname.clone(),
-                    pinned: *pinned,
-                    owned: *owned,
-                    reuseport: *reuseport,
-                    sockets: count(slots.len() + usize::from(socket.is_some())),
-                },
-                &[],
-            )
-            .await?;
-        if let Some(fd) = socket {
-            channel
-                .send(
-                    &Handover::Socket {
-                        listener: index,
-                        slot: None,
-                    },
-                    &[fd.as_fd()],
-                )
-                .await?;
-            sockets += 1;
-        }
-        for (slot, fd) in slots {
-            channel
-                .send(
-                    &Handover::Socket {
-                        listener: index,
-                        slot: Some(count(*slot)),
-                    },
-                    &[fd.as_fd()],
-                )
-                .await?;
+        let listener = Handover::Listener {
+            index,
+            info: l.info.clone(),
+            sockets: count(l.sockets()),
+        };
+        channel.send(&listener, &[]).await?;
+        let own = l.socket.iter().map(|fd| (None, fd));
+        let slots = l.slots.iter().map(|(slot, fd)| (Some(count(*slot)), fd));
+        for (slot, fd) in own.chain(slots) {
+            let frame = Handover::Socket {
+                listener: index,
+                slot,
+            };
+            channel.send(&frame, &[fd.as_fd()]).await?;
             sockets += 1;
         }
     }
@@ -570,23 +566,67 @@ impl Incoming {
         self.received.workers as usize
     }
 
+    /// Makes `settings` those of the primary taking over: its workers are the generation after
+    /// the old primary's, as many as it runs, and systemd hears `READY=1` from this primary
+    /// only once it is the service's main process ([`Incoming::take_over`] says it).
+    pub fn configure(&self, settings: &mut Settings) {
+        settings.generation = self.generation().saturating_add(1);
+        settings.workers = self.workers();
+        settings.announce_ready = false;
+    }
+
     /// The listeners handed over (taken out: a second call gets none), to
     /// [`ClusterHandle::adopt`] in order.
-    pub fn take_listeners(&mut self) -> Vec<Adopt> {
+    pub fn take_listeners(&mut self) -> Vec<ListenerRecord> {
         std::mem::take(&mut self.received.listeners)
-            .into_iter()
-            .map(|l| Adopt {
-                target: l.target,
-                ordinal: l.ordinal,
-                name: Some(l.name),
-                fdname: Some(l.fdname),
-                socket: l.socket,
-                slots: l.slots,
-                pinned: l.pinned,
-                owned: l.owned,
-                reuseport: l.reuseport,
-            })
-            .collect()
+    }
+
+    /// Takes over, once the listeners are adopted ([`Incoming::take_listeners`]): starts as
+    /// many workers as the old primary runs and waits until they are ready, says `Ready`, and
+    /// on `TakeOver` calls `serve` — which serves the control socket in place of the old
+    /// primary's ([`serve_replacing`](crate::control::serve_replacing)) — then says `Serving` and
+    /// tells systemd `READY=1`. Returns what `serve` made.
+    ///
+    /// # Errors
+    /// [`Error::Upgrade`] saying why this primary cannot take over: its workers were not ready,
+    /// the old primary called the upgrade off, `serve` failed. The old primary serves on, and
+    /// this cluster is handing over (its workers stop without touching a socket): wait for it
+    /// ([`Cluster::wait`](crate::Cluster::wait)) and exit.
+    pub async fn take_over<T>(
+        self,
+        cluster: &ClusterHandle,
+        serve: impl FnOnce(&ClusterHandle) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let workers = self.workers();
+        match cluster.scale(workers).await {
+            Ok(_) => tracing::info!("{workers} workers ready"),
+            Err(e) => {
+                tracing::error!("workers not ready: {e}");
+                return Err(self.abandon(cluster, &e.to_string()).await);
+            }
+        }
+        if let Err(e) = self.ready().await {
+            cluster.hand_over().await.ok();
+            return Err(e);
+        }
+        let served = match serve(cluster) {
+            Ok(served) => served,
+            Err(e) => return Err(self.abandon(cluster, &e.to_string()).await),
+        };
+        self.serving().await;
+        cluster.announce_ready().await;
+        tracing::info!("took over: this is the primary now");
+        Ok(served)
+    }
+
+    /// Gives the upgrade up before taking over (a listener could not be adopted, the workers
+    /// were not ready): tells the old primary, which serves on, and hands over — this cluster's
+    /// workers stop without touching a socket. Returns the error to exit with, once the
+    /// cluster has stopped ([`Cluster::wait`](crate::Cluster::wait)).
+    pub async fn abandon(self, cluster: &ClusterHandle, why: &str) -> Error {
+        self.failed(why).await;
+        cluster.hand_over().await.ok();
+        Error::Upgrade(format!("cannot take over from the old primary: {why}"))
     }
 
     /// Says `Ready` (every worker is ready) and waits for `TakeOver`. If the old primary went
@@ -595,7 +635,7 @@ impl Incoming {
     /// # Errors
     /// [`Error::Upgrade`] when the old primary called the upgrade off, or did not answer in
     /// time.
-    pub async fn ready(&self) -> Result<(), Error> {
+    async fn ready(&self) -> Result<(), Error> {
         let pid = std::process::id();
         if let Err(e) = self.channel.send(&Handover::Ready { pid }, &[]).await {
             tracing::warn!("cannot tell the old primary it is ready ({e}); taking over");
@@ -624,7 +664,7 @@ impl Incoming {
     }
 
     /// Tells the old primary it serves (it may go now) and closes the hand-over.
-    pub async fn serving(self) {
+    async fn serving(self) {
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
             self.channel.send(&Handover::Serving, &[]),
@@ -633,7 +673,7 @@ impl Incoming {
     }
 
     /// Tells the old primary this one cannot take over (it serves on).
-    pub async fn failed(self, reason: &str) {
+    async fn failed(self, reason: &str) {
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
             self.channel.send(
@@ -660,4 +700,94 @@ async fn receive_all(channel: &Channel) -> Result<Received, String> {
             .map_err(|e: HandoverError| e.to_string())?;
     }
     receiver.finish().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn incoming(generation: u64, workers: u32) -> (Incoming, Channel) {
+        let (ours, old) = Channel::pair().expect("pair");
+        let received = Received {
+            pid: 1,
+            generation,
+            workers,
+            listeners: Vec::new(),
+        };
+        (
+            Incoming {
+                channel: ours,
+                received,
+            },
+            old,
+        )
+    }
+
+    #[tokio::test]
+    async fn the_primary_taking_over_runs_the_next_generation_and_announces_later() {
+        let (inc, _old) = incoming(4, 3);
+        let mut settings = Settings::from_current_exe().expect("settings");
+        settings.generation = 1;
+        settings.workers = 1;
+        inc.configure(&mut settings);
+        assert_eq!(settings.generation, 5);
+        assert_eq!(settings.workers, 3);
+        assert!(!settings.announce_ready, "READY=1 waits for TakeOver");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_take_over_tells_the_old_primary_and_stops_the_cluster() {
+        let (inc, old) = incoming(1, 1);
+        let mut settings = Settings::from_current_exe().expect("settings");
+        inc.configure(&mut settings);
+        let mut cluster = crate::Cluster::new(settings);
+        let err = inc.abandon(&cluster.handle(), "no workers").await;
+        assert!(
+            matches!(&err, Error::Upgrade(why) if why.ends_with("no workers")),
+            "{err}"
+        );
+        let said = old.recv::<Handover>().await.expect("recv").map(|(m, _)| m);
+        assert_eq!(
+            said,
+            Some(Handover::Failed {
+                reason: "no workers".into()
+            })
+        );
+        tokio::time::timeout(Duration::from_secs(10), cluster.wait())
+            .await
+            .expect("the cluster stops");
+    }
+
+    #[tokio::test]
+    async fn a_cluster_given_no_upgrader_refuses_an_upgrade() {
+        let settings = Settings::from_current_exe().expect("settings");
+        let cluster = crate::Cluster::new(settings);
+        let handle = cluster.handle();
+        let err = handle.upgrade().await.expect_err("no upgrader");
+        assert!(
+            matches!(&err, Error::Upgrade(why) if why.contains("not available")),
+            "{err}"
+        );
+        handle.stop().await.expect("stop");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_without_a_binary_says_why_and_changes_nothing() {
+        let settings = Settings::from_current_exe().expect("settings");
+        let cluster = crate::Cluster::new(settings);
+        cluster.set_upgrader(Upgrader::new(
+            "/nonexistent/netcluster",
+            Vec::new(),
+            Duration::from_secs(1),
+        ));
+        let handle = cluster.handle();
+        let err = handle.upgrade().await.expect_err("nothing to start");
+        assert!(
+            matches!(&err, Error::Upgrade(why) if why.contains("/nonexistent/netcluster")),
+            "{err}"
+        );
+        let status = handle.status().await.expect("still serving");
+        assert!(!status.stopping);
+        handle.stop().await.expect("stop");
+    }
 }

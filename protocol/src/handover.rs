@@ -29,7 +29,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use serde::{Deserialize, Serialize};
 
 use crate::handle;
-use crate::message::{BoundAddress, Frame, ListenTarget};
+use crate::message::{Frame, ListenTarget};
 
 /// The version byte of hand-over frames.
 pub const HANDOVER_VERSION: u8 = 1;
@@ -60,21 +60,8 @@ pub enum Handover {
     Listener {
         /// Its place in the hand-over, from 0.
         index: u32,
-        /// What workers listen on to share it.
-        target: ListenTarget,
-        /// For port 0: which port-0 listen of a worker it answers.
-        ordinal: u32,
-        /// The operator's name.
-        name: String,
-        /// Its `LISTEN_FDNAMES` name.
-        fdname: String,
-        /// Configured by the operator (open for the primary's lifetime).
-        pinned: bool,
-        /// Made by a netcluster primary, not given by systemd.
-        owned: bool,
-        /// A reuseport listener: its own socket is a reservation of the port (bound, not
-        /// listening), and its slots' sockets follow.
-        reuseport: bool,
+        /// What describes it (its record without the sockets).
+        info: ListenerInfo,
         /// How many `Socket` frames follow for it.
         sockets: u32,
     },
@@ -145,29 +132,84 @@ pub enum HandoverError {
     },
 }
 
-/// One listener received.
-#[derive(Debug)]
-pub struct ReceivedListener {
-    /// What workers listen on to share it.
+/// What describes a listener apart from its sockets: the key workers share it by, its names,
+/// and how it is owned and shared. It is the body of the [`Handover::Listener`] frame.
+///
+/// On the wire it is what version 1 of the hand-over has always sent, field by field; a name
+/// that is `None` travels as an empty string (a listener the primary holds always has both
+/// names), and an empty string arrives as `None`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    /// What workers listen on to share it (for an adopted socket: the address it is bound to).
     pub target: ListenTarget,
-    /// For port 0: which port-0 listen it answers.
+    /// For port 0: which port-0 listen of a worker it answers.
     pub ordinal: u32,
-    /// The operator's name.
-    pub name: String,
-    /// Its `LISTEN_FDNAMES` name.
-    pub fdname: String,
-    /// Configured by the operator.
+    /// The operator's name for it; `None`: its address.
+    #[serde(with = "empty_is_none")]
+    pub name: Option<String>,
+    /// Its name in a program worker's `LISTEN_FDNAMES`; `None`: made from `name`.
+    #[serde(with = "empty_is_none")]
+    pub fdname: Option<String>,
+    /// Configured by the operator: open for as long as the primary runs.
     pub pinned: bool,
-    /// Made by a netcluster primary.
+    /// Made by a netcluster primary (this one, or the one it replaces), so the primary may
+    /// change it (refuse new connections at a stop, remove its socket file). A systemd socket
+    /// is not: it is the operator's.
     pub owned: bool,
-    /// A reuseport listener.
+    /// A reuseport listener: its own socket (if any) only reserves the port (bound, not
+    /// listening), and its slots' sockets listen.
     pub reuseport: bool,
-    /// Its own socket (for reuseport: the reservation of the port, bound, not listening).
+}
+
+/// A listener as it passes from one owner to another — out of a primary's registry (an
+/// export), across the hand-over of an upgrade, from systemd or its file-descriptor store —
+/// and into a primary's registry (an adoption): what describes it, and its sockets.
+#[derive(Debug)]
+pub struct ListenerRecord {
+    /// What describes it.
+    pub info: ListenerInfo,
+    /// Its own socket (for reuseport: the reservation of the port, if any).
     pub socket: Option<OwnedFd>,
-    /// Its reuseport slots' sockets, listening, in the kernel's group order.
+    /// A reuseport listener's slot sockets, listening, in the kernel's group order.
     pub slots: Vec<(usize, OwnedFd)>,
-    /// Where it is bound.
-    pub address: BoundAddress,
+}
+
+impl ListenerRecord {
+    /// A record of one socket (a listener that is not reuseport).
+    pub fn new(info: ListenerInfo, socket: OwnedFd) -> ListenerRecord {
+        ListenerRecord {
+            info,
+            socket: Some(socket),
+            slots: Vec::new(),
+        }
+    }
+
+    /// How many sockets it has: its own and its slots'.
+    pub fn sockets(&self) -> usize {
+        self.slots.len() + usize::from(self.socket.is_some())
+    }
+}
+
+/// `Option<String>` as a string that is empty for `None`.
+mod empty_is_none {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    // The signature serde's `with` asks for.
+    #[allow(clippy::ref_option)]
+    pub fn serialize<S: Serializer>(name: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(name.as_deref().unwrap_or(""))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok((!name.is_empty()).then_some(name))
+    }
+}
+
+/// A listener being received: its record, and how many sockets it announced.
+#[derive(Debug)]
+struct Pending {
+    record: ListenerRecord,
     expected: u32,
 }
 
@@ -180,15 +222,16 @@ pub struct Received {
     pub generation: u64,
     /// How many workers it runs.
     pub workers: u32,
-    /// The listeners, in the old primary's order.
-    pub listeners: Vec<ReceivedListener>,
+    /// The listeners, in the old primary's order, each with every socket it announced (each
+    /// checked to be a bound socket, listening where it must).
+    pub listeners: Vec<ListenerRecord>,
 }
 
 /// Checks and collects the frames of a hand-over, from `Hello` to `Done`.
 #[derive(Debug, Default)]
 pub struct Receiver {
     hello: Option<(u32, u64, u32, u32)>,
-    listeners: Vec<ReceivedListener>,
+    listeners: Vec<Pending>,
     sockets: u32,
     done: bool,
 }
@@ -241,13 +284,7 @@ impl Receiver {
             }
             Handover::Listener {
                 index,
-                target,
-                ordinal,
-                name,
-                fdname,
-                pinned,
-                owned,
-                reuseport,
+                info,
                 sockets,
             } => {
                 let announced = self.announced_listeners()?;
@@ -258,6 +295,8 @@ impl Receiver {
                         "listener {index} where listener {expected} of {announced} was due"
                     )));
                 }
+                let name = info.name.as_deref().unwrap_or_default();
+                let fdname = info.fdname.as_deref().unwrap_or_default();
                 if name.len() > MAX_NAME || fdname.len() > MAX_NAME {
                     return Err(HandoverError::Limit(format!(
                         "listener {index}'s name is longer than {MAX_NAME} bytes"
@@ -275,17 +314,12 @@ impl Receiver {
                         MAX_SLOTS + 1
                     )));
                 }
-                self.listeners.push(ReceivedListener {
-                    target,
-                    ordinal,
-                    name,
-                    fdname,
-                    pinned,
-                    owned,
-                    reuseport,
-                    socket: None,
-                    slots: Vec::new(),
-                    address: BoundAddress::Unix(std::path::PathBuf::new()),
+                self.listeners.push(Pending {
+                    record: ListenerRecord {
+                        info,
+                        socket: None,
+                        slots: Vec::new(),
+                    },
                     expected: sockets,
                 });
                 Ok(())
@@ -297,7 +331,11 @@ impl Receiver {
                 })?;
                 let index =
                     u32::try_from(self.listeners.len().saturating_sub(1)).unwrap_or(u32::MAX);
-                let Some(l) = self.listeners.last_mut() else {
+                let Some(Pending {
+                    record: l,
+                    expected,
+                }) = self.listeners.last_mut()
+                else {
                     return Err(HandoverError::Order("a Socket before any Listener".into()));
                 };
                 if listener != index {
@@ -305,17 +343,15 @@ impl Receiver {
                         "a socket of listener {listener} during listener {index}"
                     )));
                 }
-                let have = u32::try_from(l.slots.len()).unwrap_or(u32::MAX)
-                    + u32::from(l.socket.is_some());
-                if have >= l.expected {
+                let have = u32::try_from(l.sockets()).unwrap_or(u32::MAX);
+                if have >= *expected {
                     return Err(HandoverError::Limit(format!(
-                        "listener {index} announced {} sockets and sent more",
-                        l.expected
+                        "listener {index} announced {expected} sockets and sent more"
                     )));
                 }
                 let what = match slot {
-                    None => format!("of listener {index} ({})", l.target),
-                    Some(s) => format!("of slot {s} of listener {index} ({})", l.target),
+                    None => format!("of listener {index} ({})", l.info.target),
+                    Some(s) => format!("of slot {s} of listener {index} ({})", l.info.target),
                 };
                 let named = |error: io::Error| HandoverError::Socket {
                     what: what.clone(),
@@ -330,16 +366,15 @@ impl Receiver {
                         }
                         // A reuseport reservation is bound, not listening; every other
                         // listener's own socket listens.
-                        let address = if l.reuseport {
-                            handle::check_bound(fd.as_fd()).map_err(named)?
+                        if l.info.reuseport {
+                            handle::check_bound(fd.as_fd()).map_err(named)?;
                         } else {
-                            handle::check_listening(fd.as_fd()).map_err(named)?
-                        };
-                        l.address = address;
+                            handle::check_listening(fd.as_fd()).map_err(named)?;
+                        }
                         l.socket = Some(fd);
                     }
                     Some(s) => {
-                        if !l.reuseport {
+                        if !l.info.reuseport {
                             return Err(HandoverError::Order(format!(
                                 "a slot socket for listener {index}, which is not reuseport"
                             )));
@@ -350,10 +385,7 @@ impl Receiver {
                                 "slot {s} of listener {index} twice"
                             )));
                         }
-                        let address = handle::check_listening(fd.as_fd()).map_err(named)?;
-                        if l.socket.is_none() && l.slots.is_empty() {
-                            l.address = address;
-                        }
+                        handle::check_listening(fd.as_fd()).map_err(named)?;
                         l.slots.push((s, fd));
                     }
                 }
@@ -390,17 +422,15 @@ impl Receiver {
     /// The last listener got every socket it announced.
     fn check_last_complete(&self) -> Result<(), HandoverError> {
         match self.listeners.last() {
-            Some(l) => {
-                let have = u32::try_from(l.slots.len()).unwrap_or(u32::MAX)
-                    + u32::from(l.socket.is_some());
-                if have == l.expected {
+            Some(Pending { record, expected }) => {
+                let have = u32::try_from(record.sockets()).unwrap_or(u32::MAX);
+                if have == *expected {
                     Ok(())
                 } else {
                     Err(HandoverError::Order(format!(
-                        "listener {} ({}) got {have} of its {} sockets",
+                        "listener {} ({}) got {have} of its {expected} sockets",
                         self.listeners.len() - 1,
-                        l.target,
-                        l.expected
+                        record.info.target,
                     )))
                 }
             }
@@ -425,7 +455,7 @@ impl Receiver {
             pid,
             generation,
             workers,
-            listeners: self.listeners,
+            listeners: self.listeners.into_iter().map(|p| p.record).collect(),
         })
     }
 }
@@ -449,7 +479,7 @@ fn variant_name(msg: &Handover) -> &'static str {
 mod tests {
     use super::*;
     use crate::channel::Channel;
-    use crate::message::ListenParams;
+    use crate::message::{BoundAddress, ListenParams};
     use std::net::SocketAddr;
 
     fn listener() -> (OwnedFd, SocketAddr) {
@@ -470,16 +500,22 @@ mod tests {
         }
     }
 
-    fn meta(index: u32, addr: SocketAddr, sockets: u32) -> Handover {
-        Handover::Listener {
-            index,
+    fn info(addr: SocketAddr, name: &str) -> ListenerInfo {
+        ListenerInfo {
             target: ListenTarget::Tcp(addr),
             ordinal: 0,
-            name: "web".into(),
-            fdname: "web".into(),
+            name: Some(name.into()),
+            fdname: Some(name.into()),
             pinned: true,
             owned: true,
             reuseport: false,
+        }
+    }
+
+    fn meta(index: u32, addr: SocketAddr, sockets: u32) -> Handover {
+        Handover::Listener {
+            index,
+            info: info(addr, "web"),
             sockets,
         }
     }
@@ -519,7 +555,108 @@ mod tests {
         let got = r.finish().expect("finish");
         assert_eq!(got.generation, 3);
         assert_eq!(got.listeners.len(), 2);
-        assert_eq!(got.listeners[1].address, BoundAddress::Tcp(addr_b));
+        let second = &got.listeners[1];
+        assert_eq!(second.info, info(addr_b, "web"));
+        assert_eq!(second.sockets(), 1);
+        let socket = second.socket.as_ref().expect("its socket").as_fd();
+        assert_eq!(
+            handle::check_listening(socket).expect("listening"),
+            BoundAddress::Tcp(addr_b)
+        );
+    }
+
+    /// The `Listener` frame as version 1 has always sent it, field by field.
+    #[derive(Serialize)]
+    enum Version1 {
+        #[allow(dead_code)]
+        Hello,
+        Listener {
+            index: u32,
+            target: ListenTarget,
+            ordinal: u32,
+            name: String,
+            fdname: String,
+            pinned: bool,
+            owned: bool,
+            reuseport: bool,
+            sockets: u32,
+        },
+    }
+
+    #[test]
+    fn the_listener_frame_is_what_version_1_sent() {
+        let addr: SocketAddr = "127.0.0.1:8124".parse().expect("addr");
+        let now = Handover::Listener {
+            index: 2,
+            info: ListenerInfo {
+                ordinal: 1,
+                reuseport: true,
+                ..info(addr, "web")
+            },
+            sockets: 3,
+        };
+        let then = Version1::Listener {
+            index: 2,
+            target: ListenTarget::Tcp(addr),
+            ordinal: 1,
+            name: "web".into(),
+            fdname: "web".into(),
+            pinned: true,
+            owned: true,
+            reuseport: true,
+            sockets: 3,
+        };
+        let now_bytes = postcard::to_stdvec(&now).expect("encode");
+        assert_eq!(now_bytes, postcard::to_stdvec(&then).expect("encode"));
+        let back: Handover = postcard::from_bytes(&now_bytes).expect("decode");
+        assert_eq!(back, now);
+    }
+
+    #[test]
+    fn a_name_left_out_travels_empty_and_arrives_left_out() {
+        let addr: SocketAddr = "127.0.0.1:8124".parse().expect("addr");
+        let unnamed = ListenerInfo {
+            name: None,
+            fdname: None,
+            ..info(addr, "x")
+        };
+        let bytes = postcard::to_stdvec(&unnamed).expect("encode");
+        let back: ListenerInfo = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back, unnamed);
+        let empty = Version1::Listener {
+            index: 0,
+            target: ListenTarget::Tcp(addr),
+            ordinal: 0,
+            name: String::new(),
+            fdname: String::new(),
+            pinned: true,
+            owned: true,
+            reuseport: false,
+            sockets: 1,
+        };
+        let back: Handover =
+            postcard::from_bytes(&postcard::to_stdvec(&empty).expect("encode")).expect("decode");
+        let Handover::Listener { info: got, .. } = back else {
+            panic!("a listener frame");
+        };
+        assert_eq!(got, unnamed);
+    }
+
+    #[test]
+    fn a_record_counts_its_own_socket_and_its_slots() {
+        let (a, addr) = listener();
+        let (b, _) = listener();
+        let one = ListenerRecord::new(info(addr, "web"), a);
+        assert_eq!(one.sockets(), 1);
+        let slots_only = ListenerRecord {
+            info: ListenerInfo {
+                reuseport: true,
+                ..info(addr, "web")
+            },
+            socket: None,
+            slots: vec![(1, b)],
+        };
+        assert_eq!(slots_only.sockets(), 1);
     }
 
     #[test]
@@ -584,13 +721,10 @@ mod tests {
         r.take(hello(1), vec![]).expect("hello");
         let long = Handover::Listener {
             index: 0,
-            target: ListenTarget::Tcp(addr),
-            ordinal: 0,
-            name: "x".repeat(MAX_NAME + 1),
-            fdname: "x".into(),
-            pinned: true,
-            owned: true,
-            reuseport: false,
+            info: ListenerInfo {
+                name: Some("x".repeat(MAX_NAME + 1)),
+                ..info(addr, "x")
+            },
             sockets: 1,
         };
         assert!(matches!(r.take(long, vec![]), Err(HandoverError::Limit(_))));
@@ -631,13 +765,11 @@ mod tests {
                 let (fd, addr) = listener();
                 let m = Handover::Listener {
                     index: i,
-                    target: ListenTarget::Tcp(addr),
-                    ordinal: 0,
-                    name: format!("{i}-{}", "n".repeat(1000)),
-                    fdname: format!("listener{i}"),
-                    pinned: true,
-                    owned: true,
-                    reuseport: false,
+                    info: ListenerInfo {
+                        name: Some(format!("{i}-{}", "n".repeat(1000))),
+                        fdname: Some(format!("listener{i}")),
+                        ..info(addr, "x")
+                    },
                     sockets: 1,
                 };
                 old.send(&m, &[]).await.expect("meta");
@@ -672,7 +804,13 @@ mod tests {
         };
         let ((), got) = tokio::join!(sender, receiver);
         assert_eq!(got.listeners.len(), n as usize);
-        assert!(got.listeners[149].name.starts_with("149-"));
+        assert!(
+            got.listeners[149]
+                .info
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("149-"))
+        );
         assert!(got.listeners.iter().all(|l| l.socket.is_some()));
     }
 }

@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use netcluster::cluster::Status;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
@@ -562,6 +563,22 @@ pub fn status_json(r: &Running) -> serde_json::Value {
     serde_json::from_str(&out).expect("status JSON")
 }
 
+/// `netcluster status --json` of `r`'s primary, read as the library's [`Status`]: the schema
+/// the tests rely on is the type's.
+pub fn status(r: &Running) -> Status {
+    let (status, out, err) = ctl(r, &["status", "--json"]);
+    assert!(status.success(), "status failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}\n{out}"))
+}
+
+/// Waits until `r`'s primary reports `n` workers, all listening; its status then.
+pub fn wait_listening(r: &Running, n: usize) -> Status {
+    eventually(Duration::from_secs(30), "the workers to listen", || {
+        let s = status(r);
+        (s.workers.len() == n && s.workers.iter().all(|w| w.state == "listening")).then_some(s)
+    })
+}
+
 /// The `listening on ADDRESS` line's address.
 pub fn listening_addr(r: &mut Running) -> std::net::SocketAddr {
     let line = r.wait_stdout(Duration::from_secs(30), |l| l.starts_with("listening on "));
@@ -718,15 +735,7 @@ pub fn settled_fd_count(pid: u32) -> usize {
 
 /// The pids of `r`'s workers, by slot.
 pub fn worker_pids_of(r: &Running) -> Vec<u32> {
-    let s = status_json(r);
-    s["workers"]
-        .as_array()
-        .map(|ws| {
-            ws.iter()
-                .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
-                .collect()
-        })
-        .unwrap_or_default()
+    status(r).workers.iter().map(|w| w.pid).collect()
 }
 
 /// A copy of the `netcluster` binary in `dir`, to be replaced by an upgrade test the way an
@@ -749,7 +758,7 @@ pub fn install_over(path: &Path, contents: &[u8]) {
 
 /// The pid of `r`'s primary now (it changes with an upgrade).
 pub fn primary_pid(r: &Running) -> u32 {
-    status_json(r)["pid"].as_u64().expect("pid") as u32
+    status(r).pid
 }
 
 /// What each descriptor of process `pid` is (`readlink /proc/PID/fd/N`), by number.

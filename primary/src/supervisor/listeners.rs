@@ -76,13 +76,16 @@ impl Supervisor {
 
     /// Takes a listening socket over (systemd's, the store's, a predecessor's) as a pinned
     /// listener.
-    pub(super) fn adopt(&mut self, adopt: crate::registry::Adopt) -> Result<BoundAddress, Error> {
+    pub(super) fn adopt(
+        &mut self,
+        listener: netcluster_protocol::handover::ListenerRecord,
+    ) -> Result<BoundAddress, Error> {
         if self.stop.active() {
             return Err(Error::Stopping);
         }
         let key = ListenKey {
-            target: adopt.target.clone(),
-            ordinal: adopt.ordinal,
+            target: listener.info.target.clone(),
+            ordinal: listener.info.ordinal,
         };
         if self.registry.find(&key).is_some() {
             return Err(Error::InvalidInput(format!(
@@ -90,26 +93,14 @@ impl Supervisor {
                 key.target
             )));
         }
-        let target = key.target.clone();
-        let bound = self.registry.adopt(adopt)?;
-        if let Some((fd, gate)) = bound.acceptor {
-            if let Err(e) = round_robin::spawn_acceptor(
-                bound.id,
-                fd,
-                target.to_string(),
-                gate,
-                self.accepts_tx.clone(),
-            ) {
-                drop(self.registry.remove(bound.id));
-                return Err(Error::Listen(ListenError::new(&target, e)));
-            }
-        }
-        if matches!(&target, ListenTarget::Tcp(a) if a.port() == 0) {
+        let bound = self.registry.adopt(listener)?;
+        let id = self.start_acceptor(bound, &key.target)?;
+        if matches!(&key.target, ListenTarget::Tcp(a) if a.port() == 0) {
             self.port0_shares = self.port0_shares.max(key.ordinal.saturating_add(1));
         }
-        self.store_in_systemd(bound.id);
+        self.store_in_systemd(id);
         self.registry
-            .get(bound.id)
+            .get(id)
             .map(|l| l.address.clone())
             .ok_or_else(|| Error::InvalidInput("the listener closed".into()))
     }
@@ -139,42 +130,6 @@ impl Supervisor {
         for id in unused {
             self.maybe_close(id);
         }
-    }
-
-    /// Duplicates of every listener's sockets, with their keys and names, for the primary that
-    /// takes over (an upgrade).
-    pub(super) fn export(&self) -> Result<Vec<crate::command::Exported>, Error> {
-        let mut out = Vec::new();
-        for l in self.registry.iter() {
-            let dup = |fd: std::os::fd::BorrowedFd<'_>| {
-                fd.try_clone_to_owned()
-                    .map_err(|e| Error::io(format!("duplicate the socket of {}", l.address), e))
-            };
-            let socket = l.socket().map(dup).transpose()?;
-            let slots = match &l.mode {
-                Mode::ReusePort(slots) => slots
-                    .group
-                    .iter()
-                    // A slot being retired keeps its socket only until its queue is empty.
-                    .filter(|s| self.table.slots.contains_key(s))
-                    .filter_map(|&s| slots.get(s).map(|fd| (s, fd)))
-                    .map(|(s, fd)| dup(fd).map(|fd| (s, fd)))
-                    .collect::<Result<Vec<_>, _>>()?,
-                _ => Vec::new(),
-            };
-            out.push(crate::command::Exported {
-                target: l.key.target.clone(),
-                ordinal: l.key.ordinal,
-                name: l.name.clone(),
-                fdname: l.fdname.clone(),
-                pinned: l.pinned,
-                owned: l.owned,
-                reuseport: matches!(l.mode, Mode::ReusePort(_)),
-                socket,
-                slots,
-            });
-        }
-        Ok(out)
     }
 
     /// Gives listener `id`'s sockets to systemd's file-descriptor store, when it keeps them:
@@ -223,16 +178,22 @@ impl Supervisor {
         pinned: Option<String>,
     ) -> Result<u64, ListenError> {
         let bound = self.registry.bind(key, params, pinned)?;
+        self.start_acceptor(bound, &key.target)
+    }
+
+    /// Starts the accept task of a round-robin listener just bound or adopted (the one place
+    /// it starts); a listener whose task cannot start goes again.
+    pub(super) fn start_acceptor(
+        &mut self,
+        bound: crate::registry::Bound,
+        target: &ListenTarget,
+    ) -> Result<u64, ListenError> {
         if let Some((fd, gate)) = bound.acceptor {
-            if let Err(e) = round_robin::spawn_acceptor(
-                bound.id,
-                fd,
-                key.target.to_string(),
-                gate,
-                self.accepts_tx.clone(),
-            ) {
+            let address = target.to_string();
+            let to = self.accepts_tx.clone();
+            if let Err(e) = round_robin::spawn_acceptor(bound.id, fd, address, gate, to) {
                 drop(self.registry.remove(bound.id));
-                return Err(ListenError::new(&key.target, e));
+                return Err(ListenError::new(target, e));
             }
         }
         Ok(bound.id)

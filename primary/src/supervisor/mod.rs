@@ -474,15 +474,19 @@ impl Supervisor {
                 let effects = self.reloads.request(reply, self.generation, &view);
                 self.apply(effects);
             }
-            Command::Adopt { adopt, reply } => {
-                let _ = reply.send(self.adopt(adopt));
+            Command::Adopt { listener, reply } => {
+                let _ = reply.send(self.adopt(listener));
             }
             Command::Export { reply } => {
-                let result = self.export().map(|listeners| crate::command::Export {
-                    listeners,
-                    generation: self.generation,
-                    workers: self.table.slots.len(),
-                });
+                let slots = &self.table.slots;
+                let result =
+                    self.registry
+                        .export(|slot| slots.contains_key(&slot))
+                        .map(|listeners| crate::command::Export {
+                            listeners,
+                            generation: self.generation,
+                            workers: self.table.slots.len(),
+                        });
                 let _ = reply.send(result);
             }
             Command::AnnounceReady => self.took_over(),
