@@ -4,7 +4,7 @@
 use std::io;
 use std::time::Duration;
 
-use netcluster_protocol::handle::ListenError;
+use netcluster_protocol::listening::ListenError;
 use netcluster_protocol::message::{BoundAddress, ListenParams, ListenTarget};
 use tokio::sync::{broadcast, mpsc, oneshot};
 

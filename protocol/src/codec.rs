@@ -205,7 +205,7 @@ mod tests {
                 ToPrimary::Stopping { signal: 15 },
                 ToPrimary::CountReply { seq: 1, count: 2 },
                 ToPrimary::Accepted {
-                    handle: 2,
+                    listener: 2,
                     accepted: vec![5, 6],
                     refused: vec![7],
                 },
@@ -237,7 +237,7 @@ mod tests {
                 ToWorker::ListenOk {
                     seq: 9,
                     address: BoundAddress::Unix("/tmp/x.sock".into()),
-                    grant: Grant::RoundRobin { handle: 2 },
+                    grant: Grant::RoundRobin { listener: 2 },
                 },
                 ToWorker::ListenErr {
                     seq: 9,
@@ -255,7 +255,7 @@ mod tests {
                 },
                 ToWorker::CountSent { seq: 8, origin: 3 },
                 ToWorker::Connections {
-                    handle: 2,
+                    listener: 2,
                     seqs: vec![5],
                     expires_ms: 1234,
                 },

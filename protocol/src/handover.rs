@@ -28,7 +28,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
-use crate::handle;
+use crate::listening;
 use crate::message::{BoundAddress, Frame, ListenTarget};
 
 /// The version byte of hand-over frames.
@@ -331,9 +331,9 @@ impl Receiver {
                         // A reuseport reservation is bound, not listening; every other
                         // listener's own socket listens.
                         let address = if l.reuseport {
-                            handle::check_bound(fd.as_fd()).map_err(named)?
+                            listening::check_bound(fd.as_fd()).map_err(named)?
                         } else {
-                            handle::check_listening(fd.as_fd()).map_err(named)?
+                            listening::check_listening(fd.as_fd()).map_err(named)?
                         };
                         l.address = address;
                         l.socket = Some(fd);
@@ -350,7 +350,7 @@ impl Receiver {
                                 "slot {s} of listener {index} twice"
                             )));
                         }
-                        let address = handle::check_listening(fd.as_fd()).map_err(named)?;
+                        let address = listening::check_listening(fd.as_fd()).map_err(named)?;
                         if l.socket.is_none() && l.slots.is_empty() {
                             l.address = address;
                         }
@@ -454,7 +454,8 @@ mod tests {
 
     fn listener() -> (OwnedFd, SocketAddr) {
         let target = ListenTarget::Tcp("127.0.0.1:0".parse().expect("addr"));
-        let (fd, address) = handle::bind_listener(&target, &ListenParams::default()).expect("bind");
+        let (fd, address) =
+            listening::bind_listener(&target, &ListenParams::default()).expect("bind");
         let BoundAddress::Tcp(addr) = address else {
             panic!("tcp");
         };

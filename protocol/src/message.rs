@@ -181,10 +181,10 @@ pub enum Grant {
     /// `SCHED_NONE`).
     Shared,
     /// The primary accepts and hands each connection to a worker in turn, as
-    /// `ToWorker::Connections` messages for this handle (Node's `SCHED_RR`).
+    /// `ToWorker::Connections` messages for this listener (Node's `SCHED_RR`).
     RoundRobin {
         /// The primary's id for the listener.
-        handle: u64,
+        listener: u64,
     },
     /// The worker binds the granted address itself with `SO_REUSEPORT` and the kernel
     /// balances connections.
@@ -274,8 +274,8 @@ pub enum ToPrimary {
     /// Answers to `ToWorker::Connections` on one listener, several at once: a connection in
     /// `refused` (the server is closing, or at its `maxConnections`) goes to another worker.
     Accepted {
-        /// The listener.
-        handle: u64,
+        /// The listener ([`Grant::RoundRobin`]'s id).
+        listener: u64,
         /// Hand-offs the worker took.
         accepted: Vec<u64>,
         /// Hand-offs the worker did not take.
@@ -440,12 +440,12 @@ pub enum ToWorker {
         /// The sender's server.
         origin: u64,
     },
-    /// Connections the primary accepted on round-robin listener `handle`: one descriptor per
+    /// Connections the primary accepted on round-robin listener `listener`: one descriptor per
     /// hand-off number, in order (at most [`MAX_FDS_PER_MESSAGE`](crate::fd::MAX_FDS_PER_MESSAGE)).
     /// Answered by `ToPrimary::Accepted`.
     Connections {
-        /// The listener.
-        handle: u64,
+        /// The listener ([`Grant::RoundRobin`]'s id).
+        listener: u64,
         /// Hand-off numbers, echoed in the answer; the i-th descriptor is the i-th number's.
         seqs: Vec<u64>,
         /// `CLOCK_MONOTONIC` milliseconds (see [`monotonic_ms`]) after which the primary may

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netcluster_protocol::handle::ListenError;
+use netcluster_protocol::listening::ListenError;
 use netcluster_protocol::message::{
     BoundAddress, CountError, Grant, HandleKind, ListenKey, ListenParams, ListenerStats,
     PROTOCOL_VERSION, ToPrimary, ToWorker, monotonic_ms,
@@ -101,7 +101,7 @@ pub enum StopReason {
     Signal,
 }
 
-/// What the primary granted a listen: the socket itself (shared), a round-robin handle, or an
+/// What the primary granted a listen: the socket itself (shared), a round-robin listener, or an
 /// address to bind with `SO_REUSEPORT`.
 #[derive(Debug)]
 pub(crate) struct Granted {
@@ -183,7 +183,7 @@ pub struct Worker {
     pending: Mutex<Pending>,
     drain_timeout_ms: AtomicU64,
     stop: watch::Sender<Option<StopReason>>,
-    /// Round-robin listeners of this process's servers, by the primary's handle id.
+    /// Round-robin listeners of this process's servers, by the primary's listener id.
     round_robin: Mutex<HashMap<u64, mpsc::UnboundedSender<(u64, OwnedFd)>>>,
     /// Connection counters of the servers sharing a primary's socket, by key.
     counters: Mutex<Vec<Counter>>,
@@ -399,25 +399,30 @@ impl Worker {
         self.request_stop(StopReason::Requested, None);
     }
 
-    /// Receives the connections the primary hands over on round-robin listener `handle`.
-    pub(crate) fn register_round_robin(&self, handle: u64) -> Handoffs {
+    /// Receives the connections the primary hands over on round-robin listener `listener`.
+    pub(crate) fn register_round_robin(&self, listener: u64) -> Handoffs {
         let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.round_robin).insert(handle, tx);
+        lock(&self.round_robin).insert(listener, tx);
         rx
     }
 
-    /// No more connections for `handle` here (answered "not accepted" from now on).
-    pub(crate) fn unregister_round_robin(&self, handle: u64) {
-        lock(&self.round_robin).remove(&handle);
+    /// No more connections for `listener` here (answered "not accepted" from now on).
+    pub(crate) fn unregister_round_robin(&self, listener: u64) {
+        lock(&self.round_robin).remove(&listener);
     }
 
-    /// Answers round-robin hand-offs on `handle`, all in one message.
-    pub(crate) async fn answer_handoffs(&self, handle: u64, accepted: Vec<u64>, refused: Vec<u64>) {
+    /// Answers round-robin hand-offs on `listener`, all in one message.
+    pub(crate) async fn answer_handoffs(
+        &self,
+        listener: u64,
+        accepted: Vec<u64>,
+        refused: Vec<u64>,
+    ) {
         if accepted.is_empty() && refused.is_empty() {
             return;
         }
         let reply = ToPrimary::Accepted {
-            handle,
+            listener,
             accepted,
             refused,
         };
@@ -611,7 +616,7 @@ impl Worker {
                 };
                 // The channel checked that a Shared grant brought exactly one descriptor.
                 let handoffs = match grant {
-                    Grant::RoundRobin { handle } => Some(self.register_round_robin(handle)),
+                    Grant::RoundRobin { listener } => Some(self.register_round_robin(listener)),
                     _ => None,
                 };
                 let granted = Granted {
@@ -621,8 +626,8 @@ impl Worker {
                     handoffs,
                 };
                 if let Err(Ok(granted)) = tx.send(Ok(granted)) {
-                    if let Grant::RoundRobin { handle } = granted.grant {
-                        self.unregister_round_robin(handle);
+                    if let Grant::RoundRobin { listener } = granted.grant {
+                        self.unregister_round_robin(listener);
                     }
                     // The listen was abandoned (the server closed) before the answer came
                     // (test-net-server-close-before-ipc-response): the descriptor was closed
@@ -636,7 +641,7 @@ impl Worker {
                 }
             }
             ToWorker::Connections {
-                handle,
+                listener,
                 seqs,
                 expires_ms,
             } => {
@@ -646,7 +651,7 @@ impl Worker {
                 let mut refused = Vec::new();
                 {
                     let servers = lock(&self.round_robin);
-                    let tx = servers.get(&handle).filter(|_| !late);
+                    let tx = servers.get(&listener).filter(|_| !late);
                     // The channel checked that one descriptor came per number.
                     for (seq, fd) in seqs.into_iter().zip(fds) {
                         if tx.is_none_or(|tx| tx.send((seq, fd)).is_err()) {
@@ -655,7 +660,7 @@ impl Worker {
                     }
                 }
                 // No server takes them (it closed): the primary gives them to other workers.
-                self.answer_handoffs(handle, Vec::new(), refused).await;
+                self.answer_handoffs(listener, Vec::new(), refused).await;
             }
             ToWorker::ListenErr {
                 seq,

@@ -112,7 +112,7 @@ impl Supervisor {
         for l in self.registry.iter() {
             if l.owned {
                 for fd in l.listening() {
-                    if let Err(e) = handle::accept_new_connections(fd) {
+                    if let Err(e) = listening::accept_new_connections(fd) {
                         tracing::debug!(listener = %l.address, "cannot clear a socket filter: {e}");
                     }
                 }
@@ -365,7 +365,7 @@ impl Supervisor {
             )));
         }
         let dup = netcluster_protocol::fd::dup_raw(fd).map_err(named)?;
-        handle::check_listening(dup.as_fd()).map_err(named)?;
+        listening::check_listening(dup.as_fd()).map_err(named)?;
         let ino = inode(dup.as_fd());
         if let Some(l) = self
             .registry
@@ -659,7 +659,7 @@ impl Supervisor {
                 let sent = match self.workers.get(&b.worker) {
                     Some(w) => {
                         let msg = ToWorker::Connections {
-                            handle: l,
+                            listener: l,
                             seqs: b.seqs,
                             expires_ms,
                         };

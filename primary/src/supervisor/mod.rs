@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netcluster_protocol::handle::{self, ListenError};
+use netcluster_protocol::listening::{self, ListenError};
 use netcluster_protocol::message::{
     BoundAddress, CountError, ListenKey, ListenParams, ListenTarget, ListenerStats,
     PROTOCOL_VERSION, ToPrimary, ToWorker, monotonic_ms,
@@ -621,10 +621,10 @@ impl Supervisor {
             },
             ToPrimary::CountRequest { seq, key } => self.count_request(id, seq, &key),
             ToPrimary::Accepted {
-                handle,
+                listener,
                 accepted,
                 refused,
-            } => self.answered(id, handle, &accepted, &refused),
+            } => self.answered(id, listener, &accepted, &refused),
             ToPrimary::Pong { seq } => {
                 let answered = self
                     .workers

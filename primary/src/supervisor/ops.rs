@@ -321,7 +321,7 @@ impl Supervisor {
                 continue;
             }
             for fd in l.listening() {
-                if let Err(e) = handle::refuse_new_connections(fd) {
+                if let Err(e) = listening::refuse_new_connections(fd) {
                     tracing::debug!(listener = %l.address, "cannot filter new connections: {e}");
                 }
             }

@@ -9,7 +9,7 @@
 //! for the group that remains.
 //!
 //! Where the kernel refuses reuseport programs, the leaving sockets drop new SYNs instead
-//! ([`handle::refuse_new_connections`]): clients whose connection hashes there retry (after
+//! ([`listening::refuse_new_connections`]): clients whose connection hashes there retry (after
 //! a second) and land on a socket that stays once the leaving one has closed.
 
 #[allow(clippy::wildcard_imports)]
@@ -95,7 +95,7 @@ impl Supervisor {
                 );
                 for s in &leaving {
                     if let Some(fd) = slots.get(*s) {
-                        let _ = handle::refuse_new_connections(fd);
+                        let _ = listening::refuse_new_connections(fd);
                     }
                 }
             }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use netcluster_protocol::fd::{accept_nonblocking, register_async};
-use netcluster_protocol::handle::ListenError;
+use netcluster_protocol::listening::ListenError;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -277,7 +277,7 @@ impl Server {
         let raw = handle.as_fd().as_raw_fd();
         let named = |e: io::Error| io::Error::from(ListenError::new(format!("fd {raw}"), e));
         let dup = handle.as_fd().try_clone_to_owned().map_err(named)?;
-        let (fd, address) = netcluster_protocol::handle::adopt_listener(
+        let (fd, address) = netcluster_protocol::listening::adopt_listener(
             dup,
             netcluster_protocol::message::DEFAULT_BACKLOG,
         )
