@@ -134,6 +134,10 @@ impl Events {
 
     /// The next event; [`Event::Lagged`] if this subscriber fell behind; `None` once the
     /// cluster has stopped and every event was read.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it is tokio's `broadcast::Receiver::recv`, which takes an event only in
+    /// the poll that returns it. A dropped future loses no event; the next call returns it.
     pub async fn next(&mut self) -> Option<Event> {
         match self.rx.recv().await {
             Ok(ev) => Some(ev),

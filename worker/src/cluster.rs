@@ -205,14 +205,32 @@ static WORKER: OnceCell<Arc<Worker>> = OnceCell::const_new();
 /// # Errors
 /// When the environment names a descriptor that is not a channel, or the handshake fails (the
 /// primary speaks another protocol version, or closed the channel).
+///
+/// # Cancel safety
+/// Cancel safe: the handshake runs in a task of its own, which finishes it and keeps the
+/// connection even when the caller's future is dropped midway (a `listen` in a
+/// `tokio::select!` that another branch won), so a later call gets the same connection.
 pub async fn worker() -> io::Result<Option<Arc<Worker>>> {
     let Role::Worker { id } = role() else {
         return Ok(None);
     };
-    WORKER
-        .get_or_try_init(|| Worker::connect(id))
-        .await
-        .map(|w| Some(w.clone()))
+    if let Some(w) = WORKER.get() {
+        return Ok(Some(w.clone()));
+    }
+    // The channel was claimed from the environment once and for all: a handshake dropped
+    // halfway would close it and leave the process a worker with no way to its primary.
+    let connect = tokio::spawn(async move {
+        WORKER
+            .get_or_try_init(|| Worker::connect(id))
+            .await
+            .cloned()
+    });
+    match connect.await {
+        Ok(result) => result.map(Some),
+        Err(e) => Err(io::Error::other(format!(
+            "worker {id}: the handshake task failed: {e}"
+        ))),
+    }
 }
 
 impl Worker {
@@ -305,6 +323,11 @@ impl Worker {
     }
 
     /// Completes when the worker has been asked to stop, with the reason.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it reads a state (the stop reason, once set, stays set) and takes nothing,
+    /// so a dropped future loses nothing, and every call after the stop completes at once with
+    /// the same reason.
     pub async fn shutdown_requested(&self) -> StopReason {
         let mut rx = self.stop.subscribe();
         loop {
@@ -323,6 +346,9 @@ impl Worker {
     /// # Errors
     /// `InvalidData` when the value cannot be serialized, or its encoding is larger than a
     /// frame allows (64 KiB); the channel's error when the primary is gone.
+    ///
+    /// # Cancel safety
+    /// As [`Channel::send`]: a dropped future has sent the whole message or none of it.
     pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> io::Result<()> {
         let data = postcard::to_allocvec(message)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("message: {e}")))?;
@@ -340,6 +366,9 @@ impl Worker {
     /// consumed).
     /// A handle that came with the message is closed; use [`Worker::recv_with_handle`] to
     /// keep it.
+    ///
+    /// # Cancel safety
+    /// As [`Worker::recv_with_handle`]: cancel safe.
     pub async fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<T>> {
         Ok(self
             .recv_with_handle()
@@ -353,6 +382,12 @@ impl Worker {
     /// # Errors
     /// `InvalidData` naming the type when the message does not decode as `T` (the message and
     /// its handle are dropped).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: messages wait in a queue that the channel's task fills, and one is taken
+    /// (tokio's `mpsc::Receiver::recv`, behind a `tokio::sync::Mutex` for concurrent callers)
+    /// and decoded in the poll that returns it. A dropped future leaves every message, and its
+    /// handle, queued for the next call.
     pub async fn recv_with_handle<T: DeserializeOwned>(
         &self,
     ) -> io::Result<Option<(T, Option<ReceivedHandle>)>> {
@@ -538,16 +573,23 @@ impl Worker {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(seq, (key.clone(), tx));
         let target = key.target.clone();
+        // Dropped unsent (this future was, while the channel was full), the request is
+        // forgotten; once sent, its entry stays for the answer (see below).
+        let mut unsent = Unsent {
+            pending: &self.pending,
+            seq,
+            armed: true,
+        };
         let sent = self
             .channel
             .send(&ToPrimary::Listen { seq, key, params }, &[])
             .await;
         if let Err(e) = sent {
-            lock(&self.pending).remove(&seq);
             return Err(io::Error::other(format!(
                 "listen {target}: cannot ask the primary: {e}"
             )));
         }
+        unsent.armed = false;
         // If this future is dropped (the listen was abandoned), `tx` finds the receiver gone and
         // the late descriptor is closed when the reply is dropped.
         rx.await.unwrap_or_else(|_| {
@@ -808,6 +850,22 @@ impl Worker {
             ?reason,
             "connections still open after the {deadline:?} drain deadline; exiting"
         );
+    }
+}
+
+/// Forgets listen request `seq` when dropped: one that never reached the primary gets no
+/// answer.
+struct Unsent<'a> {
+    pending: &'a Mutex<Pending>,
+    seq: u64,
+    armed: bool,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(self.pending).remove(&self.seq);
+        }
     }
 }
 

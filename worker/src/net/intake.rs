@@ -126,6 +126,14 @@ impl Listener {
         }
     }
 
+    /// The next connection.
+    ///
+    /// Cancel safe for every connection (the accept loop awaits it in `tokio::select!` next to
+    /// the stops): each source hands over a connection only in the poll that returns it. One
+    /// answer can be lost: a round-robin hand-off whose descriptor is unusable is closed and
+    /// refused here, and if the future is dropped while that refusal waits for room in the
+    /// channel, the primary hears nothing; at the hand-off's deadline it gives the connection
+    /// to another worker, so the client waits that long but is served once.
     async fn accept(&mut self) -> io::Result<Incoming> {
         match self {
             Listener::Tcp(l, kind) => loop {

@@ -262,6 +262,21 @@ impl Server {
     /// `AddrInUse` when the server is already listening (Node's `ERR_SERVER_ALREADY_LISTEN`);
     /// otherwise the bind error (`EADDRINUSE`, `EACCES`, …) naming the address, in a worker the
     /// primary's.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a listen dropped before it resolves leaves the server not listening and
+    /// holds nothing. A host-name lookup is abandoned; a socket bound here is closed with the
+    /// future; the cluster handshake (on a worker's first listen) finishes in its own task; a
+    /// request to the primary that was not sent yet is forgotten, and the answer to one that
+    /// was is closed on arrival, after which the worker tells the primary it does not use the
+    /// socket (as Node does when a server closes before the primary's answer). The server's
+    /// state is set and its accept loop started in one step, with no await between them.
+    ///
+    /// One message can be lost: when a listen fails after the primary granted it (binding a
+    /// granted reusePort address failed, or a concurrent listen on the same server won) and
+    /// the future is dropped while the channel to the primary is full, the `Close` that gives
+    /// the grant back is not sent, and the primary counts this worker on that listener until
+    /// the worker exits.
     pub async fn listen(&self, options: impl Into<ListenOptions>) -> io::Result<BoundAddress> {
         let options = options.into();
         if let Some(l) = lock(&self.inner.state).as_ref() {
@@ -283,6 +298,10 @@ impl Server {
     /// `InvalidInput` naming the descriptor when it is not a stream socket (a regular file, a
     /// pipe, a datagram socket); the OS error when it cannot listen; `AddrInUse` when this
     /// server is already listening.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: its only await is the cluster handshake (see [`Server::listen`]); the
+    /// duplicate is closed with a dropped future and the caller's descriptor is untouched.
     pub async fn listen_handle(&self, handle: impl AsFd) -> io::Result<BoundAddress> {
         let raw = handle.as_fd().as_raw_fd();
         let named = |e: io::Error| io::Error::from(ListenError::new(format!("fd {raw}"), e));
