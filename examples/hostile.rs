@@ -382,9 +382,12 @@ async fn hostile(attack: &str) -> std::io::Result<()> {
                             let data = vec![0x5a; 60 * 1024];
                             let sender = async {
                                 for _ in 0..2000 {
-                                    if send(ToPrimary::Message { data: data.clone() })
-                                        .await
-                                        .is_err()
+                                    if send(ToPrimary::Message {
+                                        data: data.clone(),
+                                        handle: None,
+                                    })
+                                    .await
+                                    .is_err()
                                     {
                                         break;
                                     }

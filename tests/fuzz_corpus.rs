@@ -125,6 +125,7 @@ fn write_seed_corpus() {
         ToPrimary::Close { key: key.clone() },
         ToPrimary::Message {
             data: b"hello".to_vec(),
+            handle: None,
         },
         ToPrimary::Disconnect,
         ToPrimary::Stopping { signal: 2 },

@@ -34,7 +34,9 @@ mod worker;
 pub use cluster::{Cluster, ClusterHandle};
 pub use command::{Export, Exported, ScaleReport, ScaleTo, StopMode};
 pub use error::Error;
-pub use event::{Event, Events, UserMessage, WorkerInfo};
+pub use event::{
+    Event, Events, MAX_HELD_HANDLES, MessageHandle, MessageHandleKind, UserMessage, WorkerInfo,
+};
 pub use registry::{Adopt, SchedulingPolicy};
 pub use settings::{
     Backoff, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Limits, MAX_WORKERS, Readiness, Settings,

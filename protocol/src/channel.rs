@@ -48,6 +48,15 @@ pub enum ChannelError {
         /// What arrived (all closed).
         received: usize,
     },
+    /// The descriptor that came with a message is not what the message says it is (the
+    /// receiver checks it after [`Channel::recv`] and closes it).
+    #[error("the handle sent with a {kind} message is refused: {detail}")]
+    BadHandle {
+        /// Message type.
+        kind: &'static str,
+        /// What the descriptor is instead.
+        detail: String,
+    },
     /// The descriptor handed to [`Channel::from_fd`] is not a Unix `SOCK_SEQPACKET` socket.
     #[error("fd {fd} is not a Unix SOCK_SEQPACKET socket: {detail}")]
     NotSeqPacket {
@@ -74,6 +83,7 @@ impl ChannelError {
             ChannelError::Codec(_)
                 | ChannelError::ControlTruncated { .. }
                 | ChannelError::FdCountMismatch { .. }
+                | ChannelError::BadHandle { .. }
         )
     }
 }

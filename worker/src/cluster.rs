@@ -353,7 +353,7 @@ impl Worker {
         let data = postcard::to_allocvec(message)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("message: {e}")))?;
         self.channel
-            .send(&ToPrimary::Message { data }, &[])
+            .send(&ToPrimary::Message { data, handle: None }, &[])
             .await
             .map_err(|e| io::Error::other(format!("worker {}: send: {e}", self.id)))
     }

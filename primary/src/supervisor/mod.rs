@@ -551,7 +551,7 @@ impl Supervisor {
             return;
         }
         match msg {
-            FromWorker::Message(m) => self.message(id, m),
+            FromWorker::Message(m, handle) => self.message(id, m, handle),
             FromWorker::BadFrame(e) => self.violation(id, &format!("dropped a bad frame: {e}")),
             FromWorker::Closed => self.channel_closed(id),
             FromWorker::Notify(text) => self.notified(id, &text),
@@ -574,7 +574,7 @@ impl Supervisor {
         }
     }
 
-    fn message(&mut self, id: u32, msg: ToPrimary) {
+    fn message(&mut self, id: u32, msg: ToPrimary, handle: Option<crate::event::MessageHandle>) {
         match msg {
             ToPrimary::Hello {
                 version,
@@ -593,9 +593,10 @@ impl Supervisor {
                     }
                 }
             }
-            ToPrimary::Message { data } => self.emit(Event::Message {
+            // With no subscriber the event, and the handle with it, is dropped at once.
+            ToPrimary::Message { data, .. } => self.emit(Event::Message {
                 id,
-                message: UserMessage::new(data),
+                message: UserMessage::new(data, handle),
             }),
             ToPrimary::Disconnect => self.stopping_by_itself(id, true),
             ToPrimary::Stopping { signal } => {
