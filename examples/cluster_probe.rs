@@ -27,6 +27,14 @@
 //! rest (`worker ID churn ok PORTS`); `--spawn-child` makes it start this program with
 //! `--whoami` and print what the child thinks it is (`worker ID child says Primary`).
 //!
+//! A worker sent `server-back` listens on a port of its own, sends that server to the primary
+//! with `send_handle` (`Text("server back")`) and closes its own (`Text("closed its copy")`
+//! once it has); sent `socket-back ADDRESS`, it
+//! connects there and sends the socket (`Text("socket back")`); sent `bad-handle`, it sends a
+//! message whose "socket" is a pipe, then `Text("after bad handle")`. The primary prints a
+//! message that came with a handle with ` handle=server ADDRESS` or ` handle=socket` appended,
+//! and serves the handle itself: it greets with `hello from the primary` and echoes.
+//!
 //! A worker sent `garbage` sends the primary four bad frames, then `Text("still here")`. A
 //! worker sent `close` closes its servers and answers `closed`; sent `disconnect`, it calls
 //! `cluster.worker.disconnect()` itself. A worker sent `count` answers `cluster-count N` with its servers' cluster-wide counts.
@@ -51,7 +59,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use netcluster::cluster::{
-    self, Backoff, Cluster, Event, ReceivedHandle, Role, SchedulingPolicy, SendHandle, WorkerHandle,
+    self, Backoff, Cluster, Event, MessageHandle, MessageHandleKind, ReceivedHandle, Role,
+    SchedulingPolicy, SendHandle, WorkerHandle,
 };
 use netcluster::net::{BoundAddress, ListenOptions, Server, ServerOptions};
 use serde::{Deserialize, Serialize};
@@ -218,6 +227,7 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     let mut relay = None;
+    let mut sent_back = Vec::new();
     loop {
         tokio::select! {
             line = lines.next_line(), if stdin_open => match line? {
@@ -230,6 +240,11 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
             },
             Some(event) = cluster.next_event() => {
                 print_event(&event);
+                if let Event::Message { message, .. } = &event {
+                    if let Some(handle) = message.handle() {
+                        serve_sent_back(handle, &mut sent_back).await;
+                    }
+                }
                 let respawning = args.respawn_max_ms.is_some();
                 if matches!(event, Event::Exit { .. })
                     && !respawning
@@ -368,6 +383,31 @@ async fn command(
     Ok(false)
 }
 
+/// The primary serves a handle a worker sent it: a server on its socket, or the socket itself;
+/// either way it greets with `hello from the primary` and echoes.
+async fn serve_sent_back(handle: &MessageHandle, servers: &mut Vec<Server>) {
+    async fn greet(mut socket: netcluster::net::Socket) {
+        if socket.write(b"hello from the primary\r\n").is_ok() {
+            netcluster::apps::echo::pipe_back(socket).await;
+        }
+    }
+    match handle.kind() {
+        MessageHandleKind::Server { .. } => {
+            let server = Server::new(greet);
+            match server.listen_handle(handle).await {
+                Ok(_) => servers.push(server),
+                Err(e) => println!("error serving a sent server: {e}"),
+            }
+        }
+        MessageHandleKind::Socket => match handle.to_socket() {
+            Ok(socket) => {
+                tokio::spawn(greet(socket));
+            }
+            Err(e) => println!("error taking a sent socket: {e}"),
+        },
+    }
+}
+
 /// When the program started (fork lines carry the time since, so intervals can be read off).
 fn started() -> std::time::Instant {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -381,10 +421,17 @@ fn print_event(event: &Event) {
         }
         Event::Online { id, pid } => println!("online {id} {pid}"),
         Event::Listening { id, address, fd } => println!("listening {id} {address} fd={fd:?}"),
-        Event::Message { id, message } => match message.decode::<Msg>() {
-            Ok(msg) => println!("message {id} {msg:?}"),
-            Err(e) => println!("message {id} undecodable: {e}"),
-        },
+        Event::Message { id, message } => {
+            let handle = match message.handle().map(MessageHandle::kind) {
+                None => String::new(),
+                Some(MessageHandleKind::Server { address }) => format!(" handle=server {address}"),
+                Some(MessageHandleKind::Socket) => " handle=socket".to_string(),
+            };
+            match message.decode::<Msg>() {
+                Ok(msg) => println!("message {id} {msg:?}{handle}"),
+                Err(e) => println!("message {id} undecodable: {e}{handle}"),
+            }
+        }
         Event::Disconnect { id } => println!("disconnect {id}"),
         Event::Exit {
             id,
@@ -544,6 +591,40 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
                     me.send(&Msg::Text("closed".into())).await?;
                 }
                 Some((Msg::Text(text), None)) if text == "disconnect" => me.disconnect().await,
+                Some((Msg::Text(text), None)) if text == "server-back" => {
+                    let server = Server::new(netcluster::apps::echo::serve_connection);
+                    server
+                        .listen(ListenOptions::port(0).host("127.0.0.1").exclusive(true))
+                        .await?;
+                    me.send_handle(&Msg::Text("server back".into()), server.clone(), false)
+                        .await?;
+                    // From now on only the primary accepts on it.
+                    server.close()?;
+                    server.closed().await;
+                    me.send(&Msg::Text("closed its copy".into())).await?;
+                }
+                Some((Msg::Text(text), None)) if text.starts_with("socket-back ") => {
+                    let to = text.trim_start_matches("socket-back ");
+                    let to: std::net::SocketAddr = to
+                        .parse()
+                        .map_err(|_| std::io::Error::other("socket-back HOST:PORT"))?;
+                    let socket = netcluster::net::connect(to).await?;
+                    me.send_handle(&Msg::Text("socket back".into()), socket, false)
+                        .await?;
+                }
+                Some((Msg::Text(text), None)) if text == "bad-handle" => {
+                    // A message that says a socket rides with it; a pipe does.
+                    use netcluster::protocol::message::{HandleKind, ToPrimary};
+                    use netcluster::protocol::codec::{DEFAULT_MAX_FRAME, encode};
+                    let (r, _w) = nix::unistd::pipe()?;
+                    let lie = ToPrimary::Message {
+                        data: Vec::new(),
+                        handle: Some(HandleKind::Socket { origin: None }),
+                    };
+                    let frame = encode(&lie, DEFAULT_MAX_FRAME).map_err(std::io::Error::other)?;
+                    me.send_raw_frame(&frame, &[std::os::fd::AsFd::as_fd(&r)]).await?;
+                    me.send(&Msg::Text("after bad handle".into())).await?;
+                }
                 Some((Msg::Text(text), None)) if text == "garbage" => {
                     // Frames a broken worker could send: another protocol version, an unknown
                     // message, a truncated one, and a descriptor on a message that has none.

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -122,6 +122,28 @@ pub enum ReceivedHandle {
     Server(ReceivedServer),
     /// A connected socket (boxed: a `Socket` is much larger than a listening handle).
     Socket(Box<crate::net::Socket>),
+}
+
+/// A handle to send to the primary with a message ([`Worker::send_handle`]); a
+/// [`Server`](crate::net::Server) or a [`Socket`](crate::net::Socket) converts into one.
+#[derive(Debug)]
+pub enum OutgoingHandle {
+    /// A listening server: its socket is duplicated, and the server goes on serving here.
+    Server(crate::net::Server),
+    /// A connected socket (boxed: a `Socket` is much larger than a server).
+    Socket(Box<crate::net::Socket>),
+}
+
+impl From<crate::net::Server> for OutgoingHandle {
+    fn from(server: crate::net::Server) -> OutgoingHandle {
+        OutgoingHandle::Server(server)
+    }
+}
+
+impl From<crate::net::Socket> for OutgoingHandle {
+    fn from(socket: crate::net::Socket) -> OutgoingHandle {
+        OutgoingHandle::Socket(Box::new(socket))
+    }
 }
 
 /// A listening socket received from the primary.
@@ -356,6 +378,73 @@ impl Worker {
             .send(&ToPrimary::Message { data, handle: None }, &[])
             .await
             .map_err(|e| io::Error::other(format!("worker {}: send: {e}", self.id)))
+    }
+
+    /// `process.send(message, handle)`: sends a user message with a listening server or a
+    /// connected socket; it arrives in the primary as an
+    /// [`Event::Message`](../../netcluster_primary/cluster/enum.Event.html) whose message has
+    /// the handle (`UserMessage::handle`).
+    ///
+    /// A server goes on listening here; the primary gets a duplicate of its socket. A socket is
+    /// closed here once sent unless `keep_open` (Node's `{ keepOpen }`); either way the server
+    /// that accepted it stops counting it (unlike Node, where the sending server's
+    /// `getConnections` goes on counting a socket the other process keeps open).
+    ///
+    /// The primary checks the descriptor (a server must be listening, a socket connected) and
+    /// holds at most 64 of one worker's handles at once (`MAX_HELD_HANDLES`): beyond, the
+    /// message arrives without its handle.
+    ///
+    /// # Errors
+    /// `InvalidInput` when the server is not listening or the socket has no connection;
+    /// `Unsupported` for a server served round robin (the primary holds its socket, this
+    /// process none); otherwise as [`Worker::send`].
+    ///
+    /// # Cancel safety
+    /// As [`Worker::send`]; a socket is closed (without `keep_open`) only once it was sent.
+    pub async fn send_handle<T: Serialize + ?Sized>(
+        &self,
+        message: &T,
+        handle: impl Into<OutgoingHandle>,
+        keep_open: bool,
+    ) -> io::Result<()> {
+        let data = postcard::to_allocvec(message)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("message: {e}")))?;
+        let sent = |e: netcluster_protocol::ChannelError| {
+            io::Error::other(format!("worker {}: send_handle: {e}", self.id))
+        };
+        match handle.into() {
+            OutgoingHandle::Server(server) => {
+                let address = server.address().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "send_handle: the server is not listening",
+                    )
+                })?;
+                let fd = server.handle()?;
+                let msg = ToPrimary::Message {
+                    data,
+                    handle: Some(HandleKind::Server { address }),
+                };
+                self.channel.send(&msg, &[fd.as_fd()]).await.map_err(sent)
+            }
+            OutgoingHandle::Socket(mut socket) => {
+                let fd = socket.fd().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "send_handle: the socket has no connection",
+                    )
+                })?;
+                let msg = ToPrimary::Message {
+                    data,
+                    handle: Some(HandleKind::Socket { origin: None }),
+                };
+                self.channel.send(&msg, &[fd]).await.map_err(sent)?;
+                if !keep_open {
+                    socket.destroy(None);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The next message from the primary (Node's `process.on('message')`), decoded as `T`;
