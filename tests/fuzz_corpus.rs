@@ -127,6 +127,10 @@ fn write_seed_corpus() {
             data: b"hello".to_vec(),
             handle: None,
         },
+        ToPrimary::Message {
+            data: b"a socket".to_vec(),
+            handle: Some(HandleKind::Socket { origin: None }),
+        },
         ToPrimary::Disconnect,
         ToPrimary::Stopping { signal: 2 },
         ToPrimary::CountReply { seq: 3, count: 7 },
