@@ -23,7 +23,9 @@
 //! (`worker ID child fds 0=/dev/null,1=pipe:[…],… channel socket:[…]`).
 //!
 //! `--abandon HOST:PORT` makes each worker start a listen and give it up before the answer
-//! (`worker ID abandoned=true listening=false`). `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
+//! (`worker ID abandoned=true listening=false`). `--abandon-handshake` makes each worker's
+//! first use of the cluster API a listen given up while the handshake with the primary is under
+//! way (`worker ID handshake abandoned=true`); the worker then goes on as usual. `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
 //! rest (`worker ID churn ok PORTS`); `--spawn-child` makes it start this program with
 //! `--whoami` and print what the child thinks it is (`worker ID child says Primary`).
 //!
@@ -88,6 +90,7 @@ struct Args {
     drop_max: bool,
     churn: bool,
     abandon: Option<String>,
+    abandon_handshake: bool,
     spawn_child: bool,
     whoami: bool,
     crash: bool,
@@ -125,6 +128,7 @@ fn parse_args() -> Result<Args, String> {
             "--drop-max" => args.drop_max = true,
             "--churn" => args.churn = true,
             "--abandon" => args.abandon = Some(it.next().ok_or("--abandon needs a value")?),
+            "--abandon-handshake" => args.abandon_handshake = true,
             "--spawn-child" => args.spawn_child = true,
             "--whoami" => args.whoami = true,
             "--crash" => args.crash = true,
@@ -484,6 +488,16 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
             "worker {id} child fds {} channel {channel}",
             String::from_utf8_lossy(&out.stdout).trim()
         );
+    }
+    if args.abandon_handshake {
+        // The first listen starts the handshake with the primary; it is dropped while the
+        // handshake waits for the primary's Welcome. The connection must survive it.
+        let server = Server::new(|_socket| async {});
+        let mut listen = Box::pin(server.listen(ListenOptions::port(0).host("127.0.0.1")));
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(listen.as_mut().poll(cx))).await;
+        drop(listen);
+        println!("worker {id} handshake abandoned={}", first.is_pending());
     }
     let me = cluster::worker()
         .await?

@@ -627,6 +627,17 @@ fn close_in_one_worker_leaves_the_socket_to_the_others_until_the_last_leaves() {
 }
 
 #[test]
+fn a_listen_dropped_during_the_handshake_leaves_the_worker_connected() {
+    // Cancel safety of the first use of the cluster API: the handshake goes on in its own
+    // task, so the worker keeps its channel and the primary keeps the worker.
+    let mut r = probe(&["--workers", "1", "--abandon-handshake"]);
+    r.wait_stdout(T, |l| l == "worker 1 handshake abandoned=true");
+    r.wait_lines(T, &["message 1 Cmd { cmd: \"NODE_CLUSTER\" }"]);
+    r.send_line("send 1 ping");
+    r.wait_stdout(T, |l| l == "message 1 Text(\"echo ping\")");
+}
+
+#[test]
 fn a_worker_sends_the_primary_a_server_and_a_socket_with_a_message() {
     // process.send(message, handle) from a worker: the primary's event has the handle, and the
     // descriptor works there.

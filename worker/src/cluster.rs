@@ -241,7 +241,12 @@ pub async fn worker() -> io::Result<Option<Arc<Worker>>> {
     }
     // The channel was claimed from the environment once and for all: a handshake dropped
     // halfway would close it and leave the process a worker with no way to its primary.
-    let connect = tokio::spawn(async move {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+        io::Error::other(format!(
+            "worker {id}: the cluster connection needs a tokio runtime"
+        ))
+    })?;
+    let connect = runtime.spawn(async move {
         WORKER
             .get_or_try_init(|| Worker::connect(id))
             .await
