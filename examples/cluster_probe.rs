@@ -23,9 +23,19 @@
 //! (`worker ID child fds 0=/dev/null,1=pipe:[…],… channel socket:[…]`).
 //!
 //! `--abandon HOST:PORT` makes each worker start a listen and give it up before the answer
-//! (`worker ID abandoned=true listening=false`). `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
+//! (`worker ID abandoned=true listening=false`). `--abandon-handshake` makes each worker's
+//! first use of the cluster API a listen given up while the handshake with the primary is under
+//! way (`worker ID handshake abandoned=true`); the worker then goes on as usual. `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
 //! rest (`worker ID churn ok PORTS`); `--spawn-child` makes it start this program with
 //! `--whoami` and print what the child thinks it is (`worker ID child says Primary`).
+//!
+//! A worker sent `server-back` listens on a port of its own, sends that server to the primary
+//! with `send_handle` (`Text("server back")`) and closes its own (`Text("closed its copy")`
+//! once it has); sent `socket-back ADDRESS`, it
+//! connects there and sends the socket (`Text("socket back")`); sent `bad-handle`, it sends a
+//! message whose "socket" is a pipe, then `Text("after bad handle")`. The primary prints a
+//! message that came with a handle with ` handle=server ADDRESS` or ` handle=socket` appended,
+//! and serves the handle itself: it greets with `hello from the primary` and echoes.
 //!
 //! A worker sent `garbage` sends the primary four bad frames, then `Text("still here")`. A
 //! worker sent `close` closes its servers and answers `closed`; sent `disconnect`, it calls
@@ -51,7 +61,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use netcluster::cluster::{
-    self, Backoff, Cluster, Event, ReceivedHandle, Role, SchedulingPolicy, SendHandle, WorkerHandle,
+    self, Backoff, Cluster, Event, MessageHandle, MessageHandleKind, ReceivedHandle, Role,
+    SchedulingPolicy, SendHandle, WorkerHandle,
 };
 use netcluster::net::{BoundAddress, ListenOptions, Server, ServerOptions};
 use serde::{Deserialize, Serialize};
@@ -79,6 +90,7 @@ struct Args {
     drop_max: bool,
     churn: bool,
     abandon: Option<String>,
+    abandon_handshake: bool,
     spawn_child: bool,
     whoami: bool,
     crash: bool,
@@ -116,6 +128,7 @@ fn parse_args() -> Result<Args, String> {
             "--drop-max" => args.drop_max = true,
             "--churn" => args.churn = true,
             "--abandon" => args.abandon = Some(it.next().ok_or("--abandon needs a value")?),
+            "--abandon-handshake" => args.abandon_handshake = true,
             "--spawn-child" => args.spawn_child = true,
             "--whoami" => args.whoami = true,
             "--crash" => args.crash = true,
@@ -218,6 +231,7 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     let mut relay = None;
+    let mut sent_back = Vec::new();
     loop {
         tokio::select! {
             line = lines.next_line(), if stdin_open => match line? {
@@ -230,6 +244,11 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
             },
             Some(event) = cluster.next_event() => {
                 print_event(&event);
+                if let Event::Message { message, .. } = &event {
+                    if let Some(handle) = message.handle() {
+                        serve_sent_back(handle, &mut sent_back).await;
+                    }
+                }
                 let respawning = args.respawn_max_ms.is_some();
                 if matches!(event, Event::Exit { .. })
                     && !respawning
@@ -368,6 +387,31 @@ async fn command(
     Ok(false)
 }
 
+/// The primary serves a handle a worker sent it: a server on its socket, or the socket itself;
+/// either way it greets with `hello from the primary` and echoes.
+async fn serve_sent_back(handle: &MessageHandle, servers: &mut Vec<Server>) {
+    async fn greet(mut socket: netcluster::net::Socket) {
+        if socket.write(b"hello from the primary\r\n").is_ok() {
+            netcluster::apps::echo::pipe_back(socket).await;
+        }
+    }
+    match handle.kind() {
+        MessageHandleKind::Server { .. } => {
+            let server = Server::new(greet);
+            match server.listen_handle(handle).await {
+                Ok(_) => servers.push(server),
+                Err(e) => println!("error serving a sent server: {e}"),
+            }
+        }
+        MessageHandleKind::Socket => match handle.to_socket() {
+            Ok(socket) => {
+                tokio::spawn(greet(socket));
+            }
+            Err(e) => println!("error taking a sent socket: {e}"),
+        },
+    }
+}
+
 /// When the program started (fork lines carry the time since, so intervals can be read off).
 fn started() -> std::time::Instant {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -381,10 +425,17 @@ fn print_event(event: &Event) {
         }
         Event::Online { id, pid } => println!("online {id} {pid}"),
         Event::Listening { id, address, fd } => println!("listening {id} {address} fd={fd:?}"),
-        Event::Message { id, message } => match message.decode::<Msg>() {
-            Ok(msg) => println!("message {id} {msg:?}"),
-            Err(e) => println!("message {id} undecodable: {e}"),
-        },
+        Event::Message { id, message } => {
+            let handle = match message.handle().map(MessageHandle::kind) {
+                None => String::new(),
+                Some(MessageHandleKind::Server { address }) => format!(" handle=server {address}"),
+                Some(MessageHandleKind::Socket) => " handle=socket".to_string(),
+            };
+            match message.decode::<Msg>() {
+                Ok(msg) => println!("message {id} {msg:?}{handle}"),
+                Err(e) => println!("message {id} undecodable: {e}{handle}"),
+            }
+        }
         Event::Disconnect { id } => println!("disconnect {id}"),
         Event::Exit {
             id,
@@ -437,6 +488,16 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
             "worker {id} child fds {} channel {channel}",
             String::from_utf8_lossy(&out.stdout).trim()
         );
+    }
+    if args.abandon_handshake {
+        // The first listen starts the handshake with the primary; it is dropped while the
+        // handshake waits for the primary's Welcome. The connection must survive it.
+        let server = Server::new(|_socket| async {});
+        let mut listen = Box::pin(server.listen(ListenOptions::port(0).host("127.0.0.1")));
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(listen.as_mut().poll(cx))).await;
+        drop(listen);
+        println!("worker {id} handshake abandoned={}", first.is_pending());
     }
     let me = cluster::worker()
         .await?
@@ -544,6 +605,40 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
                     me.send(&Msg::Text("closed".into())).await?;
                 }
                 Some((Msg::Text(text), None)) if text == "disconnect" => me.disconnect().await,
+                Some((Msg::Text(text), None)) if text == "server-back" => {
+                    let server = Server::new(netcluster::apps::echo::serve_connection);
+                    server
+                        .listen(ListenOptions::port(0).host("127.0.0.1").exclusive(true))
+                        .await?;
+                    me.send_handle(&Msg::Text("server back".into()), server.clone(), false)
+                        .await?;
+                    // From now on only the primary accepts on it.
+                    server.close()?;
+                    server.closed().await;
+                    me.send(&Msg::Text("closed its copy".into())).await?;
+                }
+                Some((Msg::Text(text), None)) if text.starts_with("socket-back ") => {
+                    let to = text.trim_start_matches("socket-back ");
+                    let to: std::net::SocketAddr = to
+                        .parse()
+                        .map_err(|_| std::io::Error::other("socket-back HOST:PORT"))?;
+                    let socket = netcluster::net::connect(to).await?;
+                    me.send_handle(&Msg::Text("socket back".into()), socket, false)
+                        .await?;
+                }
+                Some((Msg::Text(text), None)) if text == "bad-handle" => {
+                    // A message that says a socket rides with it; a pipe does.
+                    use netcluster::protocol::message::{HandleKind, ToPrimary};
+                    use netcluster::protocol::codec::{DEFAULT_MAX_FRAME, encode};
+                    let (r, _w) = nix::unistd::pipe()?;
+                    let lie = ToPrimary::Message {
+                        data: Vec::new(),
+                        handle: Some(HandleKind::Socket { origin: None }),
+                    };
+                    let frame = encode(&lie, DEFAULT_MAX_FRAME).map_err(std::io::Error::other)?;
+                    me.send_raw_frame(&frame, &[std::os::fd::AsFd::as_fd(&r)]).await?;
+                    me.send(&Msg::Text("after bad handle".into())).await?;
+                }
                 Some((Msg::Text(text), None)) if text == "garbage" => {
                     // Frames a broken worker could send: another protocol version, an unknown
                     // message, a truncated one, and a descriptor on a message that has none.

@@ -382,9 +382,12 @@ async fn hostile(attack: &str) -> std::io::Result<()> {
                             let data = vec![0x5a; 60 * 1024];
                             let sender = async {
                                 for _ in 0..2000 {
-                                    if send(ToPrimary::Message { data: data.clone() })
-                                        .await
-                                        .is_err()
+                                    if send(ToPrimary::Message {
+                                        data: data.clone(),
+                                        handle: None,
+                                    })
+                                    .await
+                                    .is_err()
                                     {
                                         break;
                                     }
@@ -401,13 +404,13 @@ async fn hostile(attack: &str) -> std::io::Result<()> {
                                 // its own hand-off in flight would just be accepting it.)
                                 for seq in 0..10_000u64 {
                                     let _ = send(ToPrimary::Accepted {
-                                        handle: 1000 + seq % 7,
+                                        listener: 1000 + seq % 7,
                                         accepted: vec![seq],
                                         refused: vec![seq + 1],
                                     })
                                     .await;
                                     let _ = send(ToPrimary::Accepted {
-                                        handle: 1,
+                                        listener: 1,
                                         accepted: (0..64).map(|i| u64::MAX - seq - i).collect(),
                                         refused: vec![u64::MAX - seq; 64],
                                     })
@@ -512,9 +515,9 @@ async fn serve_badly(ch: &Channel, how: Badly) -> std::io::Result<()> {
             ToWorker::Ping { seq } => {
                 let _ = reply(ToPrimary::Pong { seq }).await;
             }
-            ToWorker::Connections { handle, seqs, .. } if how != Badly::NoAcks => {
+            ToWorker::Connections { listener, seqs, .. } if how != Badly::NoAcks => {
                 let _ = reply(ToPrimary::Accepted {
-                    handle,
+                    listener,
                     accepted: Vec::new(),
                     refused: seqs,
                 })

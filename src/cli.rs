@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::protocol::handle::check_unix_path;
+use crate::protocol::listening::check_unix_path;
 use crate::protocol::message::ListenTarget;
 
 /// The longest duration any option takes: a day.

@@ -119,6 +119,6 @@ pub fn listen_value(data: &[u8]) {
     }
     let parsed = crate::cli::parse_listen_with(s, |_, _| Err("no resolver here".into()));
     if let Ok(crate::protocol::message::ListenTarget::Unix(p)) = parsed {
-        assert!(p.as_os_str().len() <= crate::protocol::handle::MAX_UNIX_PATH);
+        assert!(p.as_os_str().len() <= crate::protocol::listening::MAX_UNIX_PATH);
     }
 }

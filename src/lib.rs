@@ -38,8 +38,10 @@ pub mod cluster {
         Export, Incoming, ListenerInfo, ListenerRecord, UpgradeReport, Upgrader, control, registry,
         signals, systemd, upgrade,
     };
+    pub use netcluster_primary::{MAX_HELD_HANDLES, MessageHandle, MessageHandleKind};
     pub use netcluster_worker::cluster::{
-        ReceivedHandle, ReceivedServer, Role, StopReason, Worker, is_worker, role, worker,
+        OutgoingHandle, ReceivedHandle, ReceivedServer, Role, StopReason, Worker, is_worker, role,
+        worker,
     };
 }
 

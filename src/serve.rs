@@ -249,7 +249,8 @@ fn absolute(target: &ListenTarget) -> ListenTarget {
 /// Whether `s` could be `target`'s socket: bound where it would bind, or for port 0, to its
 /// address.
 fn fits(s: &SystemdSocket, target: &ListenTarget) -> bool {
-    let Ok(address) = crate::protocol::handle::check_bound(std::os::fd::AsFd::as_fd(&s.fd)) else {
+    let Ok(address) = crate::protocol::listening::check_bound(std::os::fd::AsFd::as_fd(&s.fd))
+    else {
         return false;
     };
     match (target, &address) {
@@ -263,7 +264,8 @@ fn fits(s: &SystemdSocket, target: &ListenTarget) -> bool {
 
 /// Whether `s` is bound where `target` would bind.
 fn bound_to(s: &SystemdSocket, target: &ListenTarget) -> bool {
-    let Ok(address) = crate::protocol::handle::check_bound(std::os::fd::AsFd::as_fd(&s.fd)) else {
+    let Ok(address) = crate::protocol::listening::check_bound(std::os::fd::AsFd::as_fd(&s.fd))
+    else {
         return false;
     };
     match (target, address) {
@@ -279,7 +281,7 @@ fn bound_to(s: &SystemdSocket, target: &ListenTarget) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::handle::bind_listener;
+    use crate::protocol::listening::bind_listener;
     use crate::protocol::message::ListenParams;
     use std::net::SocketAddr;
     use std::os::fd::AsRawFd;

@@ -627,6 +627,74 @@ fn close_in_one_worker_leaves_the_socket_to_the_others_until_the_last_leaves() {
 }
 
 #[test]
+fn a_listen_dropped_during_the_handshake_leaves_the_worker_connected() {
+    // Cancel safety of the first use of the cluster API: the handshake goes on in its own
+    // task, so the worker keeps its channel and the primary keeps the worker.
+    let mut r = probe(&["--workers", "1", "--abandon-handshake"]);
+    r.wait_stdout(T, |l| l == "worker 1 handshake abandoned=true");
+    r.wait_lines(T, &["message 1 Cmd { cmd: \"NODE_CLUSTER\" }"]);
+    r.send_line("send 1 ping");
+    r.wait_stdout(T, |l| l == "message 1 Text(\"echo ping\")");
+}
+
+#[test]
+fn a_worker_sends_the_primary_a_server_and_a_socket_with_a_message() {
+    // process.send(message, handle) from a worker: the primary's event has the handle, and the
+    // descriptor works there.
+    let mut r = probe(&["--workers", "1"]);
+    r.wait_lines(T, &["message 1 Cmd { cmd: \"NODE_CLUSTER\" }"]);
+    let greeted = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(T)).expect("timeout");
+        let mut hello = [0u8; 24];
+        s.read_exact(&mut hello).expect("greeting");
+        assert_eq!(&hello, b"hello from the primary\r\n");
+        s.write_all(b"ping").expect("write");
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).expect("echo");
+        assert_eq!(&back, b"ping");
+    };
+
+    // A listening socket: the worker closes its own server, the primary serves on its copy.
+    r.send_line("send 1 server-back");
+    let line = r.wait_stdout(T, |l| {
+        l.starts_with("message 1 Text(\"server back\") handle=server ")
+    });
+    let addr: SocketAddr = line
+        .rsplit(' ')
+        .next()
+        .expect("addr")
+        .parse()
+        .expect("addr");
+    r.wait_stdout(T, |l| l == "message 1 Text(\"closed its copy\")");
+    for _ in 0..3 {
+        greeted(&mut TcpStream::connect(addr).expect("connect"));
+    }
+
+    // A connected socket: the worker connects, sends it and closes its copy; the primary talks
+    // on it.
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    r.send_line(&format!(
+        "send 1 socket-back {}",
+        peer.local_addr().expect("addr")
+    ));
+    r.wait_stdout(T, |l| l == "message 1 Text(\"socket back\") handle=socket");
+    let (mut s, _) = peer.accept().expect("accept");
+    greeted(&mut s);
+
+    // A descriptor that is not what the message says: refused and closed; the primary and the
+    // worker go on.
+    r.send_line("send 1 bad-handle");
+    r.wait_stdout(T, |l| l == "message 1 Text(\"after bad handle\")");
+    let refused = "the handle sent with a ToPrimary message is refused: a pipe";
+    if !r.drain_stderr().iter().any(|l| l.contains(refused)) {
+        r.wait_stderr(T, |l| l.contains(refused));
+    }
+    r.send_line("send 1 ping");
+    r.wait_stdout(T, |l| l == "message 1 Text(\"echo ping\")");
+    greeted(&mut TcpStream::connect(addr).expect("connect"));
+}
+
+#[test]
 fn bad_frames_from_one_worker_hurt_neither_the_primary_nor_other_workers() {
     let mut r = probe(&["--workers", "2", "--listen", "127.0.0.1:0"]);
     let addr: SocketAddr = listening(&mut r, 2)[0].parse().expect("addr");

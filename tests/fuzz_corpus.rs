@@ -125,6 +125,11 @@ fn write_seed_corpus() {
         ToPrimary::Close { key: key.clone() },
         ToPrimary::Message {
             data: b"hello".to_vec(),
+            handle: None,
+        },
+        ToPrimary::Message {
+            data: b"a socket".to_vec(),
+            handle: Some(HandleKind::Socket { origin: None }),
         },
         ToPrimary::Disconnect,
         ToPrimary::Stopping { signal: 2 },
@@ -134,7 +139,7 @@ fn write_seed_corpus() {
             key: key.clone(),
         },
         ToPrimary::Accepted {
-            handle: 1,
+            listener: 1,
             accepted: vec![9, 10],
             refused: Vec::new(),
         },
@@ -156,10 +161,10 @@ fn write_seed_corpus() {
         ToWorker::ListenOk {
             seq: 1,
             address: BoundAddress::Tcp("127.0.0.1:8124".parse().unwrap()),
-            grant: Grant::RoundRobin { handle: 1 },
+            grant: Grant::RoundRobin { listener: 1 },
         },
         ToWorker::Connections {
-            handle: 1,
+            listener: 1,
             seqs: vec![9],
             expires_ms: 123_456,
         },

@@ -5,8 +5,8 @@ use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use netcluster_protocol::handle::ListenError;
 use netcluster_protocol::handover::ListenerRecord;
+use netcluster_protocol::listening::ListenError;
 use netcluster_protocol::message::{BoundAddress, ListenParams, ListenTarget};
 use tokio::sync::{broadcast, mpsc, oneshot};
 

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use netcluster_protocol::handle::ListenError;
+use netcluster_protocol::listening::ListenError;
 use netcluster_protocol::message::{BoundAddress, CountError};
 
 /// What went wrong in a cluster operation.

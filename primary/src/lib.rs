@@ -36,7 +36,9 @@ mod worker_handle;
 pub use cluster::{Cluster, ClusterHandle};
 pub use command::{Export, ScaleReport, ScaleTo, StopMode};
 pub use error::Error;
-pub use event::{Event, Events, UserMessage, WorkerInfo};
+pub use event::{
+    Event, Events, MAX_HELD_HANDLES, MessageHandle, MessageHandleKind, UserMessage, WorkerInfo,
+};
 pub use netcluster_protocol::handover::{ListenerInfo, ListenerRecord};
 pub use registry::SchedulingPolicy;
 pub use settings::{

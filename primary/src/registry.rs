@@ -22,8 +22,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use netcluster_protocol::handle::{self, ListenError};
 use netcluster_protocol::handover::{ListenerInfo, ListenerRecord};
+use netcluster_protocol::listening::{self, ListenError};
 use netcluster_protocol::message::{BoundAddress, Grant, ListenKey, ListenParams, ListenTarget};
 
 use crate::error::Error;
@@ -181,7 +181,7 @@ impl Listener {
                 reuse_port: true,
                 ..slots.params.clone()
             };
-            let (fd, _) = handle::bind_listener(&ListenTarget::Tcp(addr), &params)?;
+            let (fd, _) = listening::bind_listener(&ListenTarget::Tcp(addr), &params)?;
             slots.sockets.insert(slot, fd);
             slots.group.push(slot);
         }
@@ -306,7 +306,7 @@ impl Registry {
         let stale_ok = pinned.is_some();
         let (fd, address, sharing) = match self.policy {
             SchedulingPolicy::ReusePort if tcp => {
-                let (fd, address) = handle::reserve_reuse_port(&key.target, params)?;
+                let (fd, address) = listening::reserve_reuse_port(&key.target, params)?;
                 let slots = Slots {
                     params: params.clone(),
                     ..Slots::default()
@@ -357,8 +357,8 @@ impl Registry {
         let named = |e: io::Error| ListenError::new(&key.target, e);
         let first_slot = slots.first().map(|(_, fd)| fd.as_fd());
         let address = match (&socket, first_slot) {
-            (Some(fd), _) => handle::check_bound(fd.as_fd()),
-            (None, Some(fd)) => handle::check_bound(fd),
+            (Some(fd), _) => listening::check_bound(fd.as_fd()),
+            (None, Some(fd)) => listening::check_bound(fd),
             (None, None) => Err(io::Error::new(io::ErrorKind::InvalidInput, "no socket")),
         }
         .map_err(named)?;
@@ -374,7 +374,7 @@ impl Registry {
             // A primary that stopped gracefully left its filter refusing new connections on
             // the sockets it gave systemd's store: this one takes connections again.
             for fd in every() {
-                handle::accept_new_connections(fd.as_fd()).map_err(named)?;
+                listening::accept_new_connections(fd.as_fd()).map_err(named)?;
             }
         }
         let tcp = matches!(address, BoundAddress::Tcp(_));
@@ -546,7 +546,7 @@ impl Registry {
                     ),
                 )
             }
-            Mode::RoundRobin(_) => (l.address.clone(), Grant::RoundRobin { handle: id }, None),
+            Mode::RoundRobin(_) => (l.address.clone(), Grant::RoundRobin { listener: id }, None),
             // A worker without a slot: the port, to bind itself.
             Mode::ReusePort(_) => (l.address.clone(), Grant::ReusePort, None),
         })
@@ -630,7 +630,7 @@ fn bind(
     params: &ListenParams,
     stale_ok: bool,
 ) -> Result<(OwnedFd, BoundAddress), ListenError> {
-    match handle::bind_listener(target, params) {
+    match listening::bind_listener(target, params) {
         Err(e) if stale_ok && e.errno() == Some(libc::EADDRINUSE) => {
             let ListenTarget::Unix(path) = target else {
                 return Err(e);
@@ -655,7 +655,7 @@ fn bind(
                         path.display()
                     );
                     std::fs::remove_file(path).map_err(|r| ListenError::new(target, r))?;
-                    handle::bind_listener(target, params)
+                    listening::bind_listener(target, params)
                 }
                 Err(_) => Err(e),
             }
@@ -839,7 +839,7 @@ mod tests {
             .bind(&tcp0(0), &ListenParams::default(), None)
             .expect("bind");
         let (_, grant, fd) = r.grant(b.id, Some(1)).expect("grant");
-        assert_eq!(grant, Grant::RoundRobin { handle: b.id });
+        assert_eq!(grant, Grant::RoundRobin { listener: b.id });
         assert!(fd.is_none(), "the socket stays in the primary");
         let (dup, gate) = b.acceptor.expect("acceptor");
         let original = r

@@ -22,7 +22,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use netcluster_protocol::handle;
+use netcluster_protocol::listening;
 use netcluster_protocol::message::BoundAddress;
 use sd_notify::NotifyState;
 
@@ -47,7 +47,7 @@ impl SystemdSocket {
     /// # Errors
     /// [`Error::InvalidInput`] naming the descriptor, its name and what it is instead.
     pub fn check(&self) -> Result<BoundAddress, Error> {
-        let address = handle::check_listening(self.fd.as_fd()).map_err(|e| {
+        let address = listening::check_listening(self.fd.as_fd()).map_err(|e| {
             Error::InvalidInput(format!(
                 "systemd passed fd {} (named {:?}), which is {e}",
                 self.number, self.name

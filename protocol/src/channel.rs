@@ -48,6 +48,15 @@ pub enum ChannelError {
         /// What arrived (all closed).
         received: usize,
     },
+    /// The descriptor that came with a message is not what the message says it is (the
+    /// receiver checks it after [`Channel::recv`] and closes it).
+    #[error("the handle sent with a {kind} message is refused: {detail}")]
+    BadHandle {
+        /// Message type.
+        kind: &'static str,
+        /// What the descriptor is instead.
+        detail: String,
+    },
     /// The descriptor handed to [`Channel::from_fd`] is not a Unix `SOCK_SEQPACKET` socket.
     #[error("fd {fd} is not a Unix SOCK_SEQPACKET socket: {detail}")]
     NotSeqPacket {
@@ -74,6 +83,7 @@ impl ChannelError {
             ChannelError::Codec(_)
                 | ChannelError::ControlTruncated { .. }
                 | ChannelError::FdCountMismatch { .. }
+                | ChannelError::BadHandle { .. }
         )
     }
 }
@@ -174,6 +184,12 @@ impl Channel {
     /// [`ChannelError::FdCountMismatch`] when `fds.len()` differs from what `msg` declares,
     /// [`ChannelError::Codec`] for an oversized frame, [`ChannelError::Io`] when the socket
     /// fails (`EPIPE`: the peer is gone).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the message and its descriptors go out in one `sendmsg` of one datagram,
+    /// made in the same poll that finds the socket writable, so a dropped future has sent
+    /// either all of it or nothing (it was waiting for room in the socket's buffer). Dropping
+    /// it therefore loses the message, never a part of it.
     pub async fn send<M: Frame>(
         &self,
         msg: &M,
@@ -217,6 +233,12 @@ impl Channel {
     /// A bad frame ([`ChannelError::is_bad_frame`]): it is consumed, every descriptor that came
     /// with it is closed, and the channel can be read on. [`ChannelError::Io`] when the socket
     /// fails.
+    ///
+    /// # Cancel safety
+    /// Cancel safe (it is awaited in `tokio::select!` by the primary's reader of each worker):
+    /// the only await is for readiness, and the datagram is received, decoded and returned in
+    /// one synchronous step of the poll that finds it, so a dropped future has taken nothing
+    /// from the socket; the next `recv` gets the message.
     pub async fn recv<M: Frame>(&self) -> Result<Option<(M, Vec<OwnedFd>)>, ChannelError> {
         // No speculative receive first: the reactor's readiness is still set after the last
         // message, so `readable` returns at once when something may be queued, and a receive

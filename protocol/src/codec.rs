@@ -200,12 +200,13 @@ mod tests {
                 ToPrimary::Close { key },
                 ToPrimary::Message {
                     data: vec![1, 2, 3],
+                    handle: None,
                 },
                 ToPrimary::Disconnect,
                 ToPrimary::Stopping { signal: 15 },
                 ToPrimary::CountReply { seq: 1, count: 2 },
                 ToPrimary::Accepted {
-                    handle: 2,
+                    listener: 2,
                     accepted: vec![5, 6],
                     refused: vec![7],
                 },
@@ -237,7 +238,7 @@ mod tests {
                 ToWorker::ListenOk {
                     seq: 9,
                     address: BoundAddress::Unix("/tmp/x.sock".into()),
-                    grant: Grant::RoundRobin { handle: 2 },
+                    grant: Grant::RoundRobin { listener: 2 },
                 },
                 ToWorker::ListenErr {
                     seq: 9,
@@ -255,7 +256,7 @@ mod tests {
                 },
                 ToWorker::CountSent { seq: 8, origin: 3 },
                 ToWorker::Connections {
-                    handle: 2,
+                    listener: 2,
                     seqs: vec![5],
                     expires_ms: 1234,
                 },
@@ -290,6 +291,31 @@ mod tests {
         for m in down {
             assert_eq!(
                 decode::<ToWorker>(&encode(&m, MAX).expect("enc"), MAX),
+                Ok(m)
+            );
+        }
+    }
+
+    #[test]
+    fn a_workers_message_with_a_handle_round_trips_and_declares_its_descriptor() {
+        let plain = ToPrimary::Message {
+            data: vec![1],
+            handle: None,
+        };
+        assert_eq!(plain.fd_count(), 0);
+        for kind in [
+            HandleKind::Server {
+                address: BoundAddress::Tcp("127.0.0.1:8124".parse().expect("addr")),
+            },
+            HandleKind::Socket { origin: None },
+        ] {
+            let m = ToPrimary::Message {
+                data: vec![4],
+                handle: Some(kind),
+            };
+            assert_eq!(m.fd_count(), 1);
+            assert_eq!(
+                decode::<ToPrimary>(&encode(&m, MAX).expect("enc"), MAX),
                 Ok(m)
             );
         }

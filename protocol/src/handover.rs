@@ -28,7 +28,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
-use crate::handle;
+use crate::listening;
 use crate::message::{Frame, ListenTarget};
 
 /// The version byte of hand-over frames.
@@ -367,9 +367,9 @@ impl Receiver {
                         // A reuseport reservation is bound, not listening; every other
                         // listener's own socket listens.
                         if l.info.reuseport {
-                            handle::check_bound(fd.as_fd()).map_err(named)?;
+                            listening::check_bound(fd.as_fd()).map_err(named)?;
                         } else {
-                            handle::check_listening(fd.as_fd()).map_err(named)?;
+                            listening::check_listening(fd.as_fd()).map_err(named)?;
                         }
                         l.socket = Some(fd);
                     }
@@ -385,7 +385,7 @@ impl Receiver {
                                 "slot {s} of listener {index} twice"
                             )));
                         }
-                        handle::check_listening(fd.as_fd()).map_err(named)?;
+                        listening::check_listening(fd.as_fd()).map_err(named)?;
                         l.slots.push((s, fd));
                     }
                 }
@@ -484,7 +484,8 @@ mod tests {
 
     fn listener() -> (OwnedFd, SocketAddr) {
         let target = ListenTarget::Tcp("127.0.0.1:0".parse().expect("addr"));
-        let (fd, address) = handle::bind_listener(&target, &ListenParams::default()).expect("bind");
+        let (fd, address) =
+            listening::bind_listener(&target, &ListenParams::default()).expect("bind");
         let BoundAddress::Tcp(addr) = address else {
             panic!("tcp");
         };
@@ -560,7 +561,7 @@ mod tests {
         assert_eq!(second.sockets(), 1);
         let socket = second.socket.as_ref().expect("its socket").as_fd();
         assert_eq!(
-            handle::check_listening(socket).expect("listening"),
+            listening::check_listening(socket).expect("listening"),
             BoundAddress::Tcp(addr_b)
         );
     }

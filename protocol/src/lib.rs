@@ -4,7 +4,7 @@
 //! - [`codec`]: postcard framing with a version byte and a size limit.
 //! - [`fd`]: `sendmsg`/`recvmsg` with `SCM_RIGHTS` (the project's only `unsafe` code).
 //! - [`channel`]: an async `SOCK_SEQPACKET` channel that sends a message plus descriptors.
-//! - [`handle`]: binding and validating listening sockets.
+//! - [`listening`]: binding and validating listening sockets.
 //! - [`handover`]: how a primary hands its listeners to the next (a primary upgrade).
 //! - [`env`](mod@env): the environment variables that make a process a worker.
 //! - [`start`]: what runs before `main` (the channel's close-on-exec, the exec shim).
@@ -14,15 +14,15 @@ pub mod channel;
 pub mod codec;
 pub mod env;
 pub mod fd;
-pub mod handle;
 pub mod handover;
+pub mod listening;
 pub mod message;
 pub mod start;
 pub mod steer;
 
 pub use channel::{Channel, ChannelError};
 pub use codec::CodecError;
-pub use handle::ListenError;
+pub use listening::ListenError;
 pub use message::{
     BoundAddress, Frame, Grant, HandleKind, ListenKey, ListenParams, ListenTarget,
     PROTOCOL_VERSION, ToPrimary, ToWorker,

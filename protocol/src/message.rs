@@ -11,7 +11,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of the wire protocol. Every frame starts with it, and the handshake repeats it.
-pub const PROTOCOL_VERSION: u8 = 5;
+///
+/// A primary and a worker of different versions refuse each other at the handshake. Version 6:
+/// a worker's [`ToPrimary::Message`] may carry a handle (one descriptor) as
+/// [`ToWorker::Handle`] does, and the round-robin listener id is named `listener` (it was
+/// `handle`; the name is not encoded).
+pub const PROTOCOL_VERSION: u8 = 6;
 
 /// This host's `CLOCK_MONOTONIC` in milliseconds: the clock of hand-off deadlines. Every process
 /// on one host (in one time namespace) reads the same clock, so a primary and its workers agree
@@ -181,10 +186,10 @@ pub enum Grant {
     /// `SCHED_NONE`).
     Shared,
     /// The primary accepts and hands each connection to a worker in turn, as
-    /// `ToWorker::Connections` messages for this handle (Node's `SCHED_RR`).
+    /// `ToWorker::Connections` messages for this listener (Node's `SCHED_RR`).
     RoundRobin {
         /// The primary's id for the listener.
-        handle: u64,
+        listener: u64,
     },
     /// The worker binds the granted address itself with `SO_REUSEPORT` and the kernel
     /// balances connections.
@@ -202,7 +207,7 @@ impl Grant {
     }
 }
 
-/// What kind of handle rides with a `ToWorker::Handle` message.
+/// What kind of handle rides with a `ToWorker::Handle` or a `ToPrimary::Message`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum HandleKind {
     /// A listening socket (a `net.Server`), bound to this address.
@@ -246,12 +251,18 @@ pub enum ToPrimary {
         /// The key of the closed server.
         key: ListenKey,
     },
-    /// A user message (`process.send(value)`): the postcard encoding of the user's value. User
-    /// messages have their own variant, so no user value can be taken for an internal message
-    /// (Node needs a `NODE_` prefix rule for that).
+    /// A user message (`process.send(value)`, or `process.send(value, handle)` with a handle):
+    /// the postcard encoding of the user's value. User messages have their own variant, so no
+    /// user value can be taken for an internal message (Node needs a `NODE_` prefix rule for
+    /// that).
     Message {
         /// The encoded value.
         data: Vec<u8>,
+        /// What the one descriptor that rides with the message is, when one does. The primary
+        /// checks the descriptor against it and does not take the worker's word for anything
+        /// (a server's address is read from the socket). A socket's `origin` is not used: the
+        /// sending worker's server stops counting a socket it sent.
+        handle: Option<HandleKind>,
     },
     /// The worker is disconnecting by itself (`cluster.worker.disconnect()`): it closes its
     /// servers, finishes its connections and exits.
@@ -274,8 +285,8 @@ pub enum ToPrimary {
     /// Answers to `ToWorker::Connections` on one listener, several at once: a connection in
     /// `refused` (the server is closing, or at its `maxConnections`) goes to another worker.
     Accepted {
-        /// The listener.
-        handle: u64,
+        /// The listener ([`Grant::RoundRobin`]'s id).
+        listener: u64,
         /// Hand-offs the worker took.
         accepted: Vec<u64>,
         /// Hand-offs the worker did not take.
@@ -378,7 +389,12 @@ impl Frame for ToPrimary {
     const NAME: &'static str = "ToPrimary";
     const VARIANTS: u32 = 11;
     fn fd_count(&self) -> usize {
-        0
+        match self {
+            ToPrimary::Message {
+                handle: Some(_), ..
+            } => 1,
+            _ => 0,
+        }
     }
 }
 
@@ -440,12 +456,12 @@ pub enum ToWorker {
         /// The sender's server.
         origin: u64,
     },
-    /// Connections the primary accepted on round-robin listener `handle`: one descriptor per
+    /// Connections the primary accepted on round-robin listener `listener`: one descriptor per
     /// hand-off number, in order (at most [`MAX_FDS_PER_MESSAGE`](crate::fd::MAX_FDS_PER_MESSAGE)).
     /// Answered by `ToPrimary::Accepted`.
     Connections {
-        /// The listener.
-        handle: u64,
+        /// The listener ([`Grant::RoundRobin`]'s id).
+        listener: u64,
         /// Hand-off numbers, echoed in the answer; the i-th descriptor is the i-th number's.
         seqs: Vec<u64>,
         /// `CLOCK_MONOTONIC` milliseconds (see [`monotonic_ms`]) after which the primary may

@@ -7,7 +7,7 @@
 //! socket's own worker accepts what is queued ([`accept_queue_len`] tells when it is done),
 //! and only then does the socket stop listening. Where the kernel refuses the program, the
 //! caller falls back to dropping new SYNs on the leaving socket (see
-//! [`crate::handle::refuse_new_connections`]): clients retry after a second and land on a
+//! [`crate::listening::refuse_new_connections`]): clients retry after a second and land on a
 //! socket that stays. With `net.ipv4.tcp_migrate_req = 1` the kernel also moves a closing
 //! listener's queue to the others by itself.
 

@@ -13,12 +13,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netcluster_protocol::handle::ListenError;
+use netcluster_protocol::listening::ListenError;
 use netcluster_protocol::message::{
     BoundAddress, CountError, Grant, HandleKind, ListenKey, ListenParams, ListenerStats,
     PROTOCOL_VERSION, ToPrimary, ToWorker, monotonic_ms,
@@ -101,7 +101,7 @@ pub enum StopReason {
     Signal,
 }
 
-/// What the primary granted a listen: the socket itself (shared), a round-robin handle, or an
+/// What the primary granted a listen: the socket itself (shared), a round-robin listener, or an
 /// address to bind with `SO_REUSEPORT`.
 #[derive(Debug)]
 pub(crate) struct Granted {
@@ -122,6 +122,28 @@ pub enum ReceivedHandle {
     Server(ReceivedServer),
     /// A connected socket (boxed: a `Socket` is much larger than a listening handle).
     Socket(Box<crate::net::Socket>),
+}
+
+/// A handle to send to the primary with a message ([`Worker::send_handle`]); a
+/// [`Server`](crate::net::Server) or a [`Socket`](crate::net::Socket) converts into one.
+#[derive(Debug)]
+pub enum OutgoingHandle {
+    /// A listening server: its socket is duplicated, and the server goes on serving here.
+    Server(crate::net::Server),
+    /// A connected socket (boxed: a `Socket` is much larger than a server).
+    Socket(Box<crate::net::Socket>),
+}
+
+impl From<crate::net::Server> for OutgoingHandle {
+    fn from(server: crate::net::Server) -> OutgoingHandle {
+        OutgoingHandle::Server(server)
+    }
+}
+
+impl From<crate::net::Socket> for OutgoingHandle {
+    fn from(socket: crate::net::Socket) -> OutgoingHandle {
+        OutgoingHandle::Socket(Box::new(socket))
+    }
 }
 
 /// A listening socket received from the primary.
@@ -183,7 +205,7 @@ pub struct Worker {
     pending: Mutex<Pending>,
     drain_timeout_ms: AtomicU64,
     stop: watch::Sender<Option<StopReason>>,
-    /// Round-robin listeners of this process's servers, by the primary's handle id.
+    /// Round-robin listeners of this process's servers, by the primary's listener id.
     round_robin: Mutex<HashMap<u64, mpsc::UnboundedSender<(u64, OwnedFd)>>>,
     /// Connection counters of the servers sharing a primary's socket, by key.
     counters: Mutex<Vec<Counter>>,
@@ -205,14 +227,37 @@ static WORKER: OnceCell<Arc<Worker>> = OnceCell::const_new();
 /// # Errors
 /// When the environment names a descriptor that is not a channel, or the handshake fails (the
 /// primary speaks another protocol version, or closed the channel).
+///
+/// # Cancel safety
+/// Cancel safe: the handshake runs in a task of its own, which finishes it and keeps the
+/// connection even when the caller's future is dropped midway (a `listen` in a
+/// `tokio::select!` that another branch won), so a later call gets the same connection.
 pub async fn worker() -> io::Result<Option<Arc<Worker>>> {
     let Role::Worker { id } = role() else {
         return Ok(None);
     };
-    WORKER
-        .get_or_try_init(|| Worker::connect(id))
-        .await
-        .map(|w| Some(w.clone()))
+    if let Some(w) = WORKER.get() {
+        return Ok(Some(w.clone()));
+    }
+    // The channel was claimed from the environment once and for all: a handshake dropped
+    // halfway would close it and leave the process a worker with no way to its primary.
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+        io::Error::other(format!(
+            "worker {id}: the cluster connection needs a tokio runtime"
+        ))
+    })?;
+    let connect = runtime.spawn(async move {
+        WORKER
+            .get_or_try_init(|| Worker::connect(id))
+            .await
+            .cloned()
+    });
+    match connect.await {
+        Ok(result) => result.map(Some),
+        Err(e) => Err(io::Error::other(format!(
+            "worker {id}: the handshake task failed: {e}"
+        ))),
+    }
 }
 
 impl Worker {
@@ -305,6 +350,11 @@ impl Worker {
     }
 
     /// Completes when the worker has been asked to stop, with the reason.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it reads a state (the stop reason, once set, stays set) and takes nothing,
+    /// so a dropped future loses nothing, and every call after the stop completes at once with
+    /// the same reason.
     pub async fn shutdown_requested(&self) -> StopReason {
         let mut rx = self.stop.subscribe();
         loop {
@@ -323,13 +373,83 @@ impl Worker {
     /// # Errors
     /// `InvalidData` when the value cannot be serialized, or its encoding is larger than a
     /// frame allows (64 KiB); the channel's error when the primary is gone.
+    ///
+    /// # Cancel safety
+    /// As [`Channel::send`]: a dropped future has sent the whole message or none of it.
     pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> io::Result<()> {
         let data = postcard::to_allocvec(message)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("message: {e}")))?;
         self.channel
-            .send(&ToPrimary::Message { data }, &[])
+            .send(&ToPrimary::Message { data, handle: None }, &[])
             .await
             .map_err(|e| io::Error::other(format!("worker {}: send: {e}", self.id)))
+    }
+
+    /// `process.send(message, handle)`: sends a user message with a listening server or a
+    /// connected socket; it arrives in the primary as an
+    /// [`Event::Message`](../../netcluster_primary/cluster/enum.Event.html) whose message has
+    /// the handle (`UserMessage::handle`).
+    ///
+    /// A server goes on listening here; the primary gets a duplicate of its socket. A socket is
+    /// closed here once sent unless `keep_open` (Node's `{ keepOpen }`); either way the server
+    /// that accepted it stops counting it (unlike Node, where the sending server's
+    /// `getConnections` goes on counting a socket the other process keeps open).
+    ///
+    /// The primary checks the descriptor (a server must be listening, a socket connected) and
+    /// holds at most 64 of one worker's handles at once (`MAX_HELD_HANDLES`): beyond, the
+    /// message arrives without its handle.
+    ///
+    /// # Errors
+    /// `InvalidInput` when the server is not listening or the socket has no connection;
+    /// `Unsupported` for a server served round robin (the primary holds its socket, this
+    /// process none); otherwise as [`Worker::send`].
+    ///
+    /// # Cancel safety
+    /// As [`Worker::send`]; a socket is closed (without `keep_open`) only once it was sent.
+    pub async fn send_handle<T: Serialize + ?Sized>(
+        &self,
+        message: &T,
+        handle: impl Into<OutgoingHandle>,
+        keep_open: bool,
+    ) -> io::Result<()> {
+        let data = postcard::to_allocvec(message)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("message: {e}")))?;
+        let sent = |e: netcluster_protocol::ChannelError| {
+            io::Error::other(format!("worker {}: send_handle: {e}", self.id))
+        };
+        match handle.into() {
+            OutgoingHandle::Server(server) => {
+                let address = server.address().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "send_handle: the server is not listening",
+                    )
+                })?;
+                let fd = server.handle()?;
+                let msg = ToPrimary::Message {
+                    data,
+                    handle: Some(HandleKind::Server { address }),
+                };
+                self.channel.send(&msg, &[fd.as_fd()]).await.map_err(sent)
+            }
+            OutgoingHandle::Socket(mut socket) => {
+                let fd = socket.fd().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "send_handle: the socket has no connection",
+                    )
+                })?;
+                let msg = ToPrimary::Message {
+                    data,
+                    handle: Some(HandleKind::Socket { origin: None }),
+                };
+                self.channel.send(&msg, &[fd]).await.map_err(sent)?;
+                if !keep_open {
+                    socket.destroy(None);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The next message from the primary (Node's `process.on('message')`), decoded as `T`;
@@ -340,6 +460,9 @@ impl Worker {
     /// consumed).
     /// A handle that came with the message is closed; use [`Worker::recv_with_handle`] to
     /// keep it.
+    ///
+    /// # Cancel safety
+    /// As [`Worker::recv_with_handle`]: cancel safe.
     pub async fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<T>> {
         Ok(self
             .recv_with_handle()
@@ -353,6 +476,12 @@ impl Worker {
     /// # Errors
     /// `InvalidData` naming the type when the message does not decode as `T` (the message and
     /// its handle are dropped).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: messages wait in a queue that the channel's task fills, and one is taken
+    /// (tokio's `mpsc::Receiver::recv`, behind a `tokio::sync::Mutex` for concurrent callers)
+    /// and decoded in the poll that returns it. A dropped future leaves every message, and its
+    /// handle, queued for the next call.
     pub async fn recv_with_handle<T: DeserializeOwned>(
         &self,
     ) -> io::Result<Option<(T, Option<ReceivedHandle>)>> {
@@ -399,25 +528,30 @@ impl Worker {
         self.request_stop(StopReason::Requested, None);
     }
 
-    /// Receives the connections the primary hands over on round-robin listener `handle`.
-    pub(crate) fn register_round_robin(&self, handle: u64) -> Handoffs {
+    /// Receives the connections the primary hands over on round-robin listener `listener`.
+    pub(crate) fn register_round_robin(&self, listener: u64) -> Handoffs {
         let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.round_robin).insert(handle, tx);
+        lock(&self.round_robin).insert(listener, tx);
         rx
     }
 
-    /// No more connections for `handle` here (answered "not accepted" from now on).
-    pub(crate) fn unregister_round_robin(&self, handle: u64) {
-        lock(&self.round_robin).remove(&handle);
+    /// No more connections for `listener` here (answered "not accepted" from now on).
+    pub(crate) fn unregister_round_robin(&self, listener: u64) {
+        lock(&self.round_robin).remove(&listener);
     }
 
-    /// Answers round-robin hand-offs on `handle`, all in one message.
-    pub(crate) async fn answer_handoffs(&self, handle: u64, accepted: Vec<u64>, refused: Vec<u64>) {
+    /// Answers round-robin hand-offs on `listener`, all in one message.
+    pub(crate) async fn answer_handoffs(
+        &self,
+        listener: u64,
+        accepted: Vec<u64>,
+        refused: Vec<u64>,
+    ) {
         if accepted.is_empty() && refused.is_empty() {
             return;
         }
         let reply = ToPrimary::Accepted {
-            handle,
+            listener,
             accepted,
             refused,
         };
@@ -533,16 +667,23 @@ impl Worker {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(seq, (key.clone(), tx));
         let target = key.target.clone();
+        // Dropped unsent (this future was, while the channel was full), the request is
+        // forgotten; once sent, its entry stays for the answer (see below).
+        let mut unsent = Unsent {
+            pending: &self.pending,
+            seq,
+            armed: true,
+        };
         let sent = self
             .channel
             .send(&ToPrimary::Listen { seq, key, params }, &[])
             .await;
         if let Err(e) = sent {
-            lock(&self.pending).remove(&seq);
             return Err(io::Error::other(format!(
                 "listen {target}: cannot ask the primary: {e}"
             )));
         }
+        unsent.armed = false;
         // If this future is dropped (the listen was abandoned), `tx` finds the receiver gone and
         // the late descriptor is closed when the reply is dropped.
         rx.await.unwrap_or_else(|_| {
@@ -611,7 +752,7 @@ impl Worker {
                 };
                 // The channel checked that a Shared grant brought exactly one descriptor.
                 let handoffs = match grant {
-                    Grant::RoundRobin { handle } => Some(self.register_round_robin(handle)),
+                    Grant::RoundRobin { listener } => Some(self.register_round_robin(listener)),
                     _ => None,
                 };
                 let granted = Granted {
@@ -621,8 +762,8 @@ impl Worker {
                     handoffs,
                 };
                 if let Err(Ok(granted)) = tx.send(Ok(granted)) {
-                    if let Grant::RoundRobin { handle } = granted.grant {
-                        self.unregister_round_robin(handle);
+                    if let Grant::RoundRobin { listener } = granted.grant {
+                        self.unregister_round_robin(listener);
                     }
                     // The listen was abandoned (the server closed) before the answer came
                     // (test-net-server-close-before-ipc-response): the descriptor was closed
@@ -636,7 +777,7 @@ impl Worker {
                 }
             }
             ToWorker::Connections {
-                handle,
+                listener,
                 seqs,
                 expires_ms,
             } => {
@@ -646,7 +787,7 @@ impl Worker {
                 let mut refused = Vec::new();
                 {
                     let servers = lock(&self.round_robin);
-                    let tx = servers.get(&handle).filter(|_| !late);
+                    let tx = servers.get(&listener).filter(|_| !late);
                     // The channel checked that one descriptor came per number.
                     for (seq, fd) in seqs.into_iter().zip(fds) {
                         if tx.is_none_or(|tx| tx.send((seq, fd)).is_err()) {
@@ -655,7 +796,7 @@ impl Worker {
                     }
                 }
                 // No server takes them (it closed): the primary gives them to other workers.
-                self.answer_handoffs(handle, Vec::new(), refused).await;
+                self.answer_handoffs(listener, Vec::new(), refused).await;
             }
             ToWorker::ListenErr {
                 seq,
@@ -803,6 +944,22 @@ impl Worker {
             ?reason,
             "connections still open after the {deadline:?} drain deadline; exiting"
         );
+    }
+}
+
+/// Forgets listen request `seq` when dropped: one that never reached the primary gets no
+/// answer.
+struct Unsent<'a> {
+    pending: &'a Mutex<Pending>,
+    seq: u64,
+    armed: bool,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(self.pending).remove(&self.seq);
+        }
     }
 }
 

@@ -130,7 +130,7 @@ impl Supervisor {
                 let sent = match self.table.get(b.worker) {
                     Some(w) => {
                         let msg = ToWorker::Connections {
-                            handle: l,
+                            listener: l,
                             seqs: b.seqs,
                             expires_ms,
                         };

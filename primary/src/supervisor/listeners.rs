@@ -3,7 +3,7 @@
 
 use std::os::fd::AsFd;
 
-use netcluster_protocol::handle::{self, ListenError};
+use netcluster_protocol::listening::{self, ListenError};
 use netcluster_protocol::message::{BoundAddress, ListenKey, ListenParams, ListenTarget, ToWorker};
 
 use crate::error::Error;
@@ -115,7 +115,7 @@ impl Supervisor {
         for l in self.registry.iter() {
             if l.owned {
                 for fd in l.listening() {
-                    if let Err(e) = handle::accept_new_connections(fd) {
+                    if let Err(e) = listening::accept_new_connections(fd) {
                         tracing::debug!(listener = %l.address, "cannot clear a socket filter: {e}");
                     }
                 }
@@ -337,7 +337,7 @@ impl Supervisor {
             )));
         }
         let dup = netcluster_protocol::fd::dup_raw(fd).map_err(named)?;
-        handle::check_listening(dup.as_fd()).map_err(named)?;
+        listening::check_listening(dup.as_fd()).map_err(named)?;
         let ino = inode(dup.as_fd());
         if let Some(l) = self
             .registry

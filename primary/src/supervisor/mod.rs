@@ -507,7 +507,7 @@ impl Supervisor {
             return;
         }
         match msg {
-            FromWorker::Message(m) => self.message(id, m),
+            FromWorker::Message(m, handle) => self.message(id, m, handle),
             FromWorker::BadFrame(e) => self.violation(id, &format!("dropped a bad frame: {e}")),
             FromWorker::Closed => self.channel_closed(id),
             FromWorker::Notify(text) => self.notified(id, &text),
@@ -530,7 +530,7 @@ impl Supervisor {
         }
     }
 
-    fn message(&mut self, id: u32, msg: ToPrimary) {
+    fn message(&mut self, id: u32, msg: ToPrimary, handle: Option<crate::event::MessageHandle>) {
         match msg {
             ToPrimary::Hello {
                 version,
@@ -549,9 +549,10 @@ impl Supervisor {
                     }
                 }
             }
-            ToPrimary::Message { data } => self.emit(Event::Message {
+            // With no subscriber the event, and the handle with it, is dropped at once.
+            ToPrimary::Message { data, .. } => self.emit(Event::Message {
                 id,
-                message: UserMessage::new(data),
+                message: UserMessage::new(data, handle),
             }),
             ToPrimary::Disconnect => self.stopping_by_itself(id, true),
             ToPrimary::Stopping { signal } => {
@@ -577,10 +578,10 @@ impl Supervisor {
             },
             ToPrimary::CountRequest { seq, key } => self.count_request(id, seq, &key),
             ToPrimary::Accepted {
-                handle,
+                listener,
                 accepted,
                 refused,
-            } => self.answered(id, handle, &accepted, &refused),
+            } => self.answered(id, listener, &accepted, &refused),
             ToPrimary::Pong { seq } => {
                 let answered = self
                     .table

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
-use netcluster_protocol::handle;
+use netcluster_protocol::listening;
 use netcluster_protocol::message::ToWorker;
 use netcluster_protocol::steer;
 
@@ -186,7 +186,7 @@ impl Supervisor {
                 continue;
             }
             for fd in l.listening() {
-                if let Err(e) = handle::refuse_new_connections(fd) {
+                if let Err(e) = listening::refuse_new_connections(fd) {
                     tracing::debug!(listener = %l.address, "cannot filter new connections: {e}");
                 }
             }
@@ -272,7 +272,7 @@ impl Supervisor {
                 );
                 for s in &leaving {
                     if let Some(fd) = slots.get(*s) {
-                        let _ = handle::refuse_new_connections(fd);
+                        let _ = listening::refuse_new_connections(fd);
                     }
                 }
             }

@@ -74,7 +74,7 @@ impl Harness {
     }
 
     fn say(&mut self, id: u32, msg: ToPrimary) {
-        self.sup.worker_said(id, FromWorker::Message(msg));
+        self.sup.worker_said(id, FromWorker::Message(msg, None));
     }
 
     fn exit(&mut self, id: u32, code: i32) {

@@ -20,6 +20,8 @@ use netcluster_protocol::channel::{Channel, ChannelError};
 use netcluster_protocol::message::{ToPrimary, ToWorker};
 use tokio::sync::mpsc;
 
+use crate::event::{HeldHandles, MessageHandle};
+
 /// A descriptor that rides with a message: owned by the message, or shared with the sender
 /// (a round-robin connection the primary keeps until the worker accepts it).
 #[derive(Debug)]
@@ -84,8 +86,9 @@ impl WorkerTx {
 /// What a worker's reader reports to the supervisor.
 #[derive(Debug)]
 pub(crate) enum FromWorker {
-    /// A message.
-    Message(ToPrimary),
+    /// A message, and the handle that came with a user message (checked, and counted against
+    /// the worker's [`MAX_HELD_HANDLES`](crate::event::MAX_HELD_HANDLES)).
+    Message(ToPrimary, Option<MessageHandle>),
     /// A frame that did not decode (its descriptors were closed).
     BadFrame(ChannelError),
     /// The channel closed (or failed).
@@ -227,12 +230,13 @@ pub(crate) async fn run_reader(
         async move { to.send((id, msg)).await.is_ok() }
     };
     let mut open = true;
+    let mut handles = HeldHandles::default();
     let status = loop {
         tokio::select! {
             // Messages first: what a worker said before it exited is handled before its exit.
             biased;
             msg = channel.recv::<ToPrimary>(), if open => {
-                match classify(msg) {
+                match classify(msg, id, &mut handles) {
                     Some(m) => {
                         if !send(m).await {
                             return;
@@ -251,7 +255,7 @@ pub(crate) async fn run_reader(
     };
     while open {
         match tokio::time::timeout(Duration::from_secs(1), channel.recv::<ToPrimary>()).await {
-            Ok(msg) => match classify(msg) {
+            Ok(msg) => match classify(msg, id, &mut handles) {
                 Some(m) => {
                     if !send(m).await {
                         return;
@@ -277,10 +281,30 @@ pub(crate) async fn run_reader(
 }
 
 /// One receive as what to report; `None` when the channel is closed or failed.
-fn classify(msg: Result<Option<(ToPrimary, Vec<OwnedFd>)>, ChannelError>) -> Option<FromWorker> {
+fn classify(
+    msg: Result<Option<(ToPrimary, Vec<OwnedFd>)>, ChannelError>,
+    id: u32,
+    handles: &mut HeldHandles,
+) -> Option<FromWorker> {
     match msg {
-        // No message to the primary carries descriptors; the channel checked the count.
-        Ok(Some((m, _none))) => Some(FromWorker::Message(m)),
+        // Only a user message with a handle carries a descriptor (the channel checked the
+        // count, and `MSG_CTRUNC`: a truncated one is a bad frame with every descriptor closed).
+        // It is checked here; every path that does not keep it closes it by dropping it.
+        Ok(Some((m, fds))) => {
+            let handle = match (&m, fds.into_iter().next()) {
+                (
+                    ToPrimary::Message {
+                        handle: Some(kind), ..
+                    },
+                    Some(fd),
+                ) => match handles.take(id, kind, fd) {
+                    Ok(handle) => handle,
+                    Err(e) => return Some(FromWorker::BadFrame(e)),
+                },
+                _ => None,
+            };
+            Some(FromWorker::Message(m, handle))
+        }
         Ok(None) => None,
         Err(e) if e.is_bad_frame() => Some(FromWorker::BadFrame(e)),
         Err(e) => {

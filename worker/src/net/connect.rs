@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use netcluster_protocol::handle::check_unix_path;
+use netcluster_protocol::listening::check_unix_path;
 use tokio::net::{TcpSocket, UnixStream};
 
 use super::socket::{Socket, Stream};

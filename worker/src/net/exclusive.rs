@@ -96,6 +96,9 @@ impl ExclusiveAccept {
     }
 
     /// The next connection the thread accepted; `None` once it stopped.
+    ///
+    /// Cancel safe (tokio's `mpsc::Receiver::recv`): a dropped future leaves the connection in
+    /// the queue for the next call.
     pub(crate) async fn accept(&mut self) -> Option<io::Result<OwnedFd>> {
         self.rx.recv().await
     }

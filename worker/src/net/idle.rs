@@ -122,7 +122,9 @@ impl IdleTimeout {
 
     /// Completes at the socket's next `'timeout'` event: when it has been idle for its timeout.
     ///
-    /// Cancel-safe: dropping the future loses no event.
+    /// # Cancel safety
+    /// Cancel safe: an idle period counts as reported only in the poll that returns it, so
+    /// dropping the future loses no event.
     pub async fn expired(&self) {
         let a = &self.activity;
         loop {

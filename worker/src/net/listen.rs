@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use netcluster_protocol::handle;
+use netcluster_protocol::listening;
 use netcluster_protocol::message::{
     BoundAddress, DEFAULT_BACKLOG, Grant, ListenKey, ListenParams, ListenTarget,
 };
@@ -162,7 +162,7 @@ impl ListenOptions {
             )));
         }
         if let Some(path) = &self.path {
-            handle::check_unix_path(path)?;
+            listening::check_unix_path(path)?;
             return Ok(ListenTarget::Unix(path.clone()));
         }
         if let Some(fd) = self.fd {
@@ -233,7 +233,7 @@ pub(crate) enum Source {
     Socket(OwnedFd),
     /// The primary's listening socket, which every worker accepts on (the `shared` policy).
     Shared(OwnedFd),
-    /// The primary accepts and hands connections over on this round-robin handle.
+    /// The primary accepts and hands connections over on this round-robin listener.
     RoundRobin(u64, cluster::Handoffs),
 }
 
@@ -278,8 +278,8 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
                 // A reuseport slot: no other worker accepts on it (but for a moment, a
                 // replacement of the same slot during a reload).
                 (Grant::Slot, Some(fd), _) => Source::Socket(fd),
-                (Grant::RoundRobin { handle }, _, Some(handoffs)) => {
-                    Source::RoundRobin(handle, handoffs)
+                (Grant::RoundRobin { listener }, _, Some(handoffs)) => {
+                    Source::RoundRobin(listener, handoffs)
                 }
                 (Grant::ReusePort, _, _) => {
                     // The primary reserved the port; this worker joins the group on it.
@@ -294,7 +294,7 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
                         reuse_port: true,
                         ..params
                     };
-                    match handle::bind_listener(&ListenTarget::Tcp(addr), &params) {
+                    match listening::bind_listener(&ListenTarget::Tcp(addr), &params) {
                         Ok((fd, _)) => Source::Socket(fd),
                         Err(e) => {
                             worker.leave(key.clone()).await;
@@ -318,7 +318,7 @@ pub(crate) async fn acquire(options: &ListenOptions) -> io::Result<Acquired> {
             });
         }
     }
-    let (fd, address) = handle::bind_listener(&target, &params).map_err(io::Error::from)?;
+    let (fd, address) = listening::bind_listener(&target, &params).map_err(io::Error::from)?;
     let unlink = match &target {
         ListenTarget::Unix(path) => Some(path.clone()),
         _ => None,

@@ -37,6 +37,7 @@ mod exclusive;
 mod family;
 mod from_fd;
 mod idle;
+mod intake;
 mod ip;
 mod listen;
 mod server;

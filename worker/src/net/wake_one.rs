@@ -73,6 +73,10 @@ impl WakeOne {
     /// The next connection, when the kernel wakes this worker for one. The listener leaves
     /// the event loop's set with it: until [`WakeOne::rejoin`] (or the next `accept`), the
     /// kernel wakes and reports to the other workers only.
+    ///
+    /// Cancel safe (the accept loop awaits it in `tokio::select!`): the connection is accepted
+    /// and returned in the same poll; a dropped future took none and leaves this worker in the
+    /// wake-up queue, as the next `accept` would put it anyway.
     pub(crate) async fn accept(&mut self) -> io::Result<OwnedFd> {
         self.rejoin()?;
         loop {

@@ -379,6 +379,27 @@ pub fn check_bound(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<BoundAddress> 
     check_stream(fd, false)
 }
 
+/// Checks that `fd` is a connected TCP or Unix stream socket (what a `net.Socket` handle sent
+/// with a message must be): not listening, with a peer. Returns its local address.
+///
+/// # Errors
+/// `InvalidInput` saying what the descriptor is instead ("a pipe", "a listening TCP socket",
+/// "a TCP socket that is not listening" for one with no peer, …).
+pub fn check_connected(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<BoundAddress> {
+    let not = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}, not a connected stream socket", describe_fd(fd)),
+        )
+    };
+    let address = check_stream(fd, false).map_err(|_| not())?;
+    let sock = socket2::SockRef::from(&fd);
+    if sock.is_listener().map_err(|_| not())? || sock.peer_addr().is_err() {
+        return Err(not());
+    }
+    Ok(address)
+}
+
 /// [`check_listening`] (with `listening`) or [`check_bound`].
 fn check_stream(fd: std::os::fd::BorrowedFd<'_>, listening: bool) -> io::Result<BoundAddress> {
     let not = || {
@@ -634,6 +655,40 @@ mod tests {
             err.to_string(),
             "a TCP socket that is not listening is not bound to an address"
         );
+    }
+
+    #[test]
+    fn check_connected_takes_only_a_connected_stream_socket() {
+        use std::os::fd::AsFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = std::net::TcpStream::connect(addr).expect("connect");
+        let (served, _) = listener.accept().expect("accept");
+        assert_eq!(
+            check_connected(served.as_fd()).expect("accepted"),
+            BoundAddress::Tcp(addr)
+        );
+        check_connected(client.as_fd()).expect("connected");
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        assert_eq!(
+            check_connected(a.as_fd()).expect("unix pair"),
+            BoundAddress::Unix(Default::default())
+        );
+        let err = check_connected(listener.as_fd()).expect_err("listening");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            err.to_string(),
+            "a listening TCP socket, not a connected stream socket"
+        );
+        let unconnected = socket2::Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        let err = check_connected(unconnected.as_fd()).expect_err("no peer");
+        assert_eq!(
+            err.to_string(),
+            "a TCP socket that is not listening, not a connected stream socket"
+        );
+        let (r, _w) = nix::unistd::pipe().expect("pipe");
+        let err = check_connected(r.as_fd()).expect_err("pipe");
+        assert_eq!(err.to_string(), "a pipe, not a connected stream socket");
     }
 
     #[test]
