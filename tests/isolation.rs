@@ -300,19 +300,8 @@ fn round_robin_at_the_descriptor_limit_keeps_serving() {
     let mut r = Running::from_command(cmd);
     let addr = listening_addr(&mut r);
     eventually(T, "workers", || {
-        let out = Command::new(netcluster_bin())
-            .args(["status", "--json", "--control"])
-            .arg(&control)
-            .output()
-            .ok()?;
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (s["workers"]
-            .as_array()?
-            .iter()
-            .filter(|w| w["state"] == "listening")
-            .count()
-            == 2)
-            .then_some(())
+        let s = try_status_at(&control)?;
+        (s.workers.iter().filter(|w| w.state == "listening").count() == 2).then_some(())
     });
     let t = Instant::now();
     let clients: Vec<_> = (0..500)
@@ -396,7 +385,7 @@ fn round_robin_stop_under_load_loses_no_accepted_connection() {
             ],
         );
         let addr = listening_addr(&mut r);
-        wait_workers_listening(&r, 2);
+        wait_listening(&r, 2);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let clients: Vec<_> = (0..8)
             .map(|_| {

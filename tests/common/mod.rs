@@ -571,6 +571,23 @@ pub fn status(r: &Running) -> Status {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}\n{out}"))
 }
 
+/// `netcluster status --json --control CONTROL`, read as the library's [`Status`], or `None`
+/// while no primary answers there yet (for a primary the test started on a control socket of
+/// its own choosing, polled with [`eventually`]). An answer that is not a [`Status`] fails the
+/// test at once rather than being polled again.
+pub fn try_status_at(control: &Path) -> Option<Status> {
+    let out = Command::new(netcluster_bin())
+        .args(["status", "--json", "--control"])
+        .arg(control)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(serde_json::from_str(&text).unwrap_or_else(|e| panic!("status JSON: {e}\n{text}")))
+}
+
 /// Waits until `r`'s primary reports `n` workers, all listening; its status then.
 pub fn wait_listening(r: &Running, n: usize) -> Status {
     eventually(Duration::from_secs(30), "the workers to listen", || {
