@@ -556,13 +556,6 @@ pub fn ctl(r: &Running, args: &[&str]) -> (ExitStatus, String, String) {
     )
 }
 
-/// `netcluster status --json` of `r`'s primary.
-pub fn status_json(r: &Running) -> serde_json::Value {
-    let (status, out, err) = ctl(r, &["status", "--json"]);
-    assert!(status.success(), "status failed: {err}");
-    serde_json::from_str(&out).expect("status JSON")
-}
-
 /// `netcluster status --json` of `r`'s primary, read as the library's [`Status`]: the schema
 /// the tests rely on is the type's.
 pub fn status(r: &Running) -> Status {
@@ -602,15 +595,6 @@ pub fn listening_addr(r: &mut Running) -> std::net::SocketAddr {
     line.trim_start_matches("listening on ")
         .parse()
         .expect("address")
-}
-
-/// Waits until `r`'s primary reports `n` workers, all listening.
-pub fn wait_workers_listening(r: &Running, n: usize) -> serde_json::Value {
-    eventually(Duration::from_secs(30), "the workers to listen", || {
-        let s = status_json(r);
-        let workers = s["workers"].as_array()?;
-        (workers.len() == n && workers.iter().all(|w| w["state"] == "listening")).then_some(s)
-    })
 }
 
 /// A steady mixed HTTP load: `fresh` clients open a new connection per request (`Connection:
