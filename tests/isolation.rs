@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use netcluster::cluster::Status;
 use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(30);
@@ -81,6 +82,14 @@ impl Hostile {
         self.r.send_line(cmd);
         self.r.wait_stdout(T, |l| l.starts_with(reply))
     }
+
+    /// The primary's status, from the `status {json}` line its `status` command prints, read
+    /// as the library's [`Status`].
+    fn status(&mut self) -> Status {
+        let line = self.command("status", "status ");
+        let json = line.trim_start_matches("status ");
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("status JSON: {e}\n{line}"))
+    }
 }
 
 /// Runs `attack` under a client load and checks everything the issue asks.
@@ -119,11 +128,8 @@ fn survive(attack: &str, killed_by_primary: bool) {
     let report = load.stop();
     assert_eq!(report.failed, 0, "{attack}: {report:?}");
     assert!(alive(h.primary), "{attack}: the primary died");
-    let status = h.command("status", "status ");
-    assert!(
-        status.contains("\"workers_wanted\":2"),
-        "{attack}: {status}"
-    );
+    let status = h.status();
+    assert_eq!(status.workers_wanted, 2, "{attack}: {status:#?}");
     let fds1 = eventually(
         Duration::from_secs(15),
         "the primary's descriptors to return",
@@ -190,8 +196,9 @@ fn counts_of_u64_max_saturate_and_crash_nothing() {
     h.r.wait_stdout(T, |l| l.starts_with("hostile 1 pid "));
     // Wait until the hostile worker listens (it answers counts from then on).
     eventually(T, "the hostile worker to listen", || {
-        let s = h.command("status", "status ");
-        s.contains("\"workers\":2,").then_some(())
+        // Both workers are members of the listener.
+        let s = h.status();
+        s.listeners.iter().any(|l| l.workers == 2).then_some(())
     });
     for _ in 0..3 {
         let line = h.command("count", "count");
@@ -300,19 +307,8 @@ fn round_robin_at_the_descriptor_limit_keeps_serving() {
     let mut r = Running::from_command(cmd);
     let addr = listening_addr(&mut r);
     eventually(T, "workers", || {
-        let out = Command::new(netcluster_bin())
-            .args(["status", "--json", "--control"])
-            .arg(&control)
-            .output()
-            .ok()?;
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (s["workers"]
-            .as_array()?
-            .iter()
-            .filter(|w| w["state"] == "listening")
-            .count()
-            == 2)
-            .then_some(())
+        let s = try_status_at(&control)?;
+        (s.workers.iter().filter(|w| w.state == "listening").count() == 2).then_some(())
     });
     let t = Instant::now();
     let clients: Vec<_> = (0..500)
@@ -396,7 +392,7 @@ fn round_robin_stop_under_load_loses_no_accepted_connection() {
             ],
         );
         let addr = listening_addr(&mut r);
-        wait_workers_listening(&r, 2);
+        wait_listening(&r, 2);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let clients: Vec<_> = (0..8)
             .map(|_| {

@@ -35,6 +35,20 @@ fn serve_python(opts: &[&str], env: &[(&str, &str)]) -> (Running, std::net::Sock
     (r, addr)
 }
 
+/// The `report {json}` line `tests/programs/worker.py` prints: what the program was given.
+#[derive(Debug, serde::Deserialize)]
+struct Report {
+    pid: u32,
+    /// `LISTEN_PID`, as the environment has it (a string).
+    listen_pid: Option<String>,
+    /// `LISTEN_FDS`.
+    listen_fds: u32,
+    /// `LISTEN_FDNAMES`.
+    names: Option<String>,
+    /// Every open descriptor and what it is (`readlink /proc/self/fd/N`).
+    fds: std::collections::BTreeMap<u32, String>,
+}
+
 fn kill(pid: u32, sig: Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
 }
@@ -54,31 +68,25 @@ fn a_program_worker_sees_exactly_its_listeners() {
     let mut r = Running::from_command(cmd);
     for _ in 0..2 {
         let line = r.wait_stdout(T, |l| l.contains("report {"));
-        let json = line.split_once("report ").unwrap().1;
-        let report: serde_json::Value = serde_json::from_str(json).unwrap();
+        let json = line.split_once("report ").expect("a report line").1;
+        let report: Report = serde_json::from_str(json)
+            .unwrap_or_else(|e| panic!("the program's report: {e}\n{line}"));
         assert!(
             line.starts_with("[slot "),
             "output is prefixed by the slot: {line}"
         );
-        assert_eq!(report["listen_fds"], 2, "{report}");
-        assert_eq!(report["names"], "web:admin", "{report}");
+        assert_eq!(report.listen_fds, 2, "{report:?}");
+        assert_eq!(report.names.as_deref(), Some("web:admin"), "{report:?}");
         assert_eq!(
-            report["listen_pid"],
-            report["pid"].to_string(),
-            "LISTEN_PID is the program's own pid: {report}"
+            report.listen_pid,
+            Some(report.pid.to_string()),
+            "LISTEN_PID is the program's own pid: {report:?}"
         );
-        let fds = report["fds"].as_object().unwrap();
-        let mut numbers: Vec<u32> = fds.keys().map(|k| k.parse().unwrap()).collect();
-        numbers.sort_unstable();
-        assert_eq!(numbers, [0, 1, 2, 3, 4], "no other descriptor: {report}");
-        assert!(
-            fds["3"].as_str().unwrap().starts_with("socket:"),
-            "{report}"
-        );
-        assert!(
-            fds["4"].as_str().unwrap().starts_with("socket:"),
-            "{report}"
-        );
+        // A BTreeMap: its keys come sorted.
+        let numbers: Vec<u32> = report.fds.keys().copied().collect();
+        assert_eq!(numbers, [0, 1, 2, 3, 4], "no other descriptor: {report:?}");
+        assert!(report.fds[&3].starts_with("socket:"), "{report:?}");
+        assert!(report.fds[&4].starts_with("socket:"), "{report:?}");
     }
     // Both listeners serve, from the program's socket.socket(fileno=3) and (fileno=4).
     let mut addrs = Vec::new();
@@ -142,8 +150,12 @@ fn a_shell_script_says_ready_with_systemd_notify() {
     let mut r = Running::from_command(cmd);
     listening_addr(&mut r);
     r.wait_stderr(T, |l| l.contains("2 workers ready"));
-    let s = status_json(&r);
-    assert_eq!(s["workers"][0]["status_text"], "from a script", "{s:#}");
+    let s = status(&r);
+    assert_eq!(
+        s.workers.first().and_then(|w| w.status_text.as_deref()),
+        Some("from a script"),
+        "{s:#?}"
+    );
 }
 
 #[test]
@@ -178,7 +190,7 @@ fn a_reload_whose_new_workers_exit_keeps_the_old_ones_serving() {
         &["--workers", "2", "--listen", "127.0.0.1:0"],
         &[("FAIL_IF", fail.to_str().unwrap())],
     );
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     let before = worker_pids_of(&r);
     let load = Load::echo(addr, 4, Duration::from_millis(3));
     load.wait_for_more(50, T);
@@ -194,13 +206,12 @@ fn a_reload_whose_new_workers_exit_keeps_the_old_ones_serving() {
     eventually(T, "only the old workers", || {
         (worker_pids_of(&r) == before).then_some(())
     });
-    let s = status_json(&r);
+    let s = common::status(&r);
     assert!(
-        s["last_reload_error"]
-            .as_str()
-            .unwrap()
-            .contains("exit code 1"),
-        "{s:#}"
+        s.last_reload_error
+            .as_deref()
+            .is_some_and(|e| e.contains("exit code 1")),
+        "{s:#?}"
     );
     std::fs::remove_file(&fail).unwrap();
     let (status, out, err) = ctl(&r, &["reload"]);
@@ -225,7 +236,7 @@ fn a_reload_whose_new_workers_never_get_ready_keeps_the_old_ones_serving() {
         ],
         &[("NOT_READY_IF", lazy.to_str().unwrap())],
     );
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     let before = worker_pids_of(&r);
     let load = Load::echo(addr, 4, Duration::from_millis(3));
     load.wait_for_more(50, T);
@@ -246,8 +257,7 @@ fn a_reload_whose_new_workers_never_get_ready_keeps_the_old_ones_serving() {
 #[test]
 fn a_reuseport_worker_killed_with_connections_queued_on_its_slot_resets_none() {
     let (r, addr) = serve_python(&["--workers", "2", "--listen", "127.0.0.1:0"], &[]);
-    let status = wait_workers_listening(&r, 2);
-    let victim = status["workers"][0]["pid"].as_u64().unwrap() as u32;
+    let victim = wait_listening(&r, 2).workers[0].pid;
     // Stopped, its slot's socket keeps taking connections into its queue.
     kill(victim, Signal::SIGSTOP);
     eventually(T, "the worker to be stopped", || {
@@ -275,14 +285,14 @@ fn a_reuseport_worker_killed_with_connections_queued_on_its_slot_resets_none() {
         "{} of 24 failed: {failed:?}",
         failed.len()
     );
-    let s = status_json(&r);
-    assert_eq!(s["slots"][0]["restarts"], 1, "{s:#}");
+    let s = status(&r);
+    assert_eq!(s.slots.first().map(|slot| slot.restarts), Some(1), "{s:#?}");
 }
 
 #[test]
 fn scaling_reuseport_slots_down_under_load_resets_nothing() {
     let (r, addr) = serve_python(&["--workers", "4", "--listen", "127.0.0.1:0"], &[]);
-    wait_workers_listening(&r, 4);
+    wait_listening(&r, 4);
     let load = Load::echo(addr, 6, Duration::from_millis(2));
     load.wait_for_more(100, T);
     for n in ["2", "4", "1", "3", "1"] {
@@ -315,12 +325,12 @@ fn the_node_worker_serves_and_says_ready() {
     let mut conn = None;
     http_request(addr, &mut conn, true).unwrap();
     http_request(addr, &mut conn, true).unwrap();
-    let s = status_json(&r);
+    let s = status(&r);
     assert!(
-        s["workers"][0]["status_text"]
-            .as_str()
-            .unwrap()
-            .starts_with("serving"),
-        "{s:#}"
+        s.workers
+            .first()
+            .and_then(|w| w.status_text.as_deref())
+            .is_some_and(|t| t.starts_with("serving")),
+        "{s:#?}"
     );
 }

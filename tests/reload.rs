@@ -29,7 +29,7 @@ fn reload_under_load(args: &[&str]) {
     all.extend_from_slice(args);
     let mut r = Running::start(&netcluster_bin(), &all);
     let addr = listening_addr(&mut r);
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     // Idle to idle: under round robin the primary holds the connections it is handing off.
     let fds_before = settled_fd_count(r.pid);
     let load = HttpLoad::start(addr, 3, 3, Duration::from_millis(2));

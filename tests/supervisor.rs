@@ -13,6 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use netcluster::cluster::Status;
+use netcluster::cluster::control::{Reply, Response};
 use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(30);
@@ -25,18 +27,9 @@ fn serve(args: &[&str]) -> (Running, SocketAddr) {
     (r, addr)
 }
 
-fn worker_pids(status: &serde_json::Value) -> Vec<(u64, u32)> {
-    status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| {
-            (
-                w["slot"].as_u64().unwrap_or(0),
-                w["pid"].as_u64().unwrap() as u32,
-            )
-        })
-        .collect()
+/// Each worker's slot (`None` once it left its slot) and pid, in the status's order.
+fn worker_pids(status: &Status) -> Vec<(Option<usize>, u32)> {
+    status.workers.iter().map(|w| (w.slot, w.pid)).collect()
 }
 
 fn kill_pid(pid: u32, sig: Signal) {
@@ -46,40 +39,39 @@ fn kill_pid(pid: u32, sig: Signal) {
 #[test]
 fn a_worker_killed_under_load_is_replaced_in_its_slot_and_the_new_one_serves() {
     let (r, addr) = serve(&["--workers", "2", "--listen", "127.0.0.1:0"]);
-    let before = wait_workers_listening(&r, 2);
+    let before = wait_listening(&r, 2);
     let load = Load::echo(addr, 4, Duration::from_millis(2));
     load.wait_for_more(50, T);
     let (slot, victim) = worker_pids(&before)[0];
+    let slot = slot.expect("a listening worker has a slot");
     kill_pid(victim, Signal::SIGKILL);
     let after = eventually(T, "a new worker in the slot", || {
-        let s = status_json(&r);
-        let w = s["workers"]
-            .as_array()?
+        let s = status(&r);
+        let w = s
+            .workers
             .iter()
-            .find(|w| w["slot"] == slot && w["pid"] != victim && w["state"] == "listening")?
+            .find(|w| w.slot == Some(slot) && w.pid != victim && w.state == "listening")?
             .clone();
         Some((s, w))
     });
     let (status, replacement) = after;
-    let slot_row = status["slots"]
-        .as_array()
-        .unwrap()
+    let slot_row = status
+        .slots
         .iter()
-        .find(|s| s["slot"] == slot)
-        .unwrap()
-        .clone();
-    assert_eq!(slot_row["restarts"], 1, "{status:#}");
-    assert_eq!(slot_row["last_exit"], "killed by SIGKILL", "{status:#}");
+        .find(|s| s.slot == slot)
+        .expect("the slot is in the status");
+    assert_eq!(slot_row.restarts, 1, "{status:#?}");
+    assert_eq!(
+        slot_row.last_exit.as_deref(),
+        Some("killed by SIGKILL"),
+        "{status:#?}"
+    );
     // The replacement serves: its own count grows under the load.
-    let id = replacement["id"].clone();
+    let id = replacement.id;
     eventually(T, "the replacement to serve", || {
-        let s = status_json(&r);
-        let w = s["workers"]
-            .as_array()?
-            .iter()
-            .find(|w| w["id"] == id)?
-            .clone();
-        (w["served"].as_u64()? > 5).then_some(())
+        let s = common::status(&r);
+        let w = s.workers.iter().find(|w| w.id == id)?;
+        (w.served? > 5).then_some(())
     });
     let report = load.stop();
     eprintln!("load during the kill: {report:?}");
@@ -97,8 +89,7 @@ fn with_the_only_worker_dead_connections_wait_for_its_replacement() {
             "--policy",
             policy,
         ]);
-        let status = wait_workers_listening(&r, 1);
-        let (_, pid) = worker_pids(&status)[0];
+        let (_, pid) = worker_pids(&wait_listening(&r, 1))[0];
         kill_pid(pid, Signal::SIGKILL);
         // No worker for a moment: the primary's listener stays open (it is the operator's),
         // so these connections queue and the next worker serves them; the port is the same.
@@ -110,10 +101,10 @@ fn with_the_only_worker_dead_connections_wait_for_its_replacement() {
                 .unwrap()
                 .unwrap_or_else(|e| panic!("{policy}: {e}"));
         }
-        let status = status_json(&r);
+        let status = status(&r);
         assert_ne!(worker_pids(&status)[0].1, pid, "{policy}: replaced");
         assert_eq!(
-            status["listeners"][0]["address"],
+            status.listeners[0].address,
             addr.to_string(),
             "{policy}: the port stays"
         );
@@ -167,7 +158,7 @@ fn status_shows_restarts_and_the_next_attempt_of_a_slot_that_keeps_dying() {
         "--restart-max",
         "5",
     ]);
-    let mut pid = worker_pids(&wait_workers_listening(&r, 1))[0].1;
+    let mut pid = worker_pids(&wait_listening(&r, 1))[0].1;
     // Kill each new worker as soon as it listens: 100, 200, 400, 800 ms…
     for killed in 1..=4u64 {
         kill_pid(pid, Signal::SIGKILL);
@@ -175,33 +166,31 @@ fn status_shows_restarts_and_the_next_attempt_of_a_slot_that_keeps_dying() {
             break;
         }
         pid = eventually(T, "the next worker", || {
-            let s = status_json(&r);
-            let p = worker_pids(&s).first()?.1;
-            (p != pid && s["workers"][0]["state"] == "listening").then_some(p)
+            let s = status(&r);
+            let w = s.workers.first()?;
+            (w.pid != pid && w.state == "listening").then_some(w.pid)
         });
     }
     // The fourth restart waits 800 ms: status shows the empty slot and when it retries.
     let s = eventually(T, "the slot to wait for its restart", || {
-        let s = status_json(&r);
-        (s["slots"][0]["worker"].is_null()).then_some(s)
+        let s = status(&r);
+        (s.slots.first()?.worker.is_none()).then_some(s)
     });
-    assert_eq!(s["slots"][0]["restarts"], 4, "{s:#}");
-    let next = s["slots"][0]["next_attempt_ms"]
-        .as_u64()
-        .expect("next attempt");
-    assert!(next <= 800, "{s:#}");
+    assert_eq!(s.slots[0].restarts, 4, "{s:#?}");
+    let next = s.slots[0].next_attempt_ms.expect("next attempt");
+    assert!(next <= 800, "{s:#?}");
     let (_, table, _) = ctl(&r, &["status"]);
     assert!(
         table.contains("slot 1: no worker; 4 restarts so far, next attempt in"),
         "{table}"
     );
-    wait_workers_listening(&r, 1);
+    wait_listening(&r, 1);
 }
 
 #[test]
 fn scale_2_to_4_to_1_under_load_fails_no_request() {
     let (r, addr) = serve(&["--workers", "2", "--listen", "127.0.0.1:0"]);
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     let load = Load::echo(addr, 4, Duration::from_millis(3));
     load.wait_for_more(50, T);
 
@@ -209,32 +198,26 @@ fn scale_2_to_4_to_1_under_load_fails_no_request() {
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("scaled from 2 to 4 workers"), "{out}");
     // Synchronous: the four are listening as the command returns.
-    let s = status_json(&r);
-    assert_eq!(s["workers_wanted"], 4);
-    assert_eq!(s["workers"].as_array().unwrap().len(), 4, "{s:#}");
-    assert!(
-        s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|w| w["state"] == "listening")
-    );
+    let s = common::status(&r);
+    assert_eq!(s.workers_wanted, 4);
+    assert_eq!(s.workers.len(), 4, "{s:#?}");
+    assert!(s.workers.iter().all(|w| w.state == "listening"), "{s:#?}");
     load.wait_for_more(100, T);
 
     let (status, out, err) = ctl(&r, &["scale", "1"]);
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("scaled from 4 to 1 workers"), "{out}");
-    let s = status_json(&r);
-    assert_eq!(s["workers"].as_array().unwrap().len(), 1, "{s:#}");
-    assert_eq!(s["workers"][0]["slot"], 1, "the highest slots were drained");
+    let s = common::status(&r);
+    assert_eq!(s.workers.len(), 1, "{s:#?}");
+    assert_eq!(s.workers[0].slot, Some(1), "the highest slots were drained");
     load.wait_for_more(50, T);
 
     // SIGTTIN and SIGTTOU scale by one.
     r.signal(Signal::SIGTTIN);
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     r.signal(Signal::SIGTTOU);
     eventually(T, "one worker again", || {
-        (status_json(&r)["workers"].as_array()?.len() == 1).then_some(())
+        (common::status(&r).workers.len() == 1).then_some(())
     });
     load.wait_for_more(50, T);
     let report = load.stop();
@@ -249,7 +232,7 @@ fn scale_2_to_4_to_1_under_load_fails_no_request() {
 #[test]
 fn the_control_socket_is_the_users_alone() {
     let (r, _addr) = serve(&["--workers", "1", "--listen", "127.0.0.1:0"]);
-    wait_workers_listening(&r, 1);
+    wait_listening(&r, 1);
     let path = r.control();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
@@ -282,18 +265,29 @@ fn the_control_socket_is_the_users_alone() {
     r.wait_stderr(T, |l| {
         l.contains("refused a client of another user") && l.contains("uid=65534")
     });
-    assert_eq!(status_json(&r)["workers_wanted"], 1, "nothing changed");
+    assert_eq!(status(&r).workers_wanted, 1, "nothing changed");
 }
 
 #[test]
 fn bad_control_clients_are_answered_or_timed_out_and_never_block_others() {
     let (r, _addr) = serve(&["--workers", "1", "--listen", "127.0.0.1:0"]);
-    wait_workers_listening(&r, 1);
+    wait_listening(&r, 1);
     let path = r.control();
-    let reply = |s: &mut UnixStream| {
+    // The line a client reads back.
+    let read = |s: &mut UnixStream| {
         let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+        s.read_to_string(&mut out).expect("the primary answers");
+        out
+    };
+    // The reason of an error reply, read as the control protocol's typed Response (which also
+    // refuses a reply whose `ok` disagrees with its variant).
+    let error_of = |line: &str| match serde_json::from_str::<Response>(line) {
+        Ok(Response {
+            reply: Reply::Error { error },
+            ..
+        }) => error,
+        Ok(other) => panic!("an error reply, not {other:?}"),
+        Err(e) => panic!("not a control reply: {e}: {line}"),
     };
     // A silent client first: it holds a connection while the others are served.
     let mut silent = UnixStream::connect(&path).unwrap();
@@ -302,51 +296,40 @@ fn bad_control_clients_are_answered_or_timed_out_and_never_block_others() {
 
     let mut garbage = UnixStream::connect(&path).unwrap();
     garbage.write_all(b"{not json\n").unwrap();
-    let g = reply(&mut garbage);
-    assert_eq!(g["ok"], false);
-    assert!(
-        g["error"]
-            .as_str()
-            .unwrap()
-            .starts_with("malformed request"),
-        "{g}"
-    );
+    let g = read(&mut garbage);
+    // The wire format, checked on raw JSON on purpose (this once): scripts read `ok`, and the
+    // typed Response would also accept a reply that leaves it out.
+    let wire: serde_json::Value = serde_json::from_str(&g).expect("a JSON reply");
+    assert_eq!(wire.get("ok"), Some(&serde_json::Value::Bool(false)), "{g}");
+    let why = error_of(&g);
+    assert!(why.starts_with("malformed request"), "{why}");
 
     let mut wrong = UnixStream::connect(&path).unwrap();
     wrong
         .write_all(b"{\"version\":9,\"command\":\"status\"}\n")
         .unwrap();
-    let w = reply(&mut wrong);
-    assert!(w["error"].as_str().unwrap().contains("version 9"), "{w}");
+    let why = error_of(&read(&mut wrong));
+    assert!(why.contains("version 9"), "{why}");
 
     let mut big = UnixStream::connect(&path).unwrap();
     let _ = big.write_all(&vec![b'x'; 70 * 1024]);
-    let b = reply(&mut big);
-    assert!(
-        b["error"]
-            .as_str()
-            .unwrap()
-            .contains("larger than 65536 bytes"),
-        "{b}"
-    );
+    let why = error_of(&read(&mut big));
+    assert!(why.contains("larger than 65536 bytes"), "{why}");
 
     // A well-behaved client is answered at once meanwhile.
     let t = Instant::now();
-    let s = status_json(&r);
-    assert_eq!(s["workers"].as_array().unwrap().len(), 1);
+    let s = status(&r);
+    assert_eq!(s.workers.len(), 1, "{s:#?}");
     assert!(
         t.elapsed() < Duration::from_secs(4),
         "status waited for the silent client"
     );
 
-    let s = reply(&mut silent);
-    assert!(
-        s["error"].as_str().unwrap().contains("no request within"),
-        "{s}"
-    );
+    let why = error_of(&read(&mut silent));
+    assert!(why.contains("no request within"), "{why}");
     assert!(silent_since.elapsed() >= Duration::from_secs(4));
     // The primary is unharmed.
-    assert_eq!(status_json(&r)["workers_wanted"], 1);
+    assert_eq!(status(&r).workers_wanted, 1);
 }
 
 #[test]
@@ -359,7 +342,7 @@ fn stop_waits_for_an_open_connection_but_not_past_the_deadline() {
         "--drain-timeout",
         "1",
     ]);
-    wait_workers_listening(&r, 1);
+    wait_listening(&r, 1);
     let mut held = TcpStream::connect(addr).unwrap();
     let mut hello = [0u8; 7];
     held.read_exact(&mut hello).unwrap();
@@ -384,7 +367,7 @@ fn a_second_sigint_stops_at_once() {
         "--drain-timeout",
         "60",
     ]);
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     let mut held = TcpStream::connect(addr).unwrap();
     let mut hello = [0u8; 7];
     held.read_exact(&mut hello).unwrap();
@@ -412,7 +395,7 @@ fn ctrl_c_to_the_whole_group_stops_without_warnings() {
             "--policy",
             policy,
         ]);
-        wait_workers_listening(&r, 2);
+        wait_listening(&r, 2);
         nix::sys::signal::killpg(nix::unistd::Pid::from_raw(r.pid as i32), Signal::SIGINT)
             .expect("killpg");
         assert_eq!(r.wait_exit(T).code(), Some(0), "{policy}");
@@ -434,18 +417,17 @@ fn ctrl_c_to_the_whole_group_stops_without_warnings() {
 #[test]
 fn a_worker_stopped_by_sigterm_is_replaced_quietly() {
     let (mut r, _addr) = serve(&["--workers", "2", "--listen", "127.0.0.1:0"]);
-    let before = worker_pids(&wait_workers_listening(&r, 2));
+    let before = worker_pids(&wait_listening(&r, 2));
     let (slot, victim) = before[0];
     kill_pid(victim, Signal::SIGTERM);
     r.wait_stderr(T, |l| {
         l.contains("worker exited after stopping by itself (exit code 0)")
     });
     let after = eventually(T, "a new worker in the slot", || {
-        let status = status_json(&r);
+        let status = status(&r);
         let pids = worker_pids(&status);
-        let listening = status["workers"]
-            .as_array()
-            .is_some_and(|w| w.len() == 2 && w.iter().all(|w| w["state"] == "listening"));
+        let listening =
+            status.workers.len() == 2 && status.workers.iter().all(|w| w.state == "listening");
         (listening && pids.iter().any(|&(s, p)| s == slot && p != victim)).then_some(pids)
     });
     assert!(!after.iter().any(|&(_, p)| p == victim), "{after:?}");
@@ -470,7 +452,7 @@ fn a_signal_to_a_worker_the_primary_drains_changes_nothing() {
         "--policy",
         "shared",
     ]);
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     // One open connection on each worker, so whichever is scaled down keeps draining.
     let mut held = Vec::new();
     eventually(T, "a connection on each worker", || {
@@ -478,11 +460,10 @@ fn a_signal_to_a_worker_the_primary_drains_changes_nothing() {
         let mut hello = [0u8; 7];
         s.read_exact(&mut hello).ok()?;
         held.push(s);
-        let status = status_json(&r);
-        status["workers"]
-            .as_array()?
+        status(&r)
+            .workers
             .iter()
-            .all(|w| w["connections"].as_u64().unwrap_or(0) > 0)
+            .all(|w| w.connections.unwrap_or(0) > 0)
             .then_some(())
     });
     // `scale` answers once the stopped worker has exited: it runs while the test goes on.
@@ -537,7 +518,7 @@ fn a_signal_to_a_worker_the_primary_drains_changes_nothing() {
 fn sighup_and_sigusr1_never_kill_the_primary() {
     // SIGUSR2 starts an upgrade, which replaces this primary: tests/upgrade.rs covers it.
     let (mut r, addr) = serve(&["--workers", "1", "--listen", "127.0.0.1:0"]);
-    wait_workers_listening(&r, 1);
+    wait_listening(&r, 1);
     for sig in [Signal::SIGHUP, Signal::SIGUSR1] {
         r.signal(sig);
     }
@@ -554,7 +535,7 @@ fn sighup_and_sigusr1_never_kill_the_primary() {
     }
     assert!(alive(r.pid));
     echo_request(addr, "still here\n").unwrap();
-    assert_eq!(status_json(&r)["workers"].as_array().unwrap().len(), 1);
+    assert_eq!(status(&r).workers.len(), 1);
 }
 
 #[test]
@@ -586,13 +567,7 @@ fn workers_stop_with_the_primary_even_when_their_stderr_reader_is_gone() {
     std::io::BufRead::read_line(&mut out, &mut line).unwrap();
     assert!(line.starts_with("listening on "), "{line}");
     let pids: Vec<u32> = eventually(T, "two workers", || {
-        let out = Command::new(netcluster_bin())
-            .args(["status", "--json", "--control"])
-            .arg(&control)
-            .output()
-            .ok()?;
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let pids = worker_pids(&s);
+        let pids = worker_pids(&try_status_at(&control)?);
         (pids.len() == 2).then(|| pids.into_iter().map(|(_, p)| p).collect())
     });
     child.kill().unwrap();
@@ -621,7 +596,7 @@ fn workers_stop_with_the_primary_even_when_their_stderr_reader_is_gone() {
 #[test]
 fn the_http_app_answers_with_keep_alive() {
     let (r, addr) = serve(&["--workers", "2", "--listen", "127.0.0.1:0", "--app", "http"]);
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
     // Two requests on one connection, then one that closes it.
@@ -659,7 +634,7 @@ fn a_relative_unix_path_is_served() {
     let line = r.wait_stdout(T, |l| l.starts_with("listening on "));
     let path = dir.path().join("rel.sock");
     assert_eq!(line, format!("listening on unix:{}", path.display()));
-    wait_workers_listening(&r, 2);
+    wait_listening(&r, 2);
     for _ in 0..4 {
         let mut s = UnixStream::connect(&path).unwrap();
         let mut hello = [0u8; 7];
@@ -703,7 +678,7 @@ fn a_stale_unix_socket_is_replaced_and_a_live_one_is_refused() {
         &["serve", "--workers", "1", "--listen", &p],
     );
     r.wait_stdout(T, |l| l.starts_with("listening on unix:"));
-    wait_workers_listening(&r, 1);
+    wait_listening(&r, 1);
     let mut s = UnixStream::connect(&path).unwrap();
     let mut hello = [0u8; 7];
     s.read_exact(&mut hello).unwrap();

@@ -556,19 +556,29 @@ pub fn ctl(r: &Running, args: &[&str]) -> (ExitStatus, String, String) {
     )
 }
 
-/// `netcluster status --json` of `r`'s primary.
-pub fn status_json(r: &Running) -> serde_json::Value {
-    let (status, out, err) = ctl(r, &["status", "--json"]);
-    assert!(status.success(), "status failed: {err}");
-    serde_json::from_str(&out).expect("status JSON")
-}
-
 /// `netcluster status --json` of `r`'s primary, read as the library's [`Status`]: the schema
 /// the tests rely on is the type's.
 pub fn status(r: &Running) -> Status {
     let (status, out, err) = ctl(r, &["status", "--json"]);
     assert!(status.success(), "status failed: {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}\n{out}"))
+}
+
+/// `netcluster status --json --control CONTROL`, read as the library's [`Status`], or `None`
+/// while no primary answers there yet (for a primary the test started on a control socket of
+/// its own choosing, polled with [`eventually`]). An answer that is not a [`Status`] fails the
+/// test at once rather than being polled again.
+pub fn try_status_at(control: &Path) -> Option<Status> {
+    let out = Command::new(netcluster_bin())
+        .args(["status", "--json", "--control"])
+        .arg(control)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(serde_json::from_str(&text).unwrap_or_else(|e| panic!("status JSON: {e}\n{text}")))
 }
 
 /// Waits until `r`'s primary reports `n` workers, all listening; its status then.
@@ -585,15 +595,6 @@ pub fn listening_addr(r: &mut Running) -> std::net::SocketAddr {
     line.trim_start_matches("listening on ")
         .parse()
         .expect("address")
-}
-
-/// Waits until `r`'s primary reports `n` workers, all listening.
-pub fn wait_workers_listening(r: &Running, n: usize) -> serde_json::Value {
-    eventually(Duration::from_secs(30), "the workers to listen", || {
-        let s = status_json(r);
-        let workers = s["workers"].as_array()?;
-        (workers.len() == n && workers.iter().all(|w| w["state"] == "listening")).then_some(s)
-    })
 }
 
 /// A steady mixed HTTP load: `fresh` clients open a new connection per request (`Connection:
