@@ -38,6 +38,9 @@ pub mod cluster {
         Export, Incoming, ListenerInfo, ListenerRecord, UpgradeReport, Upgrader, control, registry,
         signals, systemd, upgrade,
     };
+    pub use netcluster_primary::{
+        ListenerStatus, ReloadStatus, STATUS_SCHEMA, SlotStatus, WorkerStatus,
+    };
     pub use netcluster_primary::{MAX_HELD_HANDLES, MessageHandle, MessageHandleKind};
     pub use netcluster_worker::cluster::{
         OutgoingHandle, ReceivedHandle, ReceivedServer, Role, StopReason, Worker, is_worker, role,

@@ -419,6 +419,10 @@ impl Cluster {
     }
 
     /// The next event; `None` once the cluster has stopped and every event was read.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`Events::next`]: an event leaves the queue only in the poll that
+    /// returns it, so a `select!` that drops this future loses nothing.
     pub async fn next_event(&mut self) -> Option<Event> {
         match &mut self.events {
             Some(events) => events.next().await,

@@ -2,13 +2,16 @@
 //!
 //! - [`message`]: the serde messages in both directions and the listen key.
 //! - [`codec`]: postcard framing with a version byte and a size limit.
-//! - [`fd`]: `sendmsg`/`recvmsg` with `SCM_RIGHTS` (the project's only `unsafe` code).
+//! - [`fd`]: `sendmsg`/`recvmsg` with `SCM_RIGHTS`.
 //! - [`channel`]: an async `SOCK_SEQPACKET` channel that sends a message plus descriptors.
 //! - [`listening`]: binding and validating listening sockets.
 //! - [`handover`]: how a primary hands its listeners to the next (a primary upgrade).
 //! - [`env`](mod@env): the environment variables that make a process a worker.
 //! - [`start`]: what runs before `main` (the channel's close-on-exec, the exec shim).
 //! - [`steer`]: accept-queue lengths and reuseport steering, to move listeners without loss.
+//!
+//! All of the project's `unsafe` code is in this crate, in [`fd`], [`start`] and [`steer`]
+//! (each block with its `SAFETY:` reason); every other crate denies `unsafe_code`.
 
 pub mod channel;
 pub mod codec;

@@ -506,7 +506,7 @@ impl Registry {
     }
 
     /// What a worker of `slot` is granted for listener `id`: the socket itself (shared; for
-    /// reuseport, the slot's socket) or a round-robin handle.
+    /// reuseport, the slot's socket) or a round-robin listener id.
     ///
     /// # Errors
     /// When the socket cannot be made or duplicated (`EMFILE`), naming the address.

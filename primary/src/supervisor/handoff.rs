@@ -72,11 +72,15 @@ impl Supervisor {
         self.offer(&Happening::Flushed);
     }
 
-    /// Worker `id` answered hand-offs of round-robin listener `handle`. Every number is checked
+    /// Worker `id` answered hand-offs of round-robin listener `listener`. Every number is checked
     /// against what is in flight to it; an answer to anything else changes nothing.
-    pub(super) fn answered(&mut self, id: u32, handle: u64, accepted: &[u64], refused: &[u64]) {
-        let Some(rr) = self.registry.get_mut(handle).and_then(|l| l.round_robin()) else {
-            tracing::debug!(worker = id, handle, "answer for a closed listener");
+    pub(super) fn answered(&mut self, id: u32, listener: u64, accepted: &[u64], refused: &[u64]) {
+        let Some(rr) = self
+            .registry
+            .get_mut(listener)
+            .and_then(|l| l.round_robin())
+        else {
+            tracing::debug!(worker = id, listener, "answer for a closed listener");
             return;
         };
         let mut known = false;
@@ -98,13 +102,13 @@ impl Supervisor {
         if let Some(e) = unknown {
             tracing::debug!("{e}");
         }
-        let disarm = self.handoffs.answered(handle, &done);
+        let disarm = self.handoffs.answered(listener, &done);
         self.apply(disarm);
         if known {
             if let Some(w) = self.table.get_mut(id) {
                 w.silent_handoffs = 0;
             }
-            self.dispatch(handle);
+            self.dispatch(listener);
             self.offer(&Happening::Flushed);
         }
     }
