@@ -183,7 +183,17 @@ pub(crate) struct View<'a> {
     pub now: Instant,
 }
 
-impl View<'_> {
+impl<'a> View<'a> {
+    /// A view of these, now.
+    pub fn of(table: &'a Table, registry: &'a Registry, settings: &'a Settings) -> View<'a> {
+        View {
+            table,
+            registry,
+            settings,
+            now: Instant::now(),
+        }
+    }
+
     /// Whether worker `id` is ready: handshake done and listening on every pinned listener
     /// (a program worker: it said `READY=1`, or its `--ready-after` passed).
     pub fn ready(&self, id: u32) -> bool {

@@ -207,21 +207,11 @@ impl Supervisor {
 
     /// What the machines may read.
     fn view(&self) -> View<'_> {
-        View {
-            table: &self.table,
-            registry: &self.registry,
-            settings: &self.settings,
-            now: Instant::now(),
-        }
+        View::of(&self.table, &self.registry, &self.settings)
     }
 
     fn finished(&mut self) -> bool {
-        let view = View {
-            table: &self.table,
-            registry: &self.registry,
-            settings: &self.settings,
-            now: Instant::now(),
-        };
+        let view = View::of(&self.table, &self.registry, &self.settings);
         if self.stop.finish(&view) {
             self.registry.close_all();
             return true;
@@ -243,12 +233,7 @@ impl Supervisor {
     fn offer(&mut self, happening: &Happening<'_>) {
         macro_rules! to {
             ($machine:ident) => {{
-                let view = View {
-                    table: &self.table,
-                    registry: &self.registry,
-                    settings: &self.settings,
-                    now: Instant::now(),
-                };
+                let view = View::of(&self.table, &self.registry, &self.settings);
                 let effects = self.$machine.on(happening, &view);
                 self.apply(effects);
             }};
@@ -465,12 +450,7 @@ impl Supervisor {
             }
             Command::Stop { mode, reply } => self.stop(mode, reply),
             Command::Reload { reply } => {
-                let view = View {
-                    table: &self.table,
-                    registry: &self.registry,
-                    settings: &self.settings,
-                    now: Instant::now(),
-                };
+                let view = View::of(&self.table, &self.registry, &self.settings);
                 let effects = self.reloads.request(reply, self.generation, &view);
                 self.apply(effects);
             }

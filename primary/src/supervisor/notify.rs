@@ -2,8 +2,6 @@
 //! ready, `RELOADING=1` and `READY=1` around a reload, `STOPPING=1`, and a `STATUS=` line kept
 //! up to date.
 
-use std::time::Instant;
-
 use crate::supervisor::Supervisor;
 use crate::supervisor::effect::View;
 
@@ -56,12 +54,7 @@ impl Supervisor {
         {
             return;
         }
-        let view = View {
-            table: &self.table,
-            registry: &self.registry,
-            settings: &self.settings,
-            now: Instant::now(),
-        };
+        let view = View::of(&self.table, &self.registry, &self.settings);
         let all = self.table.slots.keys().all(|&s| view.slot_ready(s));
         if !all {
             return;

@@ -2,7 +2,6 @@
 //! listeners (the stop's and a leaving slot's socket work).
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::Instant;
 
 use netcluster_protocol::listening;
 use netcluster_protocol::message::ToWorker;
@@ -80,12 +79,7 @@ impl Supervisor {
                     down.insert(w);
                     report.stopped.push(w);
                 }
-                let view = View {
-                    table: &self.table,
-                    registry: &self.registry,
-                    settings: &self.settings,
-                    now: Instant::now(),
-                };
+                let view = View::of(&self.table, &self.registry, &self.settings);
                 let effects = self.retires.retire(slot, s.worker, &view);
                 self.apply(effects);
             }
@@ -97,12 +91,7 @@ impl Supervisor {
             down,
             reply,
         };
-        let view = View {
-            table: &self.table,
-            registry: &self.registry,
-            settings: &self.settings,
-            now: Instant::now(),
-        };
+        let view = View::of(&self.table, &self.registry, &self.settings);
         let effects = self.scales.wait(wait, &view);
         self.apply(effects);
         self.announce_ready_if_ready();
@@ -164,12 +153,7 @@ impl Supervisor {
 
     pub(super) fn stop(&mut self, mode: StopMode, reply: Option<Reply<Vec<Event>>>) {
         let first = !self.stop.active();
-        let view = View {
-            table: &self.table,
-            registry: &self.registry,
-            settings: &self.settings,
-            now: Instant::now(),
-        };
+        let view = View::of(&self.table, &self.registry, &self.settings);
         let effects = self.stop.begin(mode, reply, &view);
         if first {
             // Every operation under way ends.

@@ -126,15 +126,7 @@ impl Machine for Restarts {
                 slot,
                 incoming: false,
                 ..
-            } => {
-                let due = self
-                    .slots
-                    .get_mut(&slot)
-                    .and_then(|s| s.next_attempt.take());
-                due.map(|_| Effect::Disarm(Timer::Respawn { slot }))
-                    .into_iter()
-                    .collect()
-            }
+            } => self.cancel(slot),
             Happening::SpawnFailed {
                 slot,
                 incoming: false,
