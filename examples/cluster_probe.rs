@@ -1,54 +1,65 @@
 //! A scriptable cluster, for trying the cluster API by hand and for the integration tests.
 //!
-//! The primary prints every worker event as a line (`online 1 4242`, `listening 1 127.0.0.1:80`,
-//! `message 1 Text("hi")`, `exit 1 code=Some(0) signal=None after_disconnect=true`) and reads
-//! commands on stdin:
+//! Every line it prints on stdout is a typed value of `cluster_probe/lines.rs` ([`Line`]): the
+//! variant's name, then its value as JSON, so that the tests read back the same types instead of
+//! text. The primary prints every worker event as an `event` line
+//! (`event {"type":"online","id":1,"pid":4242}`,
+//! `event {"type":"message","id":1,"message":{"Ok":{"Text":"hi"}},"handle":null}`,
+//! `event {"type":"exit","id":1,"pid":4242,"code":0,"signal":null,"exited_after_disconnect":true}`)
+//! and reads commands on stdin:
 //!
 //! | command | does |
 //! |---|---|
 //! | `send ID TEXT` | `worker.send(Text(TEXT))`; the worker answers `Text("echo TEXT")` |
-//! | `disconnect ID` | `worker.disconnect()` |
+//! | `disconnect ID` | `worker.disconnect()`, then prints `disconnecting {"id":ID,"state":…}` |
 //! | `kill ID SIGNAL` | `worker.kill(SIGNAL)` (`TERM`, `KILL`, …) |
-//! | `state ID` | prints `state ID <state> after_disconnect=<bool>` |
-//! | `relay` | starts a server in the primary whose connections are sent to the workers in turn with `send_handle` (`relay listening ADDRESS`); a worker greets them with `hello from worker ID` and echoes |
-//! | `relay-count` | that server's `getConnections()` (`relay-count N`), which counts the sockets the workers still hold |
-//! | `send-server ID` | sends a listening server to worker ID, which serves the echo app on it (`worker ID serving sent server ADDRESS`) |
-//! | `count ADDRESS` | `cluster.get_connections(ADDRESS)`: prints `count N` or `count-error E` |
-//! | `stop` | `cluster.disconnect()`, then exit |
+//! | `state ID` | prints `state {"id":ID,"state":…,"exited_after_disconnect":…}` |
+//! | `relay` | starts a server in the primary whose connections are sent to the workers in turn with `send_handle` (`relay-listening`); a worker greets them with `hello from worker ID` and echoes |
+//! | `relay-count` | that server's `getConnections()` (`relay-count {"Ok":N}`), which counts the sockets the workers still hold |
+//! | `send-server ID` | sends a listening server to worker ID (`sent-server`), which serves the echo app on it (`worker-serving-sent-server`) |
+//! | `count ADDRESS` | `cluster.get_connections(ADDRESS)`: prints `count {"Ok":N}` or `count {"Err":E}` |
+//! | `stop` | `cluster.disconnect()` (its exits as `event` lines), then `stopped` and exit |
 //!
-//! `--crash` makes every worker exit with code 1 at once; `--respawn-max-ms N` restarts exited
-//! workers (`--respawn-initial-ms`, default 50 ms, doubling, capped at N ms). Fork lines carry
-//! `at_ms=` since the start. `--child-fds` makes each worker, before it touches the cluster
-//! API, start this program with `--list-fds` and print what the child inherited
-//! (`worker ID child fds 0=/dev/null,1=pipe:[…],… channel socket:[…]`).
+//! A command that fails prints an `error` line. `--crash` makes every worker exit with code 1
+//! at once; `--respawn-max-ms N` restarts exited workers (`--respawn-initial-ms`, default
+//! 50 ms, doubling, capped at N ms); without it the probe prints `all-dead` and exits once no
+//! worker is left. Fork events carry `at_ms`, the time since the start. `--child-fds` makes each
+//! worker, before it touches the cluster API, start this program with `--list-fds` and print
+//! what the child inherited (`worker-child-fds`: descriptor to `/proc` link target, and the
+//! worker's channel's target).
 //!
 //! `--abandon HOST:PORT` makes each worker start a listen and give it up before the answer
-//! (`worker ID abandoned=true listening=false`). `--abandon-handshake` makes each worker's
-//! first use of the cluster API a listen given up while the handshake with the primary is under
-//! way (`worker ID handshake abandoned=true`); the worker then goes on as usual. `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
-//! rest (`worker ID churn ok PORTS`); `--spawn-child` makes it start this program with
-//! `--whoami` and print what the child thinks it is (`worker ID child says Primary`).
+//! (`worker-abandoned {"id":ID,"abandoned":true,"listening":false}`). `--abandon-handshake`
+//! makes each worker's first use of the cluster API a listen given up while the handshake with
+//! the primary is under way (`worker-handshake-abandoned`); the worker then goes on as usual.
+//! `--churn` makes each worker listen on port 0, close, and listen again (twice) before the
+//! rest (`worker-churn-ok` with the four addresses); `--spawn-child` makes it start this
+//! program with `--whoami` and print what the child thinks it is (`worker-child-says`, role
+//! `primary`).
 //!
 //! A worker sent `server-back` listens on a port of its own, sends that server to the primary
 //! with `send_handle` (`Text("server back")`) and closes its own (`Text("closed its copy")`
 //! once it has); sent `socket-back ADDRESS`, it
 //! connects there and sends the socket (`Text("socket back")`); sent `bad-handle`, it sends a
-//! message whose "socket" is a pipe, then `Text("after bad handle")`. The primary prints a
-//! message that came with a handle with ` handle=server ADDRESS` or ` handle=socket` appended,
-//! and serves the handle itself: it greets with `hello from the primary` and echoes.
+//! message whose "socket" is a pipe, then `Text("after bad handle")`. The primary's `message`
+//! event says which handle came with a message (`"handle":{"server":{"address":…}}` or
+//! `"handle":"socket"`), and the primary serves the handle itself: it greets with `hello from
+//! the primary` and echoes.
 //!
 //! A worker sent `garbage` sends the primary four bad frames, then `Text("still here")`. A
 //! worker sent `close` closes its servers and answers `closed`; sent `disconnect`, it calls
 //! `cluster.worker.disconnect()` itself. A worker sent `count` answers `cluster-count N` with its servers' cluster-wide counts.
 //!
 //! Every worker sends `Cmd { cmd: "NODE_CLUSTER" }` when it starts (a message that would be an
-//! internal one under Node's `NODE_` prefix rule) and listens on each `--listen` value:
+//! internal one under Node's `NODE_` prefix rule) and listens on each `--listen` value
+//! (`worker-listening`, or `worker-listen-error` and exit code 3):
 //! `HOST:PORT`, a Unix socket path or `fd:N` (the primary's descriptor N), `exclusive` with
 //! `--exclusive`, and `--readable-all`/`--writable-all` for Unix sockets. With
 //! `--policy round-robin|shared|reuseport` picks the scheduling policy; `--max-connections N`
 //! sets each worker server's `maxConnections` (with `--drop-max`, `dropMaxConnection`), and a
-//! dropped connection prints `worker ID drop …`. With `--primary-listener` the primary binds `127.0.0.1:0` itself, prints `primary-fd N ADDRESS`,
-//! and its workers listen on `fd:N`.
+//! dropped connection prints `worker-drop`. With `--primary-listener` the primary binds
+//! `127.0.0.1:0` itself, prints `primary-fd {"fd":N,"address":…}`, and its workers listen on
+//! `fd:N`.
 //!
 //! ```text
 //! cargo run --example cluster_probe -- --workers 2 --listen 127.0.0.1:0
@@ -65,16 +76,19 @@ use netcluster::cluster::{
     SchedulingPolicy, SendHandle, WorkerHandle,
 };
 use netcluster::net::{BoundAddress, ListenOptions, Server, ServerOptions};
-use serde::{Deserialize, Serialize};
+use netcluster::protocol::ListenError;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-/// The user messages of this program.
-#[derive(Debug, Serialize, Deserialize)]
-enum Msg {
-    /// Free text.
-    Text(String),
-    /// A message shaped like one of Node's internal ones.
-    Cmd { cmd: String },
+/// What this program prints, as types (the tests read the same types back).
+#[path = "cluster_probe/lines.rs"]
+#[allow(dead_code)] // `Line::parse` is for the tests.
+mod lines;
+
+use lines::{Dropped, Line, Msg, ProbeEvent, ProbeRole, SentHandle};
+
+/// Prints one line of stdout.
+fn say(line: Line) {
+    println!("{}", line.to_line());
 }
 
 #[derive(Debug, Default, Clone)]
@@ -157,7 +171,7 @@ async fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("--list-fds") {
         // The descriptors this process holds, as `FD=TARGET` (the runtime's own are there
         // too: an inherited channel shows as a `socket:`).
-        let mut fds: Vec<(i32, String)> = std::fs::read_dir("/proc/self/fd")
+        let fds: std::collections::BTreeMap<i32, String> = std::fs::read_dir("/proc/self/fd")
             .map(|d| {
                 d.filter_map(|e| {
                     let fd: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
@@ -167,9 +181,7 @@ async fn main() -> ExitCode {
                 .collect()
             })
             .unwrap_or_default();
-        fds.sort();
-        let list: Vec<String> = fds.iter().map(|(fd, t)| format!("{fd}={t}")).collect();
-        println!("{}", list.join(","));
+        println!("{}", serde_json::to_string(&fds).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
     let args = match parse_args() {
@@ -181,7 +193,8 @@ async fn main() -> ExitCode {
     };
     started();
     if args.whoami {
-        println!("{:?}", cluster::role());
+        let role = ProbeRole::from(cluster::role());
+        println!("{}", serde_json::to_string(&role).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
     let result = match cluster::role() {
@@ -220,7 +233,10 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
     if args.primary_listener {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         let fd = l.as_raw_fd();
-        println!("primary-fd {fd} {}", l.local_addr()?);
+        say(Line::PrimaryFd {
+            fd,
+            address: l.local_addr()?,
+        });
         let worker_args = std::env::args()
             .skip(1)
             .chain(["--listen".to_string(), format!("fd:{fd}")]);
@@ -254,7 +270,7 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
                     && !respawning
                     && cluster.workers().await.is_empty()
                 {
-                    println!("all-dead");
+                    say(Line::AllDead);
                     return Ok(ExitCode::SUCCESS);
                 }
             }
@@ -289,23 +305,21 @@ async fn command(
                     )
                     .await
                 {
-                    println!("error send_handle {}: {e}", w.id());
+                    say(Line::Error(format!("send_handle {}: {e}", w.id())));
                 }
             }
         });
         let address = server
             .listen(ListenOptions::port(0).host("127.0.0.1"))
             .await?;
-        println!("relay listening {address}");
+        say(Line::RelayListening { address });
         *relay = Some(server);
         return Ok(false);
     }
     if line == "relay-count" {
         if let Some(server) = relay {
-            match server.get_connections().await {
-                Ok(n) => println!("relay-count {n}"),
-                Err(e) => println!("relay-count-error {e}"),
-            }
+            let count = server.get_connections().await.map_err(|e| e.to_string());
+            say(Line::RelayCount(count));
         }
         return Ok(false);
     }
@@ -315,7 +329,7 @@ async fn command(
             Err(_) => None,
         };
         let Some(w) = w else {
-            println!("error no worker {id}");
+            say(Line::Error(format!("no worker {id}")));
             return Ok(false);
         };
         let server = Server::new(|_socket| async {});
@@ -329,7 +343,7 @@ async fn command(
         )
         .await?;
         server.close()?;
-        println!("sent server {address}");
+        say(Line::SentServer { address });
         return Ok(false);
     }
     if let Some(address) = line.strip_prefix("count ") {
@@ -337,10 +351,8 @@ async fn command(
             Ok(a) => BoundAddress::Tcp(a),
             Err(_) => BoundAddress::Unix(address.into()),
         };
-        match cluster.get_connections(&address).await {
-            Ok(n) => println!("count {n}"),
-            Err(e) => println!("count-error {e}"),
-        }
+        let count = cluster.get_connections(&address).await;
+        say(Line::Count(count.map_err(|e| e.to_string())));
         return Ok(false);
     }
     let mut words = line.splitn(3, ' ');
@@ -356,33 +368,35 @@ async fn command(
             for exit in cluster.disconnect().await {
                 print_event(&exit);
             }
-            println!("stopped");
+            say(Line::Stopped);
             return Ok(true);
         }
         ("send", Some(w)) => {
             if let Err(e) = w.send(&Msg::Text(rest.to_string())).await {
-                println!("error send {}: {e}", w.id());
+                say(Line::Error(format!("send {}: {e}", w.id())));
             }
         }
         ("disconnect", Some(w)) => match w.disconnect().await {
-            Ok(()) => println!("disconnecting {} state={:?}", w.id(), w.state().await),
-            Err(e) => println!("error disconnect {}: {e}", w.id()),
+            Ok(()) => say(Line::Disconnecting {
+                id: w.id(),
+                state: w.state().await,
+            }),
+            Err(e) => say(Line::Error(format!("disconnect {}: {e}", w.id()))),
         },
         ("kill", Some(w)) => {
             let signal = format!("SIG{rest}")
                 .parse::<nix::sys::signal::Signal>()
                 .unwrap_or(nix::sys::signal::Signal::SIGTERM);
             if let Err(e) = w.kill(signal).await {
-                println!("error kill {}: {e}", w.id());
+                say(Line::Error(format!("kill {}: {e}", w.id())));
             }
         }
-        ("state", Some(w)) => println!(
-            "state {} {:?} after_disconnect={}",
-            w.id(),
-            w.state().await,
-            w.exited_after_disconnect().await
-        ),
-        _ => println!("error unknown command {line:?}"),
+        ("state", Some(w)) => say(Line::State {
+            id: w.id(),
+            state: w.state().await,
+            exited_after_disconnect: w.exited_after_disconnect().await,
+        }),
+        _ => say(Line::Error(format!("unknown command {line:?}"))),
     }
     Ok(false)
 }
@@ -400,14 +414,14 @@ async fn serve_sent_back(handle: &MessageHandle, servers: &mut Vec<Server>) {
             let server = Server::new(greet);
             match server.listen_handle(handle).await {
                 Ok(_) => servers.push(server),
-                Err(e) => println!("error serving a sent server: {e}"),
+                Err(e) => say(Line::Error(format!("serving a sent server: {e}"))),
             }
         }
         MessageHandleKind::Socket => match handle.to_socket() {
             Ok(socket) => {
                 tokio::spawn(greet(socket));
             }
-            Err(e) => println!("error taking a sent socket: {e}"),
+            Err(e) => say(Line::Error(format!("taking a sent socket: {e}"))),
         },
     }
 }
@@ -419,35 +433,45 @@ fn started() -> std::time::Instant {
 }
 
 fn print_event(event: &Event) {
-    match event {
-        Event::Fork { id, pid } => {
-            println!("fork {id} {pid} at_ms={}", started().elapsed().as_millis())
-        }
-        Event::Online { id, pid } => println!("online {id} {pid}"),
-        Event::Listening { id, address, fd } => println!("listening {id} {address} fd={fd:?}"),
-        Event::Message { id, message } => {
-            let handle = match message.handle().map(MessageHandle::kind) {
-                None => String::new(),
-                Some(MessageHandleKind::Server { address }) => format!(" handle=server {address}"),
-                Some(MessageHandleKind::Socket) => " handle=socket".to_string(),
-            };
-            match message.decode::<Msg>() {
-                Ok(msg) => println!("message {id} {msg:?}{handle}"),
-                Err(e) => println!("message {id} undecodable: {e}{handle}"),
-            }
-        }
-        Event::Disconnect { id } => println!("disconnect {id}"),
+    let event = match event {
+        Event::Fork { id, pid } => ProbeEvent::Fork {
+            id: *id,
+            pid: *pid,
+            at_ms: u64::try_from(started().elapsed().as_millis()).unwrap_or(u64::MAX),
+        },
+        Event::Online { id, pid } => ProbeEvent::Online { id: *id, pid: *pid },
+        Event::Listening { id, address, fd } => ProbeEvent::Listening {
+            id: *id,
+            address: address.clone(),
+            fd: *fd,
+        },
+        Event::Message { id, message } => ProbeEvent::Message {
+            id: *id,
+            message: message.decode::<Msg>().map_err(|e| e.to_string()),
+            handle: message.handle().map(|handle| match handle.kind() {
+                MessageHandleKind::Server { address } => SentHandle::Server {
+                    address: address.clone(),
+                },
+                MessageHandleKind::Socket => SentHandle::Socket,
+            }),
+        },
+        Event::Disconnect { id } => ProbeEvent::Disconnect { id: *id },
         Event::Exit {
             id,
+            pid,
             code,
             signal,
             exited_after_disconnect,
-            ..
-        } => println!(
-            "exit {id} code={code:?} signal={signal:?} after_disconnect={exited_after_disconnect}"
-        ),
-        Event::Lagged { missed } => println!("lagged {missed}"),
-    }
+        } => ProbeEvent::Exit {
+            id: *id,
+            pid: *pid,
+            code: *code,
+            signal: *signal,
+            exited_after_disconnect: *exited_after_disconnect,
+        },
+        Event::Lagged { missed } => ProbeEvent::Lagged { missed: *missed },
+    };
+    say(Line::Event(event));
 }
 
 /// test-cluster-child-index-net: listen(0), close, listen(0) again, twice over, in a worker;
@@ -456,15 +480,18 @@ async fn churn(id: u32) -> std::io::Result<()> {
     let mut ports = Vec::new();
     for _ in 0..2 {
         let server = Server::new(|_socket| async {});
-        ports.push(server.listen(ListenOptions::port(0)).await?.to_string());
+        ports.push(server.listen(ListenOptions::port(0)).await?);
         server.close()?;
         let server2 = Server::new(|_socket| async {});
-        ports.push(server2.listen(ListenOptions::port(0)).await?.to_string());
+        ports.push(server2.listen(ListenOptions::port(0)).await?);
         server2.close()?;
         server.closed().await;
         server2.closed().await;
     }
-    println!("worker {id} churn ok {}", ports.join(" "));
+    say(Line::WorkerChurnOk {
+        id,
+        addresses: ports,
+    });
     Ok(())
 }
 
@@ -484,10 +511,8 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
             .and_then(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok())
             .map(|t| t.to_string_lossy().into_owned())
             .unwrap_or_default();
-        println!(
-            "worker {id} child fds {} channel {channel}",
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
+        let child = serde_json::from_slice(&out.stdout).map_err(std::io::Error::other)?;
+        say(Line::WorkerChildFds { id, child, channel });
     }
     if args.abandon_handshake {
         // The first listen starts the handshake with the primary; it is dropped while the
@@ -497,7 +522,10 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
         let first =
             std::future::poll_fn(|cx| std::task::Poll::Ready(listen.as_mut().poll(cx))).await;
         drop(listen);
-        println!("worker {id} handshake abandoned={}", first.is_pending());
+        say(Line::WorkerHandshakeAbandoned {
+            id,
+            abandoned: first.is_pending(),
+        });
     }
     let me = cluster::worker()
         .await?
@@ -523,10 +551,11 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
             std::future::poll_fn(|cx| std::task::Poll::Ready(listen.as_mut().poll(cx))).await;
         let gave_up = first.is_pending();
         drop(listen);
-        println!(
-            "worker {id} abandoned={gave_up} listening={}",
-            server.listening()
-        );
+        say(Line::WorkerAbandoned {
+            id,
+            abandoned: gave_up,
+            listening: server.listening(),
+        });
     }
     if args.spawn_child {
         // The child inherits this worker's environment, but it is not a worker.
@@ -534,10 +563,8 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
             .arg("--whoami")
             .output()
             .await?;
-        println!(
-            "worker {id} child says {}",
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
+        let role = serde_json::from_slice(&out.stdout).map_err(std::io::Error::other)?;
+        say(Line::WorkerChildSays { id, role });
     }
     let mut servers = Vec::new();
     for value in &args.listen {
@@ -559,11 +586,28 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
             netcluster::apps::echo::serve_connection,
         );
         server.set_max_connections(args.max_connections);
-        server.on_drop(move |info| println!("worker {id} drop {info:?}"));
+        server.on_drop(move |info| {
+            let info = info.map(|i| Dropped {
+                local_address: i.local_address,
+                local_port: i.local_port,
+                local_family: i.local_family.to_string(),
+                remote_address: i.remote_address,
+                remote_port: i.remote_port,
+                remote_family: i.remote_family.to_string(),
+            });
+            say(Line::WorkerDrop { id, info });
+        });
         match server.listen(options).await {
-            Ok(address) => println!("worker {id} pid {pid} listening {address}"),
+            Ok(address) => say(Line::WorkerListening { id, pid, address }),
             Err(e) => {
-                println!("worker {id} pid {pid} listen-error {e}");
+                let listen = e.get_ref().and_then(|e| e.downcast_ref::<ListenError>());
+                say(Line::WorkerListenError {
+                    id,
+                    pid,
+                    address: listen.map(|l| l.address.clone()),
+                    errno: listen.and_then(ListenError::errno),
+                    error: e.to_string(),
+                });
                 return Ok(ExitCode::from(3));
             }
         }
@@ -585,7 +629,7 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
                 Some((_, Some(ReceivedHandle::Server(sent)))) => {
                     let address = sent.address().clone();
                     let server = sent.serve(netcluster::apps::echo::serve_connection).await?;
-                    println!("worker {id} serving sent server {address}");
+                    say(Line::WorkerServingSentServer { id, address });
                     servers.push(server);
                 }
                 Some((Msg::Text(text), None)) if text == "count" => {
@@ -651,7 +695,7 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
                     me.send(&Msg::Text("still here".into())).await?;
                 }
                 Some((Msg::Text(text), None)) => me.send(&Msg::Text(format!("echo {text}"))).await?,
-                Some((other, None)) => println!("worker {id} got {other:?}"),
+                Some((message, None)) => say(Line::WorkerGot { id, message }),
                 None => break,
             },
             _ = me.shutdown_requested() => break,
@@ -660,6 +704,6 @@ async fn worker(id: u32, args: Args) -> std::io::Result<ExitCode> {
     for server in &servers {
         server.closed().await;
     }
-    println!("worker {id} pid {pid} done");
+    say(Line::WorkerDone { id, pid });
     Ok(ExitCode::SUCCESS)
 }

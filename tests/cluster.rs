@@ -3,13 +3,17 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use common::probe::{Line, Msg, ProbeEvent, ProbeRole, SentHandle};
 use common::*;
+use netcluster::cluster::WorkerState;
+use netcluster::net::BoundAddress;
+use nix::errno::Errno;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -17,14 +21,70 @@ fn probe(args: &[&str]) -> Running {
     Running::start_interactive(&example_bin("cluster_probe"), args)
 }
 
-/// Waits for `n` "worker I pid P listening ADDRESS" lines; returns the addresses by worker.
-fn listening(r: &mut Running, n: usize) -> Vec<String> {
+/// Waits for `n` `worker-listening` lines; returns the addresses by worker.
+fn listening(r: &mut Running, n: usize) -> Vec<BoundAddress> {
     (0..n)
-        .map(|_| {
-            let line = r.wait_stdout(T, |l| l.contains(" listening ") && l.starts_with("worker "));
-            line.rsplit(' ').next().expect("address").to_string()
-        })
+        .map(
+            |_| match r.wait_probe(T, |l| matches!(l, Line::WorkerListening { .. })) {
+                Line::WorkerListening { address, .. } => address,
+                other => panic!("not a worker-listening line: {other:?}"),
+            },
+        )
         .collect()
+}
+
+/// The IP address of a TCP listener.
+fn tcp(address: &BoundAddress) -> SocketAddr {
+    match address {
+        BoundAddress::Tcp(a) => *a,
+        other => panic!("not a TCP address: {other:?}"),
+    }
+}
+
+/// `Msg::Text(text)`.
+fn text(text: &str) -> Msg {
+    Msg::Text(text.to_string())
+}
+
+/// The message Node would take for an internal one, which every worker sends first.
+fn node_cluster() -> Msg {
+    Msg::Cmd {
+        cmd: "NODE_CLUSTER".to_string(),
+    }
+}
+
+/// The `message` event of worker `id` with `msg` and no handle.
+fn message(id: u32, msg: Msg) -> Line {
+    Line::Event(ProbeEvent::Message {
+        id,
+        message: Ok(msg),
+        handle: None,
+    })
+}
+
+/// Whether `e` is worker `id`'s `exit` with this code, signal and `exitedAfterDisconnect`.
+fn is_exit(
+    e: &ProbeEvent,
+    id: u32,
+    code: Option<i32>,
+    signal: Option<i32>,
+    after_disconnect: bool,
+) -> bool {
+    matches!(e, ProbeEvent::Exit { id: i, code: c, signal: s, exited_after_disconnect: a, .. }
+        if *i == id && *c == code && *s == signal && *a == after_disconnect)
+}
+
+/// A `worker-listen-error` line: the address and OS error number of its `ListenError`.
+fn listen_error(r: &mut Running) -> (Option<String>, Option<i32>, String) {
+    match r.wait_probe(T, |l| matches!(l, Line::WorkerListenError { .. })) {
+        Line::WorkerListenError {
+            address,
+            errno,
+            error,
+            ..
+        } => (address, errno, error),
+        other => panic!("not a worker-listen-error line: {other:?}"),
+    }
 }
 
 fn echo_once(addr: SocketAddr) {
@@ -40,18 +100,28 @@ fn echo_once(addr: SocketAddr) {
 fn cluster_basic_lifecycle_events_and_states() {
     // test-cluster-basic: fork → online → listening → disconnect → exit, in order.
     let mut r = probe(&["--workers", "1", "--listen", "127.0.0.1:0"]);
-    r.wait_stdout(T, |l| l.starts_with("fork 1 "));
-    r.wait_stdout(T, |l| l.starts_with("online 1 "));
-    r.wait_stdout(T, |l| l.starts_with("listening 1 127.0.0.1:"));
-    r.send_line("state 1");
-    r.wait_stdout(T, |l| l == "state 1 Listening after_disconnect=false");
-    r.send_line("disconnect 1");
-    r.wait_stdout(T, |l| l == "disconnecting 1 state=Disconnecting");
-    r.wait_stdout(T, |l| l == "disconnect 1");
-    r.wait_stdout(T, |l| {
-        l == "exit 1 code=Some(0) signal=None after_disconnect=true"
+    r.wait_event(T, |e| matches!(e, ProbeEvent::Fork { id: 1, .. }));
+    r.wait_event(T, |e| matches!(e, ProbeEvent::Online { id: 1, .. }));
+    r.wait_event(T, |e| {
+        matches!(e, ProbeEvent::Listening { id: 1, address: BoundAddress::Tcp(a), .. }
+            if a.ip() == Ipv4Addr::LOCALHOST)
     });
-    r.wait_stdout(T, |l| l == "all-dead");
+    r.send_line("state 1");
+    let listening = Line::State {
+        id: 1,
+        state: WorkerState::Listening,
+        exited_after_disconnect: false,
+    };
+    r.wait_probe(T, |l| *l == listening);
+    r.send_line("disconnect 1");
+    let disconnecting = Line::Disconnecting {
+        id: 1,
+        state: WorkerState::Disconnecting,
+    };
+    r.wait_probe(T, |l| *l == disconnecting);
+    r.wait_event(T, |e| *e == ProbeEvent::Disconnect { id: 1 });
+    r.wait_event(T, |e| is_exit(e, 1, Some(0), None, true));
+    r.wait_probe(T, |l| *l == Line::AllDead);
     assert_eq!(r.wait_exit(T).code(), Some(0));
 }
 
@@ -59,12 +129,11 @@ fn cluster_basic_lifecycle_events_and_states() {
 fn worker_kill_reports_the_signal_and_no_disconnect() {
     // test-cluster-worker-kill
     let mut r = probe(&["--workers", "1", "--listen", "127.0.0.1:0"]);
-    r.wait_stdout(T, |l| l.starts_with("listening 1 "));
+    r.wait_event(T, |e| matches!(e, ProbeEvent::Listening { id: 1, .. }));
     r.send_line("kill 1 KILL");
-    r.wait_stdout(T, |l| {
-        l == "exit 1 code=None signal=Some(9) after_disconnect=false"
-    });
-    r.wait_stdout(T, |l| l == "all-dead");
+    let sigkill = nix::sys::signal::Signal::SIGKILL as i32;
+    r.wait_event(T, |e| is_exit(e, 1, None, Some(sigkill), false));
+    r.wait_probe(T, |l| *l == Line::AllDead);
     assert_eq!(r.wait_exit(T).code(), Some(0));
 }
 
@@ -73,24 +142,24 @@ fn messages_both_ways_and_node_prefixed_user_messages_are_delivered() {
     // test-cluster-message, test-cluster-invalid-message: a user message that looks internal
     // is still a user message.
     let mut r = probe(&["--workers", "2"]);
-    let internal_looking =
-        |l: &str| l.starts_with("message ") && l.ends_with("Cmd { cmd: \"NODE_CLUSTER\" }");
-    let mut seen = r.stdout_seen.iter().filter(|l| internal_looking(l)).count();
+    let internal_looking = |e: &ProbeEvent| matches!(e, ProbeEvent::Message { message: Ok(m), .. } if *m == node_cluster());
+    let mut seen = r
+        .probe_seen()
+        .iter()
+        .filter(|l| matches!(l, Line::Event(e) if internal_looking(e)))
+        .count();
     while seen < 2 {
-        r.wait_stdout(T, internal_looking);
+        r.wait_event(T, internal_looking);
         seen += 1;
     }
     r.send_line("send 1 ping");
     r.send_line("send 2 pong");
-    r.wait_lines(
+    r.wait_probe_lines(
         T,
-        &[
-            "message 1 Text(\"echo ping\")",
-            "message 2 Text(\"echo pong\")",
-        ],
+        &[message(1, text("echo ping")), message(2, text("echo pong"))],
     );
     r.send_line("stop");
-    r.wait_stdout(T, |l| l == "stopped");
+    r.wait_probe(T, |l| *l == Line::Stopped);
     assert_eq!(r.wait_exit(T).code(), Some(0));
 }
 
@@ -98,37 +167,43 @@ fn messages_both_ways_and_node_prefixed_user_messages_are_delivered() {
 fn many_messages_in_both_directions_do_not_deadlock() {
     // test-cluster-send-deadlock: a burst of messages while the other side also sends.
     let mut r = probe(&["--workers", "1"]);
-    r.wait_stdout(T, |l| l.starts_with("online 1 "));
+    r.wait_event(T, |e| matches!(e, ProbeEvent::Online { id: 1, .. }));
     for i in 0..300 {
         r.send_line(&format!("send 1 m{i}"));
     }
-    r.wait_stdout(T, |l| l == "message 1 Text(\"echo m299\")");
-    let echoed: Vec<&String> = r
-        .stdout_seen
+    let last = message(1, text("echo m299"));
+    r.wait_probe(T, |l| *l == last);
+    let seen = r.probe_seen();
+    // The texts worker 1 answered with, in the order they arrived.
+    let echoed: Vec<&String> = seen
         .iter()
-        .filter(|l| l.starts_with("message 1 Text(\"echo m"))
+        .filter_map(|l| match l {
+            Line::Event(ProbeEvent::Message {
+                id: 1,
+                message: Ok(Msg::Text(t)),
+                handle: None,
+            }) if t.starts_with("echo m") => Some(t),
+            _ => None,
+        })
         .collect();
     // A subscriber that falls more than `Limits::events` (256) behind is told how many events
     // it missed instead (`lagged N`): on a loaded machine the probe's printing can lag this
     // burst. Every message is accounted for either way, and what arrived is in order.
-    let missed: usize = r
-        .stdout_seen
+    let missed: u64 = seen
         .iter()
-        .filter_map(|l| l.strip_prefix("lagged ")?.parse::<usize>().ok())
+        .filter_map(|l| match l {
+            Line::Event(ProbeEvent::Lagged { missed }) => Some(*missed),
+            _ => None,
+        })
         .sum();
     assert_eq!(
-        echoed.len() + missed,
+        echoed.len() as u64 + missed,
         300,
         "every message answered: {echoed:?}"
     );
     let numbers: Vec<usize> = echoed
         .iter()
-        .filter_map(|l| {
-            l.strip_prefix("message 1 Text(\"echo m")?
-                .strip_suffix("\")")?
-                .parse()
-                .ok()
-        })
+        .filter_map(|t| t.strip_prefix("echo m")?.parse().ok())
         .collect();
     assert!(
         numbers.windows(2).all(|w| w[0] < w[1]),
@@ -140,18 +215,23 @@ fn many_messages_in_both_directions_do_not_deadlock() {
 fn a_disconnected_worker_lives_until_its_connections_end() {
     // test-cluster-worker-no-exit: disconnect waits for open connections.
     let mut r = probe(&["--workers", "1", "--listen", "127.0.0.1:0"]);
-    let addr: SocketAddr = listening(&mut r, 1)[0].parse().expect("addr");
-    let pid: u32 = r
-        .seen_or_wait(T, |l| l.starts_with("online 1 "))
-        .trim_start_matches("online 1 ")
-        .parse()
-        .expect("pid");
+    let addr = tcp(&listening(&mut r, 1)[0]);
+    let pid = match r.probe_seen_or_wait(T, |l| {
+        matches!(l, Line::Event(ProbeEvent::Online { id: 1, .. }))
+    }) {
+        Line::Event(ProbeEvent::Online { pid, .. }) => pid,
+        other => panic!("not an online event: {other:?}"),
+    };
     let mut held = TcpStream::connect(addr).expect("connect");
     held.set_read_timeout(Some(T)).expect("timeout");
     let mut hello = [0u8; 7];
     held.read_exact(&mut hello).expect("hello");
     r.send_line("disconnect 1");
-    r.wait_stdout(T, |l| l == "disconnecting 1 state=Disconnecting");
+    let disconnecting = Line::Disconnecting {
+        id: 1,
+        state: WorkerState::Disconnecting,
+    };
+    r.wait_probe(T, |l| *l == disconnecting);
     // The listener is closed, the connection still works, the process is alive.
     eventually(T, "the worker to stop accepting", || {
         TcpStream::connect(addr).is_err().then_some(())
@@ -162,9 +242,7 @@ fn a_disconnected_worker_lives_until_its_connections_end() {
         .expect("echo while disconnecting");
     assert!(alive(pid));
     drop(held);
-    r.wait_stdout(T, |l| {
-        l == "exit 1 code=Some(0) signal=None after_disconnect=true"
-    });
+    r.wait_event(T, |e| is_exit(e, 1, Some(0), None, true));
     assert!(!alive(pid));
 }
 
@@ -172,7 +250,7 @@ fn a_disconnected_worker_lives_until_its_connections_end() {
 fn exclusive_listen_on_port_0_gives_each_worker_its_own_port() {
     // test-net-listen-exclusive-random-ports
     let mut r = probe(&["--workers", "3", "--listen", "127.0.0.1:0", "--exclusive"]);
-    let ports: BTreeSet<String> = listening(&mut r, 3).into_iter().collect();
+    let ports: HashSet<BoundAddress> = listening(&mut r, 3).into_iter().collect();
     assert_eq!(ports.len(), 3, "{ports:?}");
 }
 
@@ -182,47 +260,48 @@ fn exclusive_listen_on_a_taken_port_fails_with_eaddrinuse() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let mut r = probe(&["--workers", "1", "--listen", &addr, "--exclusive"]);
-    let line = r.wait_stdout(T, |l| l.contains("listen-error"));
-    assert!(
-        line.contains(&format!("listen {addr}: Address already in use")),
-        "{line}"
-    );
+    let (address, errno, error) = listen_error(&mut r);
+    assert_eq!(address, Some(addr), "{error}");
+    assert_eq!(errno, Some(Errno::EADDRINUSE as i32), "{error}");
 }
 
 #[test]
 fn shared_listen_in_every_worker_shares_one_socket() {
     // test-net-listen-shared-ports
     let mut r = probe(&["--workers", "3", "--listen", "127.0.0.1:0"]);
-    let addresses: BTreeSet<String> = listening(&mut r, 3).into_iter().collect();
+    let addresses: HashSet<BoundAddress> = listening(&mut r, 3).into_iter().collect();
     assert_eq!(addresses.len(), 1, "{addresses:?}");
-    let addr: SocketAddr = addresses.first().expect("one").parse().expect("addr");
-    echo_once(addr);
+    echo_once(tcp(addresses.iter().next().expect("one")));
 }
 
 #[test]
 fn two_clusters_on_one_port_the_second_fails() {
     let mut first = probe(&["--workers", "1", "--listen", "127.0.0.1:0"]);
-    let addr = listening(&mut first, 1).remove(0);
+    let addr = tcp(&listening(&mut first, 1)[0]).to_string();
     let mut second = probe(&["--workers", "1", "--listen", &addr]);
-    let line = second.wait_stdout(T, |l| l.contains("listen-error"));
-    assert!(line.contains("Address already in use"), "{line}");
+    let (_, errno, error) = listen_error(&mut second);
+    assert_eq!(errno, Some(Errno::EADDRINUSE as i32), "{error}");
 }
 
 #[test]
 fn listen_fd_in_a_worker_uses_the_primarys_descriptor() {
     // test-listen-fd-cluster
     let mut r = probe(&["--workers", "2", "--primary-listener"]);
-    let line = r.wait_stdout(T, |l| l.starts_with("primary-fd "));
-    let mut words = line.split(' ').skip(1);
-    let fd = words.next().expect("fd").to_string();
-    let addr: SocketAddr = words.next().expect("addr").parse().expect("addr");
-    let addresses: BTreeSet<String> = listening(&mut r, 2).into_iter().collect();
-    assert_eq!(addresses, BTreeSet::from([addr.to_string()]));
+    let (fd, addr) = match r.wait_probe(T, |l| matches!(l, Line::PrimaryFd { .. })) {
+        Line::PrimaryFd { fd, address } => (fd, address),
+        other => panic!("not a primary-fd line: {other:?}"),
+    };
+    let addresses: HashSet<BoundAddress> = listening(&mut r, 2).into_iter().collect();
+    assert_eq!(addresses, HashSet::from([BoundAddress::Tcp(addr)]));
     let is_fd_event =
-        |l: &str| l.starts_with("listening ") && l.ends_with(&format!("fd=Some({fd})"));
-    let mut fd_events = r.stdout_seen.iter().filter(|l| is_fd_event(l)).count();
+        |e: &ProbeEvent| matches!(e, ProbeEvent::Listening { fd: f, .. } if *f == Some(fd));
+    let mut fd_events = r
+        .probe_seen()
+        .iter()
+        .filter(|l| matches!(l, Line::Event(e) if is_fd_event(e)))
+        .count();
     while fd_events < 2 {
-        r.wait_stdout(T, is_fd_event);
+        r.wait_event(T, is_fd_event);
         fd_events += 1;
     }
     echo_once(addr);
@@ -241,9 +320,9 @@ fn a_relative_unix_path_resolves_against_the_workers_cwd_even_when_long() {
     cmd.args(["--workers", "2", "--listen", "rel.sock"])
         .current_dir(&deep);
     let mut r = Running::from_command(cmd);
-    let addresses: BTreeSet<String> = listening(&mut r, 2).into_iter().collect();
-    let expected = format!("unix:{}", deep.join("rel.sock").display());
-    assert_eq!(addresses, BTreeSet::from([expected]));
+    let addresses: HashSet<BoundAddress> = listening(&mut r, 2).into_iter().collect();
+    let expected = BoundAddress::Unix(deep.join("rel.sock"));
+    assert_eq!(addresses, HashSet::from([expected]));
     assert!(deep.join("rel.sock").exists());
     // A client in that directory reaches it by the relative name.
     let mut c = std::process::Command::new("python3")
@@ -306,31 +385,24 @@ fn get_connections_sums_every_workers_connections(policy: &str) {
         "--policy",
         policy,
     ]);
-    let addr: SocketAddr = listening(&mut r, 4)[0].parse().expect("addr");
-    let mut online: Vec<String> = r
-        .stdout_seen
-        .iter()
-        .filter(|l| l.starts_with("online "))
-        .cloned()
-        .collect();
-    while online.len() < 4 {
-        online.push(r.wait_stdout(T, |l| l.starts_with("online ")));
+    let addr = tcp(&listening(&mut r, 4)[0]);
+    let online = |l: &Line| match l {
+        Line::Event(ProbeEvent::Online { id, pid }) => Some((*pid, *id)),
+        _ => None,
+    };
+    // Worker ids by pid.
+    let mut pids: std::collections::BTreeMap<u32, u32> =
+        r.probe_seen().iter().filter_map(online).collect();
+    while pids.len() < 4 {
+        let line = r.wait_probe(T, |l| online(l).is_some());
+        pids.extend(online(&line));
     }
-    let pids: std::collections::BTreeMap<u32, u32> = online
-        .iter()
-        .map(|line| {
-            let mut w = line.split(' ').skip(1);
-            let id: u32 = w.next().and_then(|x| x.parse().ok()).expect("id");
-            let pid: u32 = w.next().and_then(|x| x.parse().ok()).expect("pid");
-            (pid, id)
-        })
-        .collect();
     let count = |r: &mut Running| -> usize {
         r.send_line(&format!("count {addr}"));
-        let line = r.wait_stdout(T, |l| l.starts_with("count"));
-        line.strip_prefix("count ")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{line}"))
+        match r.wait_probe(T, |l| matches!(l, Line::Count(_))) {
+            Line::Count(Ok(n)) => n,
+            other => panic!("count {addr}: {other:?}"),
+        }
     };
     let mut conns: Vec<TcpStream> = (0..100)
         .map(|_| {
@@ -345,7 +417,8 @@ fn get_connections_sums_every_workers_connections(policy: &str) {
 
     // A worker asks for the cluster-wide total of its own server.
     r.send_line("send 1 count");
-    r.wait_stdout(T, |l| l == "message 1 Text(\"cluster-count 100\")");
+    let total = message(1, text("cluster-count 100"));
+    r.wait_probe(T, |l| *l == total);
 
     conns.truncate(70);
     let mut n = 0;
@@ -369,7 +442,11 @@ fn get_connections_sums_every_workers_connections(policy: &str) {
     let (&victim, &k) = held.iter().max_by_key(|(_, n)| **n).expect("a worker");
     assert!(k > 0);
     r.send_line(&format!("kill {} KILL", pids[&victim]));
-    r.wait_stdout(T, |l| l.starts_with(&format!("exit {} ", pids[&victim])));
+    let victim_id = pids[&victim];
+    r.wait_event(
+        T,
+        |e| matches!(e, ProbeEvent::Exit { id, .. } if *id == victim_id),
+    );
     let mut after = 0;
     for _ in 0..200 {
         after = count(&mut r);
@@ -396,7 +473,7 @@ fn round_robin_sends_a_connection_past_a_worker_at_max_connections() {
         "--max-connections",
         "1",
     ]);
-    let addr: SocketAddr = listening(&mut r, 2)[0].parse().expect("addr");
+    let addr = tcp(&listening(&mut r, 2)[0]);
     let held: Vec<TcpStream> = (0..2)
         .map(|_| {
             let mut s = TcpStream::connect(addr).expect("connect");
@@ -412,7 +489,9 @@ fn round_robin_sends_a_connection_past_a_worker_at_max_connections() {
     let mut buf = [0u8; 7];
     assert_eq!(third.read(&mut buf).expect("closed, not hung"), 0);
     assert!(
-        !r.stdout_seen.iter().any(|l| l.contains(" drop ")),
+        !r.probe_seen()
+            .iter()
+            .any(|l| matches!(l, Line::WorkerDrop { .. })),
         "round robin re-routes; it does not drop in the worker"
     );
     drop(held);
@@ -433,32 +512,52 @@ fn drop_max_connection_drops_in_the_worker_with_a_drop_event() {
         "0",
         "--drop-max",
     ]);
-    let addr: SocketAddr = listening(&mut r, 1)[0].parse().expect("addr");
+    let addr = tcp(&listening(&mut r, 1)[0]);
     let mut c = TcpStream::connect(addr).expect("connect");
     c.set_read_timeout(Some(T)).expect("timeout");
     let mut buf = [0u8; 7];
     assert_eq!(c.read(&mut buf).expect("dropped"), 0);
-    let line = r.wait_stdout(T, |l| l.starts_with("worker 1 drop Some(DropInfo"));
-    assert!(
-        line.contains(&format!("local_port: {}", addr.port())),
-        "{line}"
-    );
+    let line = r.wait_probe(T, |l| {
+        matches!(
+            l,
+            Line::WorkerDrop {
+                id: 1,
+                info: Some(_)
+            }
+        )
+    });
+    let Line::WorkerDrop {
+        info: Some(info), ..
+    } = line
+    else {
+        panic!("not a drop with its addresses: {line:?}");
+    };
+    assert_eq!(info.local_port, addr.port(), "{info:?}");
 }
 
 #[test]
 fn listen_0_close_and_listen_0_again_in_a_worker() {
     // test-cluster-child-index-net
     let mut r = probe(&["--workers", "1", "--churn"]);
-    let line = r.wait_stdout(T, |l| l.starts_with("worker 1 churn ok "));
-    let ports: Vec<&str> = line.split(' ').skip(4).collect();
-    assert_eq!(ports.len(), 4, "{line}");
-    assert!(ports.iter().all(|p| !p.ends_with(":0")), "{line}");
+    let addresses = match r.wait_probe(T, |l| matches!(l, Line::WorkerChurnOk { id: 1, .. })) {
+        Line::WorkerChurnOk { addresses, .. } => addresses,
+        other => panic!("not a worker-churn-ok line: {other:?}"),
+    };
+    assert_eq!(addresses.len(), 4, "{addresses:?}");
+    assert!(
+        addresses.iter().all(|a| a.port().is_some_and(|p| p != 0)),
+        "{addresses:?}"
+    );
 }
 
 #[test]
 fn a_program_started_by_a_worker_is_not_a_worker() {
     let mut r = probe(&["--workers", "1", "--spawn-child"]);
-    r.wait_stdout(T, |l| l == "worker 1 child says Primary");
+    let says = Line::WorkerChildSays {
+        id: 1,
+        role: ProbeRole::Primary,
+    };
+    r.wait_probe(T, |l| *l == says);
 }
 
 #[test]
@@ -483,11 +582,9 @@ fn binding_a_privileged_port_fails_in_the_worker_with_eacces() {
         cmd.uid(65534).gid(65534);
     }
     let mut r = Running::from_command(cmd);
-    let line = r.wait_stdout(T, |l| l.contains("listen-error"));
-    assert!(
-        line.ends_with("listen-error listen 127.0.0.1:42: Permission denied (os error 13)"),
-        "{line}"
-    );
+    let (address, errno, error) = listen_error(&mut r);
+    assert_eq!(address.as_deref(), Some("127.0.0.1:42"), "{error}");
+    assert_eq!(errno, Some(Errno::EACCES as i32), "{error}");
 }
 
 #[test]
@@ -495,19 +592,12 @@ fn sockets_sent_to_workers_are_counted_by_the_sending_server() {
     // child-process-fork-getconnections: the primary's server sends each connection to a
     // worker; its getConnections counts them while the workers hold them open.
     let mut r = probe(&["--workers", "2"]);
-    r.wait_lines(
-        T,
-        &[
-            "message 1 Cmd { cmd: \"NODE_CLUSTER\" }",
-            "message 2 Cmd { cmd: \"NODE_CLUSTER\" }",
-        ],
-    );
+    r.wait_probe_lines(T, &[message(1, node_cluster()), message(2, node_cluster())]);
     r.send_line("relay");
-    let line = r.wait_stdout(T, |l| l.starts_with("relay listening "));
-    let addr: SocketAddr = line
-        .trim_start_matches("relay listening ")
-        .parse()
-        .expect("addr");
+    let addr = match r.wait_probe(T, |l| matches!(l, Line::RelayListening { .. })) {
+        Line::RelayListening { address } => tcp(&address),
+        other => panic!("not a relay-listening line: {other:?}"),
+    };
     let mut conns: Vec<TcpStream> = (0..10)
         .map(|_| {
             let mut s = TcpStream::connect(addr).expect("connect");
@@ -520,10 +610,10 @@ fn sockets_sent_to_workers_are_counted_by_the_sending_server() {
         .collect();
     let count = |r: &mut Running| -> usize {
         r.send_line("relay-count");
-        let line = r.wait_stdout(T, |l| l.starts_with("relay-count"));
-        line.strip_prefix("relay-count ")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{line}"))
+        match r.wait_probe(T, |l| matches!(l, Line::RelayCount(_))) {
+            Line::RelayCount(Ok(n)) => n,
+            other => panic!("relay-count: {other:?}"),
+        }
     };
     assert_eq!(count(&mut r), 10, "sent sockets still open in the workers");
     // The worker echoes on the socket it received.
@@ -546,16 +636,20 @@ fn sockets_sent_to_workers_are_counted_by_the_sending_server() {
 #[test]
 fn a_server_sent_to_a_worker_is_served_there() {
     let mut r = probe(&["--workers", "1"]);
-    r.wait_stdout(T, |l| l.starts_with("online 1 "));
+    r.wait_event(T, |e| matches!(e, ProbeEvent::Online { id: 1, .. }));
     r.send_line("send-server 1");
-    let line = r.wait_stdout(T, |l| l.starts_with("worker 1 serving sent server "));
-    let addr: SocketAddr = line
-        .trim_start_matches("worker 1 serving sent server ")
-        .parse()
-        .expect("addr");
-    r.seen_or_wait(T, |l| l == format!("sent server {addr}"));
+    let address = match r.wait_probe(T, |l| {
+        matches!(l, Line::WorkerServingSentServer { id: 1, .. })
+    }) {
+        Line::WorkerServingSentServer { address, .. } => address,
+        other => panic!("not a worker-serving-sent-server line: {other:?}"),
+    };
+    let sent = Line::SentServer {
+        address: address.clone(),
+    };
+    r.probe_seen_or_wait(T, |l| *l == sent);
     // The primary closed its copy; the worker's serves.
-    echo_once(addr);
+    echo_once(tcp(&address));
 }
 
 fn a_late_listen_reply_is_closed_and_dropped(policy: &str) {
@@ -566,7 +660,12 @@ fn a_late_listen_reply_is_closed_and_dropped(policy: &str) {
         .expect("free port");
     let addr = format!("127.0.0.1:{port}");
     let mut r = probe(&["--workers", "1", "--abandon", &addr, "--policy", policy]);
-    r.wait_stdout(T, |l| l == "worker 1 abandoned=true listening=false");
+    let abandoned = Line::WorkerAbandoned {
+        id: 1,
+        abandoned: true,
+        listening: false,
+    };
+    r.wait_probe(T, |l| *l == abandoned);
     // The primary bound the port for the abandoned listen; once the late answer is dropped
     // and the worker gives the membership back, the primary closes it.
     eventually(T, "the abandoned socket to be closed", || {
@@ -597,9 +696,7 @@ fn a_worker_can_disconnect_itself() {
     let mut r = probe(&["--workers", "1", "--listen", "127.0.0.1:0"]);
     listening(&mut r, 1);
     r.send_line("send 1 disconnect");
-    r.wait_stdout(T, |l| {
-        l == "exit 1 code=Some(0) signal=None after_disconnect=true"
-    });
+    r.wait_event(T, |e| is_exit(e, 1, Some(0), None, true));
 }
 
 #[test]
@@ -610,7 +707,8 @@ fn close_in_one_worker_leaves_the_socket_to_the_others_until_the_last_leaves() {
     let mut r = probe(&["--workers", "2", "--listen", path_s, "--policy", "shared"]);
     listening(&mut r, 2);
     r.send_line("send 1 close");
-    r.wait_stdout(T, |l| l == "message 1 Text(\"closed\")");
+    let closed = message(1, text("closed"));
+    r.wait_probe(T, |l| *l == closed);
     // Worker 2 still serves on the primary's socket.
     for _ in 0..5 {
         let mut s = std::os::unix::net::UnixStream::connect(&path).expect("still served");
@@ -619,7 +717,8 @@ fn close_in_one_worker_leaves_the_socket_to_the_others_until_the_last_leaves() {
         s.read_exact(&mut hello).expect("hello from worker 2");
     }
     r.send_line("send 2 close");
-    r.wait_stdout(T, |l| l == "message 2 Text(\"closed\")");
+    let closed = message(2, text("closed"));
+    r.wait_probe(T, |l| *l == closed);
     // The last member left: the primary closed the socket and removed its file.
     eventually(T, "the primary to remove the socket file", || {
         (!path.exists()).then_some(())
@@ -631,10 +730,15 @@ fn a_listen_dropped_during_the_handshake_leaves_the_worker_connected() {
     // Cancel safety of the first use of the cluster API: the handshake goes on in its own
     // task, so the worker keeps its channel and the primary keeps the worker.
     let mut r = probe(&["--workers", "1", "--abandon-handshake"]);
-    r.wait_stdout(T, |l| l == "worker 1 handshake abandoned=true");
-    r.wait_lines(T, &["message 1 Cmd { cmd: \"NODE_CLUSTER\" }"]);
+    let abandoned = Line::WorkerHandshakeAbandoned {
+        id: 1,
+        abandoned: true,
+    };
+    r.wait_probe(T, |l| *l == abandoned);
+    r.wait_probe_lines(T, &[message(1, node_cluster())]);
     r.send_line("send 1 ping");
-    r.wait_stdout(T, |l| l == "message 1 Text(\"echo ping\")");
+    let echo = message(1, text("echo ping"));
+    r.wait_probe(T, |l| *l == echo);
 }
 
 #[test]
@@ -642,7 +746,7 @@ fn a_worker_sends_the_primary_a_server_and_a_socket_with_a_message() {
     // process.send(message, handle) from a worker: the primary's event has the handle, and the
     // descriptor works there.
     let mut r = probe(&["--workers", "1"]);
-    r.wait_lines(T, &["message 1 Cmd { cmd: \"NODE_CLUSTER\" }"]);
+    r.wait_probe_lines(T, &[message(1, node_cluster())]);
     let greeted = |s: &mut TcpStream| {
         s.set_read_timeout(Some(T)).expect("timeout");
         let mut hello = [0u8; 24];
@@ -656,16 +760,17 @@ fn a_worker_sends_the_primary_a_server_and_a_socket_with_a_message() {
 
     // A listening socket: the worker closes its own server, the primary serves on its copy.
     r.send_line("send 1 server-back");
-    let line = r.wait_stdout(T, |l| {
-        l.starts_with("message 1 Text(\"server back\") handle=server ")
-    });
-    let addr: SocketAddr = line
-        .rsplit(' ')
-        .next()
-        .expect("addr")
-        .parse()
-        .expect("addr");
-    r.wait_stdout(T, |l| l == "message 1 Text(\"closed its copy\")");
+    let server_back = |e: &ProbeEvent| match e {
+        ProbeEvent::Message {
+            id: 1,
+            message: Ok(m),
+            handle: Some(SentHandle::Server { address }),
+        } if *m == text("server back") => Some(tcp(address)),
+        _ => None,
+    };
+    let addr = server_back(&r.wait_event(T, |e| server_back(e).is_some())).expect("a server");
+    let closed = message(1, text("closed its copy"));
+    r.wait_probe(T, |l| *l == closed);
     for _ in 0..3 {
         greeted(&mut TcpStream::connect(addr).expect("connect"));
     }
@@ -677,29 +782,37 @@ fn a_worker_sends_the_primary_a_server_and_a_socket_with_a_message() {
         "send 1 socket-back {}",
         peer.local_addr().expect("addr")
     ));
-    r.wait_stdout(T, |l| l == "message 1 Text(\"socket back\") handle=socket");
+    let socket_back = Line::Event(ProbeEvent::Message {
+        id: 1,
+        message: Ok(text("socket back")),
+        handle: Some(SentHandle::Socket),
+    });
+    r.wait_probe(T, |l| *l == socket_back);
     let (mut s, _) = peer.accept().expect("accept");
     greeted(&mut s);
 
     // A descriptor that is not what the message says: refused and closed; the primary and the
     // worker go on.
     r.send_line("send 1 bad-handle");
-    r.wait_stdout(T, |l| l == "message 1 Text(\"after bad handle\")");
+    let after = message(1, text("after bad handle"));
+    r.wait_probe(T, |l| *l == after);
     let refused = "the handle sent with a ToPrimary message is refused: a pipe";
     if !r.drain_stderr().iter().any(|l| l.contains(refused)) {
         r.wait_stderr(T, |l| l.contains(refused));
     }
     r.send_line("send 1 ping");
-    r.wait_stdout(T, |l| l == "message 1 Text(\"echo ping\")");
+    let echo = message(1, text("echo ping"));
+    r.wait_probe(T, |l| *l == echo);
     greeted(&mut TcpStream::connect(addr).expect("connect"));
 }
 
 #[test]
 fn bad_frames_from_one_worker_hurt_neither_the_primary_nor_other_workers() {
     let mut r = probe(&["--workers", "2", "--listen", "127.0.0.1:0"]);
-    let addr: SocketAddr = listening(&mut r, 2)[0].parse().expect("addr");
+    let addr = tcp(&listening(&mut r, 2)[0]);
     r.send_line("send 1 garbage");
-    r.wait_stdout(T, |l| l == "message 1 Text(\"still here\")");
+    let still_here = message(1, text("still here"));
+    r.wait_probe(T, |l| *l == still_here);
     // The primary logs what it dropped (stderr may trail stdout a little).
     if !r
         .drain_stderr()
@@ -710,8 +823,10 @@ fn bad_frames_from_one_worker_hurt_neither_the_primary_nor_other_workers() {
     }
     // Both workers and the primary still work.
     r.send_line("send 2 ping");
-    r.wait_stdout(T, |l| l == "message 2 Text(\"echo ping\")");
+    let echo = message(2, text("echo ping"));
+    r.wait_probe(T, |l| *l == echo);
     r.send_line("send 1 ping");
-    r.wait_stdout(T, |l| l == "message 1 Text(\"echo ping\")");
+    let echo = message(1, text("echo ping"));
+    r.wait_probe(T, |l| *l == echo);
     echo_once(addr);
 }

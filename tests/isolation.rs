@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::probe::{Line, ProbeEvent};
 use common::*;
 use netcluster::cluster::Status;
 use nix::sys::signal::Signal;
@@ -358,7 +359,7 @@ fn a_thousand_worker_deaths_leave_the_primary_as_it_was() {
     let mut deaths = 0usize;
     let mut baseline = None;
     while deaths < 1000 {
-        r.wait_stdout(T, |l| l.starts_with("exit "));
+        r.wait_probe(T, |l| matches!(l, Line::Event(ProbeEvent::Exit { .. })));
         deaths += 1;
         if deaths == 50 {
             baseline = Some((fds(primary), rss_kib(primary)));
@@ -458,18 +459,19 @@ fn the_channel_is_close_on_exec_before_the_worker_calls_into_the_cluster() {
         &example_bin("cluster_probe"),
         &["--workers", "1", "--child-fds"],
     );
-    let line = r.wait_stdout(T, |l| l.starts_with("worker 1 child fds "));
-    let (child, channel) = line
-        .trim_start_matches("worker 1 child fds ")
-        .split_once(" channel ")
-        .unwrap();
-    assert!(channel.starts_with("socket:["), "{line}");
-    assert!(child.contains("0="), "{line}");
+    let line = r.wait_probe(T, |l| matches!(l, Line::WorkerChildFds { id: 1, .. }));
+    let Line::WorkerChildFds { child, channel, .. } = &line else {
+        panic!("not a worker-child-fds line: {line:?}");
+    };
+    assert!(channel.starts_with("socket:["), "{line:?}");
+    assert!(child.contains_key(&0), "{line:?}");
     assert!(
-        !child.contains(channel),
-        "the channel leaked into the child: {line}"
+        !child.values().any(|target| target == channel),
+        "the channel leaked into the child: {line:?}"
     );
-    r.wait_stdout(T, |l| l.starts_with("online 1 "));
+    r.wait_probe(T, |l| {
+        matches!(l, Line::Event(ProbeEvent::Online { id: 1, .. }))
+    });
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::probe::{Line, ProbeEvent};
 use common::*;
 use netcluster::cluster::Status;
 use netcluster::cluster::control::{Reply, Response};
@@ -121,13 +122,10 @@ fn a_crash_looping_worker_backs_off_with_growing_capped_delays() {
     let started = Instant::now();
     let mut forks: Vec<u64> = Vec::new();
     while forks.len() < 8 {
-        let line = r.wait_stdout(T, |l| l.starts_with("fork "));
-        let at: u64 = line
-            .rsplit("at_ms=")
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap();
-        forks.push(at);
+        match r.wait_probe(T, |l| matches!(l, Line::Event(ProbeEvent::Fork { .. }))) {
+            Line::Event(ProbeEvent::Fork { at_ms, .. }) => forks.push(at_ms),
+            other => panic!("not a fork event: {other:?}"),
+        }
     }
     let intervals: Vec<u64> = forks.windows(2).map(|w| w[1] - w[0]).collect();
     eprintln!("restart intervals (ms): {intervals:?}");

@@ -17,6 +17,10 @@ use netcluster::cluster::Status;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
+/// What `examples/cluster_probe.rs` prints, as the types it prints them from.
+#[path = "../../examples/cluster_probe/lines.rs"]
+pub mod probe;
+
 /// The `netcluster` binary built for these tests.
 pub fn netcluster_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_netcluster"))
@@ -160,6 +164,57 @@ impl Running {
         }
     }
 
+    /// Waits for a `cluster_probe` line matching `pred`, read as a [`probe::Line`] (a stdout
+    /// line that is none fails the test).
+    pub fn wait_probe(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&probe::Line) -> bool,
+    ) -> probe::Line {
+        let line = self.wait_stdout(timeout, |l| pred(&probe_line(l)));
+        probe_line(&line)
+    }
+
+    /// The `cluster_probe` lines so far, read as [`probe::Line`]s.
+    pub fn probe_seen(&self) -> Vec<probe::Line> {
+        self.stdout_seen.iter().map(|l| probe_line(l)).collect()
+    }
+
+    /// The first `cluster_probe` line so far matching `pred`, or else the next one that
+    /// arrives.
+    pub fn probe_seen_or_wait(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&probe::Line) -> bool,
+    ) -> probe::Line {
+        if let Some(line) = self.probe_seen().into_iter().find(|l| pred(l)) {
+            return line;
+        }
+        self.wait_probe(timeout, pred)
+    }
+
+    /// Waits for a `cluster_probe` event matching `pred`.
+    pub fn wait_event(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&probe::ProbeEvent) -> bool,
+    ) -> probe::ProbeEvent {
+        match self.wait_probe(timeout, |l| matches!(l, probe::Line::Event(e) if pred(e))) {
+            probe::Line::Event(e) => e,
+            other => panic!("not an event: {other:?}"),
+        }
+    }
+
+    /// Waits until every one of `lines` has appeared (in any order, before or after this
+    /// call).
+    pub fn wait_probe_lines(&mut self, timeout: Duration, lines: &[probe::Line]) {
+        for line in lines {
+            if !self.probe_seen().contains(line) {
+                self.wait_probe(timeout, |l| l == line);
+            }
+        }
+    }
+
     /// Collects the stderr lines that have arrived so far.
     pub fn drain_stderr(&mut self) -> &[String] {
         while let Ok(line) = self.stderr.try_recv() {
@@ -234,6 +289,12 @@ impl Drop for Running {
             let _ = child.wait();
         }
     }
+}
+
+/// A stdout line of `cluster_probe`, read as the [`probe::Line`] it was printed from; a line
+/// that is none fails the test.
+pub fn probe_line(line: &str) -> probe::Line {
+    probe::Line::parse(line).unwrap_or_else(|e| panic!("not a cluster_probe line: {e}"))
 }
 
 fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
