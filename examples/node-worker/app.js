@@ -17,9 +17,15 @@ const IDLE_GRACE_MS = 1000;
 let draining = false;
 
 const server = http.createServer((req, res) => {
-  if (draining) res.setHeader('Connection', 'close');
-  res.setHeader('Content-Type', 'text/plain');
-  res.end(`hello from ${process.pid}\n`);
+  const answer = () => {
+    if (draining) res.setHeader('Connection', 'close');
+    res.setHeader('Content-Type', 'text/plain');
+    res.end(`hello from ${process.pid}\n`);
+  };
+  // `GET /slow?ms=N` answers after N milliseconds (at most 10 s): a request in flight.
+  const slow = /^\/slow\?ms=(\d+)$/.exec(req.url || '');
+  if (slow) setTimeout(answer, Math.min(Number(slow[1]), 10000));
+  else answer();
 });
 server.keepAliveTimeout = 5000;
 

@@ -17,6 +17,7 @@
 
 mod cluster;
 mod command;
+mod containment;
 pub mod control;
 mod counts;
 mod error;

@@ -61,6 +61,10 @@ pub(crate) struct Spec<'a> {
     pub listeners: Vec<Passed>,
     /// A private directory (0700) for notification sockets.
     pub notify_dir: PathBuf,
+    /// What the worker's tree is known by ([`crate::containment::TREE_ENV`]).
+    pub tree_env: Option<(String, String)>,
+    /// What the worker does before it executes (parent-death signal, cgroup).
+    pub child_setup: Option<netcluster_protocol::child::ChildSetup>,
 }
 
 /// Starts a worker.
@@ -76,6 +80,8 @@ pub(crate) fn spawn(spec: Spec<'_>) -> io::Result<Spawned> {
         generation,
         listeners,
         notify_dir,
+        tree_env,
+        child_setup,
     } = spec;
     let n = listeners.len();
     let first = 3i32;
@@ -157,6 +163,13 @@ pub(crate) fn spawn(spec: Spec<'_>) -> io::Result<Spawned> {
     if let Some(cwd) = &settings.cwd {
         cmd.current_dir(cwd);
     }
+    if let Some((k, v)) = tree_env {
+        cmd.env(k, v);
+    }
+    // Its own process group: a terminal's signals reach only the primary, and the group is
+    // how the primary ends the whole tree.
+    cmd.process_group(0);
+    let _setup = child_setup.map(|setup| netcluster_protocol::child::install(&mut cmd, setup));
     cmd.fd_mappings(mappings).map_err(io::Error::other)?;
     let child = cmd.spawn().inspect_err(|_| {
         if let Some((_, path)) = &notify {

@@ -28,6 +28,7 @@ use crate::env;
 
 /// The constructor: see the module documentation.
 extern "C" fn at_start(argc: c_int, argv: *const *const c_char, _envp: *const *const c_char) {
+    crate::guardian::run_if_asked();
     crate::fd::cloexec_channel_at_start();
     cloexec_upgrade_channel();
     take_systemd_listeners();

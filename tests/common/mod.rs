@@ -321,7 +321,8 @@ pub fn run_to_end(
     (status, r.stdout_seen.join("\n"), r.stderr_seen.join("\n"))
 }
 
-/// Processes whose parent is `ppid`.
+/// Processes whose parent is `ppid`, but for a primary's guardian (the process that stops the
+/// workers' trees if the primary dies: it is no worker).
 pub fn children_of(ppid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
@@ -336,12 +337,20 @@ pub fn children_of(ppid: u32) -> Vec<u32> {
             continue;
         };
         let parent: Option<u32> = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
-        if parent == Some(ppid) {
+        if parent == Some(ppid) && !is_guardian(pid) {
             out.push(pid);
         }
     }
     out.sort_unstable();
     out
+}
+
+/// Whether `pid` is a primary's guardian.
+pub fn is_guardian(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+        env.split(|&b| b == 0)
+            .any(|v| v.starts_with(b"NETCLUSTER_GUARDIAN_FD="))
+    })
 }
 
 /// Whether process `pid` still exists (and is not a zombie).

@@ -39,10 +39,14 @@ impl Supervisor {
         }
     }
 
-    /// The listeners a worker of `slot` gets at descriptors 3, 4, …: the operator's, in the
-    /// order they were configured (round-robin ones stay in the primary, and a native worker
-    /// under round robin gets none).
+    /// The listeners a program worker of `slot` gets at descriptors 3, 4, …: the operator's,
+    /// in the order they were configured. A native worker gets none: its listeners come over
+    /// its channel when it listens, and a copy it never uses would keep the port open (a SYN
+    /// black hole) for as long as it, or anything it starts, lives.
     fn passed_listeners(&mut self, slot: usize) -> Result<Vec<spawn::Passed>, Error> {
+        if self.settings.kind == crate::settings::WorkerKind::Native {
+            return Ok(Vec::new());
+        }
         let ids: Vec<u64> = self
             .registry
             .iter()
@@ -97,6 +101,8 @@ impl Supervisor {
             generation: self.generation,
             listeners,
             notify_dir: std::path::PathBuf::new(),
+            tree_env: None,
+            child_setup: None,
         };
         let plumbing = Plumbing {
             tasks: &mut self.tasks,
@@ -219,7 +225,15 @@ impl Supervisor {
         let Some(w) = self.table.get_mut(id) else {
             return;
         };
-        let deadline = Instant::now() + drain + KILL_GRACE;
+        // A native worker ends its own connections at the drain timeout and exits; the kill is
+        // its backstop, a grace later. A program has no such deadline of its own: it is
+        // killed at the drain timeout, as documented for --drain-timeout.
+        let grace = if w.is_program() {
+            std::time::Duration::ZERO
+        } else {
+            KILL_GRACE
+        };
+        let deadline = Instant::now() + drain + grace;
         let was_serving = w.phase().serving() || w.phase() == Phase::Starting;
         if w.apply(Transition::Drain { reason, deadline }).is_err() {
             return;
@@ -319,23 +333,23 @@ impl Supervisor {
             tracing::error!(worker = id, pid = w.pid, "killing the worker: {why}");
             w.stop = Some(StopCause::Misbehaved);
             let pid = w.pid;
-            let _ = self.launcher.signal(pid, Signal::SIGKILL);
+            self.launcher.kill_tree(id, pid);
         }
     }
 
     /// Kills every worker at a stop: their exits are asked for.
     pub(super) fn kill_all(&mut self) {
-        let mut pids = Vec::new();
+        let mut trees = Vec::new();
         for w in self.table.workers.values_mut() {
             if !w.expected_exit() {
                 w.stop = Some(StopCause::Killed {
                     after_disconnect: w.exited_after_disconnect(),
                 });
             }
-            pids.push(w.pid);
+            trees.push((w.id, w.pid));
         }
-        for pid in pids {
-            let _ = self.launcher.signal(pid, Signal::SIGKILL);
+        for (id, pid) in trees {
+            self.launcher.kill_tree(id, pid);
         }
     }
 
@@ -432,6 +446,8 @@ impl Supervisor {
         }
         let forget = self.handoffs.forget(id, None);
         self.apply(forget);
+        // Nothing of its tree outlives it.
+        self.launcher.tree_ended(id);
         let how = describe_exit(exit);
         let pid = w.pid;
         match exit_note(w.stop, exit, self.stop.active()) {

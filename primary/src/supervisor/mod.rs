@@ -62,6 +62,8 @@ const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 const BACKLOG_DRAIN: usize = 4096;
 /// Requests over a limit refused in a row before the worker counts as flooding and is killed.
 const OVER_LIMIT_STREAK: u32 = 1000;
+/// How often orphans of workers are looked for.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often systemd's `STATUS=` line is brought up to date (when it changed).
 const SYSTEMD_STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -140,6 +142,7 @@ impl Supervisor {
         if notifier.is_some() {
             timers.arm(Timer::SystemdStatus, SYSTEMD_STATUS_EVERY);
         }
+        timers.arm(Timer::Sweep, SWEEP_EVERY);
         let generation = settings.generation.max(1);
         let restarts = Restarts::new(settings.respawn);
         Supervisor {
@@ -202,6 +205,7 @@ impl Supervisor {
             }
         }
         self.registry.close_all();
+        self.launcher.close();
         tracing::debug!("supervisor stopped");
     }
 
@@ -281,7 +285,7 @@ impl Supervisor {
                             "still running at the stop deadline; killing it"
                         );
                         let pid = w.pid;
-                        let _ = self.launcher.signal(pid, Signal::SIGKILL);
+                        self.launcher.kill_tree(worker, pid);
                     }
                 }
                 Effect::KillAll => self.kill_all(),
@@ -597,7 +601,7 @@ impl Supervisor {
         if let Some(w) = self.table.get(id) {
             tracing::error!(worker = id, "the worker's channel task failed: {e}");
             let pid = w.pid;
-            let _ = self.launcher.signal(pid, Signal::SIGKILL);
+            self.launcher.kill_tree(id, pid);
             self.exited(
                 id,
                 Exit {
@@ -642,8 +646,12 @@ impl Supervisor {
                         "still running past its drain deadline; killing it"
                     );
                     let pid = w.pid;
-                    let _ = self.launcher.signal(pid, Signal::SIGKILL);
+                    self.launcher.kill_tree(worker, pid);
                 }
+            }
+            Timer::Sweep => {
+                self.launcher.sweep();
+                self.timers.arm(Timer::Sweep, SWEEP_EVERY);
             }
             Timer::ReadyAfter { worker } => self.mark_ready(worker, "its ready-after time passed"),
             Timer::Watchdog => {

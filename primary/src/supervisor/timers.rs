@@ -78,6 +78,8 @@ pub(crate) enum Timer {
     StopKill,
     /// The stop gives up on workers that were not reaped.
     StopGiveUp,
+    /// Orphans of workers are reaped, or killed when their worker is gone.
+    Sweep,
     /// `WATCHDOG=1` to systemd.
     Watchdog,
     /// `STATUS=` to systemd, when it changed.

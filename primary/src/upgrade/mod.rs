@@ -228,6 +228,8 @@ impl Upgrader {
         // Our copy of its end goes: when it exits, the channel says so.
         drop(cmd);
         let new_pid = child.id().unwrap_or(0);
+        // Its parent waits for it: the orphan sweep leaves it alone.
+        crate::containment::claim(new_pid);
         let channel = Channel::from_fd(ours)
             .map_err(|e| Error::io("the hand-over channel", std::io::Error::other(e)))?;
         let listeners = export.listeners.len();

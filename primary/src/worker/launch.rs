@@ -14,6 +14,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::containment::Containment;
 use crate::settings::Readiness;
 use crate::spawn;
 use crate::worker::conn::{self, FromWorker};
@@ -51,6 +52,19 @@ pub(crate) trait Launcher: Send {
     /// # Errors
     /// The error of `kill(2)`.
     fn signal(&mut self, pid: u32, signal: Signal) -> io::Result<()>;
+
+    /// Kills every process of worker `id`'s tree (`pid` is the worker's own): its deadline
+    /// passed, or it misbehaved.
+    fn kill_tree(&mut self, id: u32, pid: u32);
+
+    /// Worker `id` exited and was reaped: what is left of its tree is killed.
+    fn tree_ended(&mut self, id: u32);
+
+    /// Reaps orphans that exited, and kills those whose worker is gone.
+    fn sweep(&mut self);
+
+    /// The primary is done: what is left goes, and so does the guardian.
+    fn close(&mut self);
 }
 
 /// Real processes.
@@ -58,6 +72,8 @@ pub(crate) trait Launcher: Send {
 pub(crate) struct Processes {
     /// A private directory (0700) for program workers' notification sockets, made on first use.
     notify_dir: Option<tempfile::TempDir>,
+    /// Process groups, cgroups, orphans and the guardian; set up with the first worker.
+    containment: Option<Containment>,
 }
 
 impl Processes {
@@ -93,7 +109,27 @@ impl Launcher for Processes {
         let id = spec.id;
         let slot = spec.slot;
         let queue = spec.settings.limits.queue;
-        let mut spawned = spawn::spawn(spec)?;
+        let containment = self.containment.get_or_insert_with(|| {
+            Containment::new(spec.settings.drain_timeout, spec.settings.stop_signal)
+        });
+        // A native worker stops on SIGTERM (gracefully, as on its primary's Shutdown); a
+        // program on its stop signal.
+        let on_parent_death = if program {
+            spec.settings.stop_signal
+        } else {
+            Signal::SIGTERM
+        };
+        let (tree_env, setup) = containment.prepare(id, on_parent_death);
+        spec.tree_env = Some(tree_env);
+        spec.child_setup = Some(setup);
+        let mut spawned = match spawn::spawn(spec) {
+            Ok(s) => s,
+            Err(e) => {
+                containment.not_started(id);
+                return Err(e);
+            }
+        };
+        containment.started(id, spawned.pid);
         let prefix = format!("[slot {slot}] ");
         if let Some(out) = spawned.child.stdout.take() {
             tokio::spawn(conn::forward_output(out, prefix.clone(), false));
@@ -150,6 +186,31 @@ impl Launcher for Processes {
     fn signal(&mut self, pid: u32, signal: Signal) -> io::Result<()> {
         signal_pid(pid, signal)
     }
+
+    fn kill_tree(&mut self, id: u32, pid: u32) {
+        let _ = signal_pid(pid, Signal::SIGKILL);
+        if let Some(c) = &mut self.containment {
+            c.kill(id);
+        }
+    }
+
+    fn tree_ended(&mut self, id: u32) {
+        if let Some(c) = &mut self.containment {
+            c.ended(id);
+        }
+    }
+
+    fn sweep(&mut self) {
+        if let Some(c) = &mut self.containment {
+            c.sweep();
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(c) = &mut self.containment {
+            c.close();
+        }
+    }
 }
 
 /// Sends `signal` to process `pid` (never to a process group: `pid` must be positive).
@@ -191,6 +252,12 @@ pub(crate) mod fake {
         pub queues: BTreeMap<u32, mpsc::Receiver<Outbound>>,
         /// Every signal: (pid, signal).
         pub signals: Vec<(u32, Signal)>,
+        /// Trees killed whole, by worker id.
+        pub trees_killed: Vec<u32>,
+        /// Trees ended (their worker reaped), by worker id.
+        pub trees_ended: Vec<u32>,
+        /// Sweeps.
+        pub sweeps: u32,
         /// Starts to fail from now on.
         pub fail: bool,
     }
@@ -238,5 +305,21 @@ pub(crate) mod fake {
             self.seen().signals.push((pid, signal));
             Ok(())
         }
+
+        fn kill_tree(&mut self, id: u32, pid: u32) {
+            let mut seen = self.seen();
+            seen.signals.push((pid, Signal::SIGKILL));
+            seen.trees_killed.push(id);
+        }
+
+        fn tree_ended(&mut self, id: u32) {
+            self.seen().trees_ended.push(id);
+        }
+
+        fn sweep(&mut self) {
+            self.seen().sweeps += 1;
+        }
+
+        fn close(&mut self) {}
     }
 }
