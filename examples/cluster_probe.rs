@@ -221,6 +221,7 @@ async fn primary(args: Args) -> std::io::Result<ExitCode> {
         initial: std::time::Duration::from_millis(args.respawn_initial_ms.unwrap_or(50)),
         max: std::time::Duration::from_millis(max),
         reset_after: std::time::Duration::from_secs(60),
+        give_up_after: None,
     });
     let mut builder = Cluster::builder()?
         .workers(args.workers)

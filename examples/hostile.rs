@@ -125,6 +125,7 @@ async fn primary(args: Args) -> std::io::Result<()> {
             initial: Duration::from_millis(20),
             max: Duration::from_millis(200),
             reset_after: Duration::from_secs(60),
+            give_up_after: None,
         }));
     if let Some(p) = args.policy {
         builder = builder.policy(p);

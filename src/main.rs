@@ -142,6 +142,12 @@ struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
     restart_max: Duration,
 
+    /// Give a slot up after N exits in a row of workers that did not last (pm2's
+    /// max_restarts): it is shown as failed, `status` exits 1, and `netcluster reload` tries
+    /// it again. 0: never give up.
+    #[arg(long, value_name = "N", default_value = "10")]
+    max_restarts: u32,
+
     /// Seconds a new worker has to become ready (listening on every listener; a program
     /// worker: READY=1 on its NOTIFY_SOCKET).
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
@@ -241,6 +247,7 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(backoff) = &mut settings.respawn {
         backoff.max = args.restart_max.max(backoff.initial);
         backoff.reset_after = backoff.reset_after.max(backoff.max);
+        backoff.give_up_after = (args.max_restarts > 0).then_some(args.max_restarts);
     }
     settings.timeouts.ready = args.ready_timeout;
     settings.stop_signal = args.stop_signal;
@@ -453,6 +460,19 @@ async fn status(json: bool, control: ControlArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     print!("{}", status.table());
+    let failed: Vec<String> = status
+        .slots
+        .iter()
+        .filter(|s| s.failed)
+        .map(|s| s.slot.to_string())
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "slot{} {} failed: given up after too many restarts in a row",
+            if failed.len() == 1 { "" } else { "s" },
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -267,6 +267,15 @@ impl ClusterHandle {
             .map_err(|_| Error::Stopped)
     }
 
+    /// As [`ClusterHandle::hand_over`], naming the primary that took over: what was asked of
+    /// this one meanwhile is answered [`Error::HandedOver`].
+    pub(crate) async fn hand_over_to(&self, successor: u32) -> Result<(), Error> {
+        self.commands
+            .send(Command::HandOver { successor })
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
     /// Takes a listening socket over instead of binding one (systemd's, one from systemd's
     /// file-descriptor store, or a predecessor's in an upgrade) under the key of its record
     /// (`listener.info.target` and `ordinal`): workers that listen on that key share it.

@@ -115,6 +115,11 @@ pub(crate) enum Command {
         mode: StopMode,
         reply: Option<Reply<Vec<Event>>>,
     },
+    /// Another primary (process `successor`) took the listeners over: stop as
+    /// [`StopMode::Handover`], and say who serves now.
+    HandOver {
+        successor: u32,
+    },
     Reload {
         reply: Reply<Result<crate::supervisor::ReloadReport, Error>>,
     },

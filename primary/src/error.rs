@@ -70,6 +70,9 @@ pub enum Error {
     /// The cluster is stopping: no new workers, no scaling.
     #[error("the cluster is stopping")]
     Stopping,
+    /// Another primary took the cluster over (an upgrade): ask it.
+    #[error("handed over to the new primary (pid {0}): ask it")]
+    HandedOver(u32),
     /// The cluster's supervisor has ended.
     #[error("the cluster has stopped")]
     Stopped,
@@ -105,7 +108,7 @@ impl From<Error> for io::Error {
             Error::NotReady(_) => io::ErrorKind::TimedOut,
             Error::BadWorkerCount(_) | Error::InvalidInput(_) => io::ErrorKind::InvalidInput,
             Error::Encode(_) => io::ErrorKind::InvalidData,
-            Error::Stopping => io::ErrorKind::Interrupted,
+            Error::Stopping | Error::HandedOver(_) => io::ErrorKind::Interrupted,
             Error::Upgrade(_) => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

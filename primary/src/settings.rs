@@ -35,15 +35,21 @@ pub struct Backoff {
     pub max: Duration,
     /// A worker that stays up this long resets its slot's delay.
     pub reset_after: Duration,
+    /// After this many exits (or failed starts) in a row, none of which lasted `reset_after`,
+    /// the slot is given up on: it is shown as failed and not started again until a reload
+    /// (pm2's `max_restarts`, supervisord's `startretries`). `None`: never give up.
+    pub give_up_after: Option<u32>,
 }
 
 impl Default for Backoff {
-    /// 100 ms, doubling, capped at 30 s; reset after 10 s of uptime.
+    /// 100 ms, doubling, capped at 30 s; reset after 10 s of uptime; never give up (Node's
+    /// cluster does not; `netcluster serve` gives up after 10, `--max-restarts`).
     fn default() -> Self {
         Backoff {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(30),
             reset_after: Duration::from_secs(10),
+            give_up_after: None,
         }
     }
 }
@@ -430,6 +436,7 @@ mod tests {
             initial: Duration::from_millis(100),
             max: Duration::from_millis(1000),
             reset_after: Duration::from_secs(1),
+            give_up_after: None,
         };
         let delays: Vec<u128> = (0..8).map(|a| b.delay(a).as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 800, 1000, 1000, 1000, 1000]);

@@ -79,6 +79,10 @@ pub struct SlotStatus {
     pub next_attempt_ms: Option<u64>,
     /// How the slot's last worker ended, when one ended unasked.
     pub last_exit: Option<String>,
+    /// The slot was given up on (its workers kept exiting): no worker is started for it until
+    /// a reload.
+    #[serde(default)]
+    pub failed: bool,
 }
 
 /// One live worker.
@@ -112,6 +116,9 @@ pub struct WorkerStatus {
     pub in_state_ms: u64,
     /// Resident memory in bytes, when `/proc` tells.
     pub rss_bytes: Option<u64>,
+    /// What the primary has to say about it (a program that has not said `READY=1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Status {
@@ -183,6 +190,18 @@ impl Status {
         if !waiting.is_empty() {
             let _ = writeln!(out);
             for s in waiting {
+                if s.failed {
+                    let _ = writeln!(
+                        out,
+                        "slot {}: FAILED after {} restart{}, given up on (last exit: {}); \
+                         `netcluster reload` starts it again",
+                        s.slot,
+                        s.restarts,
+                        if s.restarts == 1 { "" } else { "s" },
+                        s.last_exit.as_deref().unwrap_or("unknown"),
+                    );
+                    continue;
+                }
                 let _ = writeln!(
                     out,
                     "slot {}: no worker; {} restart{} so far{}{}",
@@ -206,6 +225,11 @@ impl Status {
                 w.id,
                 w.status_text.as_deref().unwrap_or_default()
             );
+        }
+        for w in &self.workers {
+            if let Some(note) = &w.note {
+                let _ = writeln!(out, "worker {}: {note}", w.id);
+            }
         }
         if self.workers.iter().any(|w| !w.responsive) {
             let _ = writeln!(out, "\n! = did not answer the primary in time");
@@ -239,6 +263,12 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let pid = i32::try_from(pid).ok()?;
     let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
     Some(procfs::WithCurrentSystemInfo::get(stat.rss_bytes()))
+}
+
+/// What is said of a program worker that has not said `READY=1` for a while.
+pub(crate) fn waiting_for_ready() -> &'static str {
+    "waits for READY=1 on its NOTIFY_SOCKET (`systemd-notify --ready`, or sd_notify); a program \
+     that never says it should run with --ready-after SECS"
 }
 
 /// What a [`Status`] is built from: the loop's state and the workers' answers.
@@ -319,6 +349,7 @@ impl Build<'_> {
                         .and_then(|r| r.next_attempt)
                         .map(|at| millis(at.saturating_duration_since(now))),
                     last_exit: restarts.and_then(|r| r.last_exit.clone()),
+                    failed: restarts.is_some_and(|r| r.failed),
                 }
             })
             .collect();
@@ -331,11 +362,15 @@ impl Build<'_> {
                 let sum = |f: fn(&ListenerStats) -> u64| {
                     stats.map(|s| s.iter().fold(0u64, |acc, x| acc.saturating_add(f(x))))
                 };
-                let (kind, status_text) = match &w.io {
-                    crate::worker::table::Io::Program { status_text, .. } => {
-                        ("program", status_text.clone())
-                    }
-                    crate::worker::table::Io::Native { .. } => ("native", None),
+                let (kind, status_text, note) = match &w.io {
+                    crate::worker::table::Io::Program {
+                        status_text, ready, ..
+                    } => (
+                        "program",
+                        status_text.clone(),
+                        (!ready && w.waited_long).then(|| waiting_for_ready().to_string()),
+                    ),
+                    crate::worker::table::Io::Native { .. } => ("native", None, None),
                 };
                 WorkerStatus {
                     slot: w.slot,
@@ -356,6 +391,7 @@ impl Build<'_> {
                     uptime_ms: millis(now.saturating_duration_since(w.started)),
                     in_state_ms: millis(now.saturating_duration_since(w.since())),
                     rss_bytes: rss_bytes(w.pid),
+                    note,
                 }
             })
             .collect();

@@ -53,7 +53,10 @@ pub(crate) enum Happening<'a> {
     /// A timer fired.
     Timer(Timer),
     /// The cluster began to stop: every operation under way ends.
-    Stopping,
+    Stopping {
+        /// The primary that took over (an upgrade), which what was asked is referred to.
+        successor: Option<u32>,
+    },
     /// Something a stop waits for moved (a hand-off answered, a channel closed, a backlog taken).
     Flushed,
 }

@@ -19,7 +19,29 @@ use crate::worker::launch::{Plumbing, ready_after};
 use crate::worker::state::{DrainReason, Exit, Phase, Transition};
 use crate::worker::table::{Io, Slot, StopCause, Worker};
 
+/// How long a program worker may go without `READY=1` before the log and the status say what
+/// it waits for (at most a quarter of the ready timeout).
+const READY_HINT_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Supervisor {
+    /// A program worker has not said `READY=1` for a while: the log and the status say what
+    /// it waits for, and how to do without.
+    pub(super) fn ready_hint(&mut self, id: u32) {
+        let Some(w) = self.table.get_mut(id) else {
+            return;
+        };
+        let Io::Program { ready: false, .. } = &w.io else {
+            return;
+        };
+        w.waited_long = true;
+        tracing::warn!(
+            worker = id,
+            pid = w.pid,
+            "worker {id} {} (it is not ready until then)",
+            crate::status::waiting_for_ready()
+        );
+    }
+
     /// Adds a slot and starts a worker in it (Node's `cluster.fork()`).
     pub(super) fn fork(&mut self) -> Result<WorkerInfo, Error> {
         if self.stop.active() {
@@ -122,6 +144,10 @@ impl Supervisor {
         }
         if let Some(after) = ready_after(self.settings.kind, self.settings.readiness) {
             self.timers.arm(Timer::ReadyAfter { worker: id }, after);
+        } else if self.settings.kind == crate::settings::WorkerKind::Program {
+            // Well before the ready timeout, say what the worker waits for.
+            let hint = READY_HINT_AFTER.min(self.settings.timeouts.ready / 4);
+            self.timers.arm(Timer::ReadyHint { worker: id }, hint);
         }
         let mut worker = Worker::new(id, launched.pid, slot, self.generation, launched.io);
         worker.task = launched.task;
@@ -174,6 +200,7 @@ impl Supervisor {
             return;
         }
         *ready = true;
+        w.waited_long = false;
         let fresh = w.phase() == Phase::Starting;
         if fresh && w.apply(Transition::Hello).is_ok() {
             let _ = w.apply(Transition::Listened);
@@ -441,6 +468,7 @@ impl Supervisor {
         }
         self.timers.disarm(Timer::Kill { worker: id });
         self.timers.disarm(Timer::ReadyAfter { worker: id });
+        self.timers.disarm(Timer::ReadyHint { worker: id });
         if let Some(seq) = w.ping {
             self.timers.disarm(Timer::Ping { worker: id, seq });
         }

@@ -191,7 +191,7 @@ impl Supervisor {
                     None => {
                         // Nobody can ask anything any more: stop gracefully.
                         self.commands_open = false;
-                        self.stop(StopMode::Graceful, None);
+                        self.stop(StopMode::Graceful, None, None);
                     }
                 },
                 Some((id, msg)) = self.from_workers.recv() => self.worker_said(id, msg),
@@ -321,6 +321,7 @@ impl Supervisor {
         }
         let cancel = self.restarts.cancel(slot);
         self.apply(cancel);
+        self.restarts.revive(slot);
         if let Some(old) = old {
             if let Some(w) = self.table.get_mut(old) {
                 w.slot = None;
@@ -452,7 +453,10 @@ impl Supervisor {
                 };
                 let _ = reply.send(result);
             }
-            Command::Stop { mode, reply } => self.stop(mode, reply),
+            Command::Stop { mode, reply } => self.stop(mode, reply, None),
+            Command::HandOver { successor } => {
+                self.stop(StopMode::Handover, None, Some(successor));
+            }
             Command::Reload { reply } => {
                 let view = View::of(&self.table, &self.registry, &self.settings);
                 let effects = self.reloads.request(reply, self.generation, &view);
@@ -654,6 +658,7 @@ impl Supervisor {
                 self.timers.arm(Timer::Sweep, SWEEP_EVERY);
             }
             Timer::ReadyAfter { worker } => self.mark_ready(worker, "its ready-after time passed"),
+            Timer::ReadyHint { worker } => self.ready_hint(worker),
             Timer::Watchdog => {
                 if let Some(n) = &self.notifier {
                     n.watchdog();

@@ -20,6 +20,14 @@ impl Supervisor {
             "{ready} of {wanted} workers ready, generation {}",
             self.generation
         );
+        let failed: Vec<String> = self.restarts.failed().map(|s| s.to_string()).collect();
+        if !failed.is_empty() {
+            line.push_str(&format!(
+                ", FAILED slot{} {} (gave up restarting; `netcluster reload` retries)",
+                if failed.len() == 1 { "" } else { "s" },
+                failed.join(", ")
+            ));
+        }
         if self.stop.active() {
             line.push_str(", stopping");
         } else if let Some((generation, done, total)) = self.reload_state() {

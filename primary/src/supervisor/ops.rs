@@ -151,13 +151,19 @@ impl Supervisor {
         let _ = wait.reply.send(status);
     }
 
-    pub(super) fn stop(&mut self, mode: StopMode, reply: Option<Reply<Vec<Event>>>) {
+    /// Stops (`successor`: the primary that took over, in an upgrade).
+    pub(super) fn stop(
+        &mut self,
+        mode: StopMode,
+        reply: Option<Reply<Vec<Event>>>,
+        successor: Option<u32>,
+    ) {
         let first = !self.stop.active();
         let view = View::of(&self.table, &self.registry, &self.settings);
         let effects = self.stop.begin(mode, reply, &view);
         if first {
             // Every operation under way ends.
-            self.offer(&Happening::Stopping);
+            self.offer(&Happening::Stopping { successor });
         }
         self.apply(effects);
     }

@@ -61,6 +61,12 @@ pub(crate) enum Timer {
         /// The worker.
         worker: u32,
     },
+    /// A program worker that has not said `READY=1` by now is told about in the log and the
+    /// status.
+    ReadyHint {
+        /// The worker.
+        worker: u32,
+    },
     /// A reload's new worker must be ready by now.
     ReloadReady {
         /// The new worker.

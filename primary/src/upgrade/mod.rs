@@ -320,7 +320,7 @@ impl Upgrader {
             Ok(Err(e)) => return Err(up.revert(format!("hand-over channel: {e}")).await),
             Err(why) => return Err(up.revert(why).await),
         }
-        cluster.hand_over().await?;
+        cluster.hand_over_to(new_pid).await?;
         Ok(UpgradeReport {
             old_pid: std::process::id(),
             new_pid,

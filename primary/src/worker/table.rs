@@ -110,6 +110,8 @@ pub(crate) struct Worker {
     pub ping: Option<u64>,
     /// Its channel task (native) or exit waiter (program), if it has one.
     pub task: Option<tokio::task::Id>,
+    /// A program worker that has waited long for `READY=1` (the primary said so).
+    pub waited_long: bool,
 }
 
 impl Worker {
@@ -133,6 +135,7 @@ impl Worker {
             violations: 0,
             ping: None,
             task: None,
+            waited_long: false,
         }
     }
 

@@ -20,6 +20,7 @@ use std::time::Instant;
 use crate::command::Reply;
 use crate::error::Error;
 use crate::supervisor::effect::{Answer, Effect, Happening, Machine, Note, View};
+use crate::supervisor::machines::scale::stopping;
 use crate::supervisor::timers::Timer;
 use crate::worker::state::DrainReason;
 
@@ -61,7 +62,8 @@ pub(crate) struct Reloads {
     current: Option<Reload>,
     queued: Vec<ReloadReply>,
     last_error: Option<String>,
-    stopping: bool,
+    /// A stop began (with the primary that took over, in an upgrade).
+    stopping: Option<Option<u32>>,
 }
 
 /// For `status`: the reload under way.
@@ -82,8 +84,11 @@ fn millis(d: std::time::Duration) -> u64 {
 impl Reloads {
     /// A reload was asked for; `generation` is the one the cluster runs now.
     pub fn request(&mut self, reply: ReloadReply, generation: u64, view: &View<'_>) -> Vec<Effect> {
-        if self.stopping {
-            return vec![Effect::Reply(Answer::Reload(reply, Err(Error::Stopping)))];
+        if let Some(successor) = self.stopping {
+            return vec![Effect::Reply(Answer::Reload(
+                reply,
+                Err(stopping(successor)),
+            ))];
         }
         if self.current.is_some() {
             tracing::info!("a reload is running; this one runs after it");
@@ -255,6 +260,9 @@ impl Reloads {
             });
         }
         self.last_error = Some(message.clone());
+        // The generation that serves is the one before: what failed stays in last_error.
+        let serving = r.generation.saturating_sub(1).max(1);
+        effects.push(Effect::Generation(serving));
         for reply in r.replies {
             effects.push(Effect::Reply(Answer::Reload(
                 reply,
@@ -262,7 +270,7 @@ impl Reloads {
             )));
         }
         effects.push(Effect::Notify(Note::ReloadDone(Some(message))));
-        effects.extend(self.next(r.generation, view));
+        effects.extend(self.next(serving, view));
         effects
     }
 
@@ -325,19 +333,25 @@ impl Machine for Reloads {
                 }
                 None => Vec::new(),
             },
-            Happening::Stopping => {
-                self.stopping = true;
+            Happening::Stopping { successor } => {
+                self.stopping = Some(successor);
                 let mut effects = Vec::new();
                 if let Some(r) = self.current.take() {
                     for new in r.running.into_values().flatten() {
                         effects.push(Effect::Disarm(Timer::ReloadReady { worker: new }));
                     }
                     for reply in r.replies {
-                        effects.push(Effect::Reply(Answer::Reload(reply, Err(Error::Stopping))));
+                        effects.push(Effect::Reply(Answer::Reload(
+                            reply,
+                            Err(stopping(successor)),
+                        )));
                     }
                 }
                 for reply in self.queued.drain(..) {
-                    effects.push(Effect::Reply(Answer::Reload(reply, Err(Error::Stopping))));
+                    effects.push(Effect::Reply(Answer::Reload(
+                        reply,
+                        Err(stopping(successor)),
+                    )));
                 }
                 effects
             }

@@ -21,6 +21,8 @@ pub(crate) struct SlotRestarts {
     pub next_attempt: Option<Instant>,
     /// Why its last worker ended (or could not start).
     pub last_exit: Option<String>,
+    /// It was given up on (too many exits in a row): not started again until a reload.
+    pub failed: bool,
 }
 
 /// The restart machine.
@@ -62,6 +64,27 @@ impl Restarts {
     }
 }
 
+/// Whether slot `slot` is given up on now: `s.attempt` exits in a row reached the limit.
+fn give_up(slot: usize, s: &mut SlotRestarts, backoff: Backoff) -> bool {
+    let Some(limit) = backoff.give_up_after else {
+        return false;
+    };
+    if s.attempt < limit {
+        return false;
+    }
+    s.failed = true;
+    s.next_attempt = None;
+    tracing::error!(
+        slot,
+        "slot {slot} failed: {} exits in a row, none lasting {:?} (last: {}); not starting it \
+         again until a reload (`netcluster reload`)",
+        s.attempt,
+        backoff.reset_after,
+        s.last_exit.as_deref().unwrap_or("unknown")
+    );
+    true
+}
+
 impl Machine for Restarts {
     fn on(&mut self, happening: &Happening<'_>, view: &View<'_>) -> Vec<Effect> {
         match *happening {
@@ -98,8 +121,11 @@ impl Machine for Restarts {
                 } else {
                     let delay = backoff.delay(s.attempt);
                     s.attempt = s.attempt.saturating_add(1);
-                    s.restarts = s.restarts.saturating_add(1);
                     s.last_exit = Some(how.to_string());
+                    if give_up(slot, s, backoff) {
+                        return Vec::new();
+                    }
+                    s.restarts = s.restarts.saturating_add(1);
                     tracing::info!(slot, "restarting in {delay:?}");
                     delay
                 };
@@ -141,11 +167,14 @@ impl Machine for Restarts {
                 let s = self.slots.entry(slot).or_default();
                 let delay = backoff.delay(s.attempt);
                 s.attempt = s.attempt.saturating_add(1);
-                s.restarts = s.restarts.saturating_add(1);
                 s.last_exit = Some(why.clone());
+                if give_up(slot, s, backoff) {
+                    return Vec::new();
+                }
+                s.restarts = s.restarts.saturating_add(1);
                 self.schedule(slot, delay, view.now)
             }
-            Happening::Stopping => {
+            Happening::Stopping { .. } => {
                 self.stopping = true;
                 self.slots
                     .iter_mut()
@@ -162,6 +191,24 @@ impl Machine for Restarts {
 }
 
 impl Restarts {
+    /// A reload's worker took `slot` over: a slot given up on is tried again from the start.
+    pub fn revive(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(&slot) {
+            if s.failed {
+                s.failed = false;
+                s.attempt = 0;
+            }
+        }
+    }
+
+    /// The slots given up on.
+    pub fn failed(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.failed)
+            .map(|(&slot, _)| slot)
+    }
+
     /// A reload's worker took `slot` over: a start due for it is not needed any more.
     pub fn cancel(&mut self, slot: usize) -> Vec<Effect> {
         let due = self

@@ -94,6 +94,11 @@ impl Scales {
     }
 }
 
+/// Why an operation ends at a stop: the stop, or the primary that took over.
+pub(crate) fn stopping(successor: Option<u32>) -> Error {
+    successor.map_or(Error::Stopping, Error::HandedOver)
+}
+
 impl Machine for Scales {
     fn on(&mut self, happening: &Happening<'_>, view: &View<'_>) -> Vec<Effect> {
         match *happening {
@@ -129,13 +134,13 @@ impl Machine for Scales {
                     ))),
                 ))]
             }
-            Happening::Stopping => self
+            Happening::Stopping { successor } => self
                 .waits
                 .drain(..)
                 .flat_map(|w| {
                     [
                         Effect::Disarm(Timer::Ready { wait: w.id }),
-                        Effect::Reply(Answer::Scale(w.reply, Err(Error::Stopping))),
+                        Effect::Reply(Answer::Scale(w.reply, Err(stopping(successor)))),
                     ]
                 })
                 .collect(),

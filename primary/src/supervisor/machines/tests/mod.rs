@@ -315,7 +315,7 @@ fn a_stop_cancels_the_restarts_due_and_refuses_new_ones() {
     let mut w = World::with_workers(2);
     let mut r = Restarts::new(Some(Backoff::default()));
     let _ = w.exit(1, &mut r);
-    let effects = r.on(&Happening::Stopping, &w.view());
+    let effects = r.on(&Happening::Stopping { successor: None }, &w.view());
     assert!(matches!(
         effects[..],
         [Effect::Disarm(Timer::Respawn { slot: 1 })]
@@ -438,6 +438,6 @@ fn a_stop_fails_the_scales_under_way() {
     w.add(2, false, false);
     let (wait, _rx) = scale_wait(1, vec![2], BTreeSet::new());
     let _ = s.wait(wait, &w.view());
-    let answers = scale_answers(s.on(&Happening::Stopping, &w.view()));
+    let answers = scale_answers(s.on(&Happening::Stopping { successor: None }, &w.view()));
     assert_eq!(answers, [Err(Error::Stopping.to_string())]);
 }

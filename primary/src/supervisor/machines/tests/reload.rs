@@ -205,7 +205,7 @@ fn a_stop_answers_every_reload_and_refuses_new_ones() {
     let mut r = Reloads::default();
     let (_, first) = request_reload(&mut r, &w);
     let (_, second) = request_reload(&mut r, &w);
-    let effects = r.on(&Happening::Stopping, &w.view());
+    let effects = r.on(&Happening::Stopping { successor: None }, &w.view());
     let mut rxs = [first, second];
     let answers = reload_answers(effects, &mut rxs);
     assert_eq!(answers.len(), 2);
