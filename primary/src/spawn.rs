@@ -137,6 +137,8 @@ pub(crate) fn spawn(spec: Spec<'_>) -> io::Result<Spawned> {
             let path = notify_dir.join(format!("w{id}.sock"));
             let _ = std::fs::remove_file(&path);
             let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
+            crate::credentials::give_notify_socket(&path, settings)
+                .inspect_err(|_| drop(std::fs::remove_file(&path)))?;
             sock.set_nonblocking(true)?;
             notify = Some((sock, path.clone()));
             let mut args: Vec<OsString> = vec![settings.exec.clone().into()];
@@ -158,6 +160,8 @@ pub(crate) fn spawn(spec: Spec<'_>) -> io::Result<Spawned> {
         cmd.current_dir(cwd);
     }
     cmd.fd_mappings(mappings).map_err(io::Error::other)?;
+    // Last of the pre-exec hooks: it drops the privileges the others may need.
+    crate::credentials::apply(&mut cmd, settings);
     let child = cmd.spawn().inspect_err(|_| {
         if let Some((_, path)) = &notify {
             let _ = std::fs::remove_file(path);

@@ -9,8 +9,11 @@
 //! - [`env`](mod@env): the environment variables that make a process a worker.
 //! - [`start`]: what runs before `main` (the channel's close-on-exec, the exec shim).
 //! - [`steer`]: accept-queue lengths and reuseport steering, to move listeners without loss.
+//! - [`privileges`]: what a worker becomes between `fork` and `exec` (another user, a
+//!   descriptor limit).
 //!
-//! All of the project's `unsafe` code is in this crate, in [`fd`], [`start`] and [`steer`]
+//! All of the project's `unsafe` code is in this crate, in [`fd`], [`start`], [`steer`] and
+//! [`privileges`]
 //! (each block with its `SAFETY:` reason); every other crate denies `unsafe_code`.
 
 pub mod channel;
@@ -20,6 +23,7 @@ pub mod fd;
 pub mod handover;
 pub mod listening;
 pub mod message;
+pub mod privileges;
 pub mod start;
 pub mod steer;
 
