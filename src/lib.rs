@@ -34,6 +34,7 @@ pub mod cluster {
         SendHandle, Settings, Status, StopMode, Timeouts, UserMessage, WorkerHandle, WorkerInfo,
         WorkerKind, WorkerState, inherited_fds,
     };
+    pub use netcluster_primary::{CredentialsError, WorkerUser};
     pub use netcluster_primary::{
         Export, Incoming, ListenerInfo, ListenerRecord, UpgradeReport, Upgrader, control, registry,
         signals, systemd, upgrade,

@@ -19,6 +19,7 @@ use netcluster::cli::{ListenSpec, parse_listen_spec, parse_secs, parse_signal};
 use netcluster::cluster::control::{self, Reply, Request};
 use netcluster::cluster::{
     self, Cluster, Incoming, Readiness, Role, SchedulingPolicy, Settings, Upgrader, WorkerKind,
+    WorkerUser,
 };
 use netcluster::net::ListenOptions;
 use netcluster::protocol::message::{ListenParams, ListenTarget};
@@ -170,6 +171,17 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value = "1", value_parser = clap::value_parser!(u32).range(1..=4096))]
     reload_batch: u32,
 
+    /// Run the workers as USER: its uid, its group (or GROUP's) and its supplementary groups,
+    /// with PR_SET_NO_NEW_PRIVS. The primary binds (a port below 1024, as root) and keeps its
+    /// own user, and so does the control socket. Needs root; USER must be able to execute the
+    /// workers' program (for the built-in apps, this binary) and read their directory.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    user: Option<String>,
+
+    /// The workers' limit on open descriptors (RLIMIT_NOFILE, soft and hard).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(16..))]
+    rlimit_nofile: Option<u64>,
+
     /// COMMAND is a program that uses netcluster's cluster API (it gets the channel, like the
     /// built-in apps), not any program.
     #[arg(long, requires = "command")]
@@ -230,6 +242,16 @@ fn main() -> ExitCode {
 }
 
 async fn primary(args: ServeArgs) -> anyhow::Result<()> {
+    // Who the workers run as, resolved before anything is bound: an unknown name is a bad
+    // argument (clap's exit code), and a primary that cannot start its workers binds nothing.
+    let user = match args.user.as_deref().map(WorkerUser::resolve) {
+        None => None,
+        Some(Ok(user)) => match user.check_privileged() {
+            Ok(()) => Some(user),
+            Err(e) => exit_bad_argument(&e),
+        },
+        Some(Err(e)) => exit_bad_argument(&e),
+    };
     // The binary to start at an upgrade: this path, read now (an install replaces the file
     // behind it).
     let upgrader =
@@ -253,6 +275,8 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     settings.stop_signal = args.stop_signal;
     settings.prefix_output = !args.no_prefix;
     settings.reload_batch = args.reload_batch as usize;
+    settings.user = user;
+    settings.rlimit_nofile = args.rlimit_nofile;
     match args.fd_store {
         FdStore::Auto => {}
         FdStore::Yes => settings.fd_store = true,
@@ -399,6 +423,12 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says what is wrong with an argument and exits with clap's code for a bad one (2).
+fn exit_bad_argument(e: &dyn std::fmt::Display) -> ! {
+    eprintln!("netcluster: {e}");
+    std::process::exit(2)
 }
 
 async fn worker(args: ServeArgs) -> anyhow::Result<()> {

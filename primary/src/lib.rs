@@ -6,7 +6,7 @@
 //! source); everything else sends it commands through a [`ClusterHandle`]:
 //!
 //! - [`Cluster`], [`ClusterHandle`], [`WorkerHandle`]: the library API (Node's `cluster`).
-//! - [`Settings`], [`ClusterBuilder`], [`Backoff`], [`Limits`], [`Timeouts`].
+//! - [`Settings`], [`ClusterBuilder`], [`Backoff`], [`Limits`], [`Timeouts`], [`WorkerUser`].
 //! - [`Event`], [`Events`]: Node's cluster events, to any number of subscribers.
 //! - [`signals`]: OS signals as commands. [`control`]: the control socket and its client.
 //! - [`Status`]: what `netcluster status` shows.
@@ -20,6 +20,7 @@ mod command;
 mod containment;
 pub mod control;
 mod counts;
+mod credentials;
 mod error;
 mod event;
 pub mod registry;
@@ -36,6 +37,7 @@ mod worker_handle;
 
 pub use cluster::{Cluster, ClusterHandle};
 pub use command::{Export, ScaleReport, ScaleTo, StopMode};
+pub use credentials::{CredentialsError, WorkerUser};
 pub use error::Error;
 pub use event::{
     Event, Events, MAX_HELD_HANDLES, MessageHandle, MessageHandleKind, UserMessage, WorkerInfo,

@@ -200,6 +200,12 @@ pub struct Settings {
     /// The generation of the first workers (default 1; a primary that takes over from another
     /// continues its count).
     pub generation: u64,
+    /// Run workers as this user (its uid, gid and supplementary groups, with
+    /// `PR_SET_NO_NEW_PRIVS`) instead of the primary's (default: the primary's). Only root can;
+    /// see [`WorkerUser`](crate::WorkerUser) for what the user needs.
+    pub user: Option<crate::credentials::WorkerUser>,
+    /// Workers' `RLIMIT_NOFILE`, soft and hard (default: the primary's, inherited).
+    pub rlimit_nofile: Option<u64>,
 }
 
 impl Settings {
@@ -231,6 +237,8 @@ impl Settings {
             fd_store: crate::systemd::fd_store_enabled(),
             announce_ready: true,
             generation: 1,
+            user: None,
+            rlimit_nofile: None,
         })
     }
 
@@ -403,6 +411,21 @@ impl ClusterBuilder {
     #[must_use]
     pub fn reload_batch(mut self, n: usize) -> Self {
         self.settings.reload_batch = n.max(1);
+        self
+    }
+
+    /// Runs the workers as `user` ([`WorkerUser::resolve`](crate::WorkerUser::resolve) makes
+    /// one from `USER[:GROUP]`), with `PR_SET_NO_NEW_PRIVS`.
+    #[must_use]
+    pub fn user(mut self, user: crate::credentials::WorkerUser) -> Self {
+        self.settings.user = Some(user);
+        self
+    }
+
+    /// The workers' `RLIMIT_NOFILE` (soft and hard).
+    #[must_use]
+    pub fn rlimit_nofile(mut self, n: u64) -> Self {
+        self.settings.rlimit_nofile = Some(n);
         self
     }
 

@@ -143,6 +143,8 @@ pub(crate) fn spawn(spec: Spec<'_>) -> io::Result<Spawned> {
             let path = notify_dir.join(format!("w{id}.sock"));
             let _ = std::fs::remove_file(&path);
             let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
+            crate::credentials::give_notify_socket(&path, settings)
+                .inspect_err(|_| drop(std::fs::remove_file(&path)))?;
             sock.set_nonblocking(true)?;
             notify = Some((sock, path.clone()));
             let mut args: Vec<OsString> = vec![settings.exec.clone().into()];
@@ -169,8 +171,15 @@ pub(crate) fn spawn(spec: Spec<'_>) -> io::Result<Spawned> {
     // Its own process group: a terminal's signals reach only the primary, and the group is
     // how the primary ends the whole tree.
     cmd.process_group(0);
+    let parent_death = child_setup.as_ref().and_then(|s| s.parent_death_signal);
     let _setup = child_setup.map(|setup| netcluster_protocol::child::install(&mut cmd, setup));
     cmd.fd_mappings(mappings).map_err(io::Error::other)?;
+    // Last of the pre-exec hooks: it drops the privileges the others may need.
+    crate::credentials::apply(&mut cmd, settings);
+    if let (Some(signal), true) = (parent_death, settings.user.is_some()) {
+        // A change of credentials cleared the parent-death signal: set it again as the user.
+        netcluster_protocol::child::install_parent_death(&mut cmd, signal);
+    }
     let child = cmd.spawn().inspect_err(|_| {
         if let Some((_, path)) = &notify {
             let _ = std::fs::remove_file(path);

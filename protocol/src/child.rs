@@ -22,37 +22,56 @@ pub struct ChildSetup {
     pub cgroup_procs: Option<OwnedFd>,
 }
 
-/// Installs `setup` on `cmd`. Keep the returned guard until `cmd` has been spawned: it holds
-/// the descriptors the hook writes to.
+/// Installs `setup`'s move into its cgroup on `cmd`. Keep the returned guard until `cmd` has
+/// been spawned: it holds the descriptor the hook writes to. Call it before any hook that
+/// drops privileges (moving needs the primary's), and [`install_parent_death`] after them
+/// (a change of credentials clears the parent-death signal).
 pub fn install(cmd: &mut tokio::process::Command, setup: ChildSetup) -> ChildSetupGuard {
-    let parent = std::process::id();
-    let signal = setup.parent_death_signal.map(|s| s as libc::c_int);
+    if let Some(signal) = setup.parent_death_signal {
+        // Registered here too for a caller with no credential hooks; a later call after them
+        // sets it again, which is harmless.
+        install_parent_death(cmd, signal);
+    }
     let procs: Option<RawFd> = setup.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
-    // SAFETY: the hook runs in the child between fork and exec. It calls only prctl, getppid
-    // and write (async-signal-safe), allocates nothing, takes no lock, and touches only the
-    // copied integers it captured; the descriptor it writes to is kept open by the returned
-    // guard until the spawn is done.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(sig) = signal {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The primary may have died before the prctl: then nobody will signal us.
-                if u32::try_from(libc::getppid()).ok() != Some(parent) {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-            }
-            if let Some(fd) = procs {
+    if let Some(fd) = procs {
+        // SAFETY: the hook runs in the child between fork and exec; it calls only write
+        // (async-signal-safe), allocates nothing, takes no lock, and touches only the copied
+        // integer it captured; the descriptor is kept open by the returned guard until the
+        // spawn is done.
+        unsafe {
+            cmd.pre_exec(move || {
                 // "0" moves the writing process. A failure leaves the worker where it is; the
                 // primary still ends its tree by its process group.
                 let _ = libc::write(fd, c"0".as_ptr().cast(), 1);
-            }
-            Ok(())
-        });
+                Ok(())
+            });
+        }
     }
     ChildSetupGuard {
         _cgroup_procs: setup.cgroup_procs,
+    }
+}
+
+/// Installs on `cmd` that the child gets `signal` when this process dies
+/// (`PR_SET_PDEATHSIG`), failing the start if this process died already. Hooks run in the
+/// order they were installed: install this after any that changes credentials.
+pub fn install_parent_death(cmd: &mut tokio::process::Command, signal: Signal) {
+    let parent = std::process::id();
+    let sig = signal as libc::c_int;
+    // SAFETY: the hook runs in the child between fork and exec. It calls only prctl and
+    // getppid (async-signal-safe), allocates nothing, takes no lock, and touches only the
+    // copied integers it captured.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The primary may have died before the prctl: then nobody will signal us.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
     }
 }
 

@@ -374,6 +374,67 @@ pub(crate) fn cloexec_channel_at_start() {
     }
 }
 
+/// Marks a native worker's listeners (`3 .. 3 + LISTEN_FDS`) close-on-exec. Only where the
+/// layout is the primary's: [`crate::env::CHANNEL_FD`] names a `SOCK_SEQPACKET` socket right
+/// after them, and each is a socket. Called before `main` by [`crate::start`].
+pub(crate) fn cloexec_listeners_at_start() {
+    let number = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<RawFd>().ok())
+    };
+    let (Some(channel), Some(n)) = (
+        number(crate::env::CHANNEL_FD),
+        number(crate::env::LISTEN_FDS),
+    ) else {
+        return;
+    };
+    if n < 1 || channel != n.saturating_add(3) || !is_seqpacket(channel) {
+        return;
+    }
+    for fd in 3..channel {
+        if is_socket(fd) {
+            set_cloexec_raw(fd);
+        }
+    }
+}
+
+/// Whether descriptor number `fd` is an open socket.
+fn is_socket(fd: RawFd) -> bool {
+    if fd < 0 {
+        return false;
+    }
+    let mut ty: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `ty`, a c_int we own; a number that
+    // is not an open socket gives EBADF or ENOTSOCK and writes nothing.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&raw mut ty).cast(),
+            &mut len,
+        )
+    };
+    rc == 0
+}
+
+/// Clears `O_NONBLOCK` on descriptor number `fd` if it is an open socket (what systemd passes
+/// is blocking). The flag belongs to the open file description: every copy of the socket,
+/// in every process, sees the change.
+pub(crate) fn set_blocking_raw(fd: RawFd) {
+    if !is_socket(fd) {
+        return;
+    }
+    // SAFETY: F_GETFL only reads the descriptor's status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+        // SAFETY: F_SETFL only changes the status flags of an open descriptor.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,10 +11,12 @@
 //! - [`guardian`]: the process that stops the workers' trees when their primary dies.
 //! - [`start`]: what runs before `main` (the channel's close-on-exec, the exec shim).
 //! - [`steer`]: accept-queue lengths and reuseport steering, to move listeners without loss.
+//! - [`privileges`]: what a worker becomes between `fork` and `exec` (another user, a
+//!   descriptor limit).
 //!
-//! All of the project's `unsafe` code is in this crate, in [`fd`], [`start`], [`steer`] and
-//! [`child`]
-//! (each block with its `SAFETY:` reason); every other crate denies `unsafe_code`.
+//! All of the project's `unsafe` code is in this crate, in [`fd`], [`start`], [`steer`],
+//! [`child`], [`privileges`] and [`guardian`] (each block with its `SAFETY:` reason); every
+//! other crate denies `unsafe_code`.
 
 pub mod channel;
 pub mod child;
@@ -25,6 +27,7 @@ pub mod guardian;
 pub mod handover;
 pub mod listening;
 pub mod message;
+pub mod privileges;
 pub mod start;
 pub mod steer;
 

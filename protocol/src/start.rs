@@ -2,13 +2,20 @@
 //! `.init_array` (what the `ctor` crate does, in a few lines), which
 //!
 //! 1. marks a worker's channel close-on-exec, so a program the worker starts before it first
-//!    calls into the cluster API never inherits it;
+//!    calls into the cluster API never inherits it; in a native worker, marks its listeners
+//!    (`3 .. 3 + LISTEN_FDS`, right before the channel) close-on-exec too, so a program it
+//!    starts (`sh -c`, a child per connection) never holds the port open after the worker and
+//!    the primary are gone (the worker's own use of them is unchanged: the flag is the
+//!    descriptor's, not the socket's);
 //! 2. with [`env::LISTEN_PID_SELF`] set, sets `LISTEN_PID` to this
 //!    process's own pid (libsystemd and the sd-notify crate ignore `LISTEN_FDS` otherwise, and
 //!    a parent cannot know the pid before it forks);
 //! 3. with [`env::EXEC`] set, acts as the **exec shim** of a program worker:
 //!    closes every descriptor past its listeners (`3 .. 3 + LISTEN_FDS`), so nothing else of the
-//!    primary's reaches the program, and executes `argv[1..]` in place, keeping its pid (so the
+//!    primary's reaches the program, makes the listeners **blocking** (as systemd passes them:
+//!    a plain accept loop, Python's `socket.socket(fileno=3)`, expects it; `O_NONBLOCK` is the
+//!    socket's, shared with the primary's copy, which never accepts on a socket a program
+//!    gets), and executes `argv[1..]` in place, keeping its pid (so the
 //!    `LISTEN_PID` it set is the program's). A program that cannot be executed gets a message
 //!    on stderr and exit code 127, as from a shell.
 //!
@@ -30,6 +37,7 @@ use crate::env;
 extern "C" fn at_start(argc: c_int, argv: *const *const c_char, _envp: *const *const c_char) {
     crate::guardian::run_if_asked();
     crate::fd::cloexec_channel_at_start();
+    crate::fd::cloexec_listeners_at_start();
     cloexec_upgrade_channel();
     take_systemd_listeners();
     let shim = std::env::var_os(env::EXEC).is_some_and(|v| v == "1");
@@ -55,6 +63,9 @@ extern "C" fn at_start(argc: c_int, argv: *const *const c_char, _envp: *const *c
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or(0);
     close_from(keep);
+    for fd in 3..keep {
+        crate::fd::set_blocking_raw(i32::try_from(fd).unwrap_or(-1));
+    }
     exec_rest(argc, argv);
 }
 

@@ -363,13 +363,6 @@ impl Registry {
         }
         .map_err(named)?;
         let every = || socket.iter().chain(slots.iter().map(|(_, fd)| fd));
-        // Like the sockets the primary binds: accept tasks and workers never block on them
-        // (systemd passes its sockets blocking).
-        for fd in every() {
-            socket2::SockRef::from(fd)
-                .set_nonblocking(true)
-                .map_err(named)?;
-        }
         if info.owned {
             // A primary that stopped gracefully left its filter refusing new connections on
             // the sockets it gave systemd's store: this one takes connections again.
@@ -393,6 +386,18 @@ impl Registry {
             // One socket given, not made per slot: it is shared (a systemd socket).
             _ => Sharing::Shared,
         };
+        // Only the primary's own accept task needs the socket non-blocking (systemd passes its
+        // sockets blocking). `O_NONBLOCK` is the socket's, not this descriptor's: a shared or
+        // reuseport socket is left as it is, since the old primary's program workers may be
+        // accepting on it in a blocking loop right now (an upgrade), and native workers make it
+        // non-blocking themselves.
+        if matches!(sharing, Sharing::RoundRobin) {
+            for fd in every() {
+                socket2::SockRef::from(fd)
+                    .set_nonblocking(true)
+                    .map_err(named)?;
+            }
+        }
         self.insert(New {
             // A socket file the predecessor made is this primary's to remove; systemd's are
             // systemd's.

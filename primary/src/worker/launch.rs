@@ -101,7 +101,9 @@ impl Launcher for Processes {
     ) -> io::Result<Launched> {
         let program = spec.settings.kind == crate::settings::WorkerKind::Program;
         let notify_dir = if program {
-            self.notify_dir()?
+            let dir = self.notify_dir()?;
+            crate::credentials::open_notify_dir(&dir, spec.settings)?;
+            dir
         } else {
             PathBuf::new()
         };

@@ -75,6 +75,9 @@ impl Listener {
     ) -> io::Result<Listener> {
         let source = match source {
             listen::Source::Shared(fd) => {
+                // The primary's socket, as it adopted it (systemd's arrive blocking): accepting
+                // here never waits in accept(2).
+                SockRef::from(&fd).set_nonblocking(true)?;
                 let kind = match address {
                     BoundAddress::Tcp(a) => tcp_kind(a),
                     BoundAddress::Unix(_) => SocketType::Unix,
