@@ -21,6 +21,7 @@ pub mod control;
 mod counts;
 mod error;
 mod event;
+pub mod output;
 pub mod registry;
 mod round_robin;
 mod settings;
