@@ -7,11 +7,13 @@
 //! [`SINK_LIMIT`] bytes that one thread of its own writes out. The supervising loop and the
 //! runtime never write to the primary's stdout or stderr themselves.
 //!
-//! - **A stalled reader** (a terminal scrolled back, a log shipper that stopped reading a pipe):
-//!   the sink's thread blocks in `write(2)`, its queue fills, and from then on whole lines are
-//!   dropped and counted ([`Dropped`]; `netcluster status` shows the counts). Dropping costs
-//!   the primary a `memchr` over the chunk, nothing more: a chunk is not prefixed once the
-//!   sink is known to be full.
+//! - **A slow or stalled reader** (a terminal scrolled back, a log shipper that stopped
+//!   reading a pipe): the sink's thread blocks in `write(2)` and its queue fills. A worker's
+//!   reader then waits for room, up to [`PATIENCE`] (the worker meanwhile blocks on its pipe:
+//!   a reader slower than a burst loses nothing); past that it drops the chunk it holds, as
+//!   whole lines, and counts them ([`Dropped`]; `netcluster status` shows the counts). Dropping
+//!   costs the primary a `memchr` over the chunk, nothing more: a dropped chunk is not
+//!   prefixed.
 //! - **A flooding worker** (`yes`): a worker's stream is read at most [`RATE`] bytes a second
 //!   (with a burst of one second's worth). Past that the primary stops reading, the pipe
 //!   fills, and the worker blocks in its own `write`: its problem, not the primary's, whose
@@ -36,6 +38,11 @@ pub const RATE: u64 = 8 * 1024 * 1024;
 
 /// How many bytes of output a [`Sink`] holds for its thread before it drops lines.
 pub const SINK_LIMIT: usize = 1024 * 1024;
+
+/// How long a reader waits for room in a full [`Sink`] before it drops what it read: a sink
+/// slower than a burst for a moment holds up the worker (it blocks on its pipe); a stalled one
+/// costs lines, and slows the worker to one chunk per stream per wait.
+pub const PATIENCE: Duration = Duration::from_millis(100);
 
 /// How much is read from a worker's pipe at a time.
 const CHUNK: usize = 64 * 1024;
@@ -121,6 +128,8 @@ struct Batch {
 pub(crate) struct Sink {
     tx: Option<mpsc::Sender<Batch>>,
     queued: Arc<AtomicUsize>,
+    /// Told each time the thread has written a batch.
+    written: Arc<tokio::sync::Notify>,
     limit: usize,
 }
 
@@ -129,17 +138,38 @@ impl Sink {
     pub fn new(name: &str, to: impl Write + Send + 'static, limit: usize) -> Sink {
         let (tx, rx) = mpsc::channel::<Batch>();
         let queued = Arc::new(AtomicUsize::new(0));
-        let q = queued.clone();
+        let written = Arc::new(tokio::sync::Notify::new());
+        let (q, w) = (queued.clone(), written.clone());
         let started = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || write_out(&rx, to, &q));
+            .spawn(move || write_out(&rx, to, &q, &w));
         if let Err(e) = &started {
             tracing::warn!("cannot start the output thread {name}: worker output is dropped: {e}");
         }
         Sink {
             tx: started.ok().map(|_| tx),
             queued,
+            written,
             limit,
+        }
+    }
+
+    /// Waits until the queue has room, at most `patience`; whether it has.
+    pub async fn room(&self, patience: Duration) -> bool {
+        if self.has_room() || self.tx.is_none() {
+            return self.has_room();
+        }
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let written = self.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            if self.has_room() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, written).await.is_err() {
+                return self.has_room();
+            }
         }
     }
 
@@ -174,7 +204,12 @@ impl Sink {
 
 /// A sink's thread: writes what is queued, several batches to a `write(2)`. What cannot be
 /// written (the reader is gone) is counted as dropped.
-fn write_out(rx: &mpsc::Receiver<Batch>, mut to: impl Write, queued: &AtomicUsize) {
+fn write_out(
+    rx: &mpsc::Receiver<Batch>,
+    mut to: impl Write,
+    queued: &AtomicUsize,
+    written: &tokio::sync::Notify,
+) {
     let mut buf = Vec::with_capacity(BATCH);
     let mut whose: Vec<(u64, Arc<Dropped>)> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -194,6 +229,7 @@ fn write_out(rx: &mpsc::Receiver<Batch>, mut to: impl Write, queued: &AtomicUsiz
             }
         }
         queued.fetch_sub(buf.len(), Ordering::Relaxed);
+        written.notify_waiters();
     }
 }
 
@@ -338,7 +374,7 @@ pub(crate) async fn forward(
     to: Stream,
     dropped: Arc<Dropped>,
 ) {
-    forward_to(from, &prefix, to.sink(), RATE, &dropped).await;
+    forward_to(from, &prefix, to.sink(), RATE, PATIENCE, &dropped).await;
 }
 
 /// [`forward`], to any sink at any rate.
@@ -347,6 +383,7 @@ pub(crate) async fn forward_to(
     prefix: &str,
     sink: &Sink,
     rate: u64,
+    patience: Duration,
     dropped: &Arc<Dropped>,
 ) {
     use tokio::io::AsyncReadExt;
@@ -358,7 +395,7 @@ pub(crate) async fn forward_to(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let keep = sink.has_room();
+        let keep = sink.room(patience).await;
         let mut out = Vec::new();
         let count = lines.feed(&chunk[..n], keep, &mut out);
         if keep {
@@ -370,7 +407,7 @@ pub(crate) async fn forward_to(
             tokio::time::sleep(wait).await;
         }
     }
-    let keep = sink.has_room();
+    let keep = sink.room(patience).await;
     let mut out = Vec::new();
     let count = lines.finish(keep, &mut out);
     if keep {

@@ -149,7 +149,15 @@ async fn a_stalled_output_drops_whole_lines_and_counts_them() {
     let task = {
         let dropped = dropped.clone();
         tokio::spawn(async move {
-            forward_to(primary_end, "[w] ", &sink, u64::MAX, &dropped).await;
+            forward_to(
+                primary_end,
+                "[w] ",
+                &sink,
+                u64::MAX,
+                Duration::from_millis(1),
+                &dropped,
+            )
+            .await;
             sink
         })
     };
@@ -191,7 +199,7 @@ async fn a_flood_is_read_at_the_pace() {
     let rate = 64 * 1024;
     let started = Instant::now();
     let task = tokio::spawn(async move {
-        forward_to(primary_end, "", &sink, rate, &dropped).await;
+        forward_to(primary_end, "", &sink, rate, PATIENCE, &dropped).await;
     });
     use tokio::io::AsyncWriteExt;
     // A burst (one second's worth) and half a second more (the reader reads ahead of its pace
@@ -212,4 +220,50 @@ async fn a_flood_is_read_at_the_pace() {
         "the reader paced itself: {took:?}"
     );
     eventually("everything written", || gate.got().len() == 96 * 1024);
+}
+
+#[tokio::test]
+async fn a_sink_slow_for_a_moment_loses_nothing() {
+    let gate = Gate::default();
+    let sink = Sink::new("test-sink", gate.clone(), 64);
+    let dropped = Arc::new(Dropped::default());
+    let (mut worker, primary_end) = tokio::io::duplex(256);
+    let task = {
+        let dropped = dropped.clone();
+        tokio::spawn(async move {
+            forward_to(
+                primary_end,
+                "[w] ",
+                &sink,
+                u64::MAX,
+                Duration::from_secs(5),
+                &dropped,
+            )
+            .await;
+        })
+    };
+    let opener = {
+        let gate = gate.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            gate.open();
+        })
+    };
+    use tokio::io::AsyncWriteExt;
+    for i in 0..500 {
+        worker
+            .write_all(format!("line {i}\n").as_bytes())
+            .await
+            .expect("write");
+    }
+    drop(worker);
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("ends")
+        .expect("forwarder");
+    opener.join().expect("opener");
+    assert_eq!(dropped.lines(), 0);
+    eventually("every line", || gate.got().lines().count() == 500);
+    let want: String = (0..500).map(|i| format!("[w] line {i}\n")).collect();
+    assert_eq!(gate.got(), want);
 }
