@@ -1,9 +1,9 @@
 //! Program workers' output, copied to the primary's stdout and stderr without ever holding up
 //! the primary.
 //!
-//! Each stream of a worker is read by a task ([`forward`]) in chunks of up to 64 KiB; line ends
-//! are found with `memchr`, each line gets the worker's `[slot N] ` prefix ([`Lines`]), and the
-//! prefixed lines go to a process-wide [`Sink`] per stream: a queue of at most
+//! Each stream of a worker is read by a task (`forward`) in chunks of up to 64 KiB; line ends
+//! are found with `memchr`, each line gets the worker's `[slot N] ` prefix (`Lines`), and the
+//! prefixed lines go to a process-wide `Sink` per stream: a queue of at most
 //! [`SINK_LIMIT`] bytes that one thread of its own writes out. The supervising loop and the
 //! runtime never write to the primary's stdout or stderr themselves.
 //!
@@ -11,13 +11,13 @@
 //!   reading a pipe): the sink's thread blocks in `write(2)` and its queue fills. A worker's
 //!   reader then waits for room, up to [`PATIENCE`] (the worker meanwhile blocks on its pipe:
 //!   a reader slower than a burst loses nothing); past that it drops the chunk it holds, as
-//!   whole lines, and counts them ([`Dropped`]; `netcluster status` shows the counts). Dropping
+//!   whole lines, and counts them (`Dropped`; `netcluster status` shows the counts). Dropping
 //!   costs the primary a `memchr` over the chunk, nothing more: a dropped chunk is not
 //!   prefixed.
 //! - **A flooding worker** (`yes`): a worker's stream is read at most [`RATE`] bytes a second
 //!   (with a burst of one second's worth). Past that the primary stops reading, the pipe
 //!   fills, and the worker blocks in its own `write`: its problem, not the primary's, whose
-//!   cost stays bounded whatever the worker does (about 0.05 core, see `docs/benchmarks.md`).
+//!   cost stays bounded whatever the worker does (0.03 core measured, see `docs/benchmarks.md`).
 //!   Dropping alone would not bound it: reading a pipe at the speed `yes` fills it costs a
 //!   core by itself.
 //!
@@ -36,10 +36,10 @@ pub const MAX_LINE: usize = 16 * 1024;
 /// How many bytes a second the primary reads from one stream of one worker, at most.
 pub const RATE: u64 = 8 * 1024 * 1024;
 
-/// How many bytes of output a [`Sink`] holds for its thread before it drops lines.
+/// How many bytes of output a `Sink` holds for its thread before it drops lines.
 pub const SINK_LIMIT: usize = 1024 * 1024;
 
-/// How long a reader waits for room in a full [`Sink`] before it drops what it read: a sink
+/// How long a reader waits for room in a full queue before it drops what it read: a sink
 /// slower than a burst for a moment holds up the worker (it blocks on its pipe); a stalled one
 /// costs lines, and slows the worker to one chunk per stream per wait.
 pub const PATIENCE: Duration = Duration::from_millis(100);
