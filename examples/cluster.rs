@@ -62,10 +62,12 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cluster::role() {
+    let code = match cluster::role() {
         Role::Primary => primary(args).await,
         Role::Worker { id } => worker(id, args).await,
-    }
+    };
+    netcluster::flush_logs();
+    code
 }
 
 async fn primary(args: Args) -> ExitCode {

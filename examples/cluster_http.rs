@@ -71,6 +71,7 @@ async fn main() -> ExitCode {
         Role::Primary => primary(args).await,
         Role::Worker { id } => worker(id, args).await,
     };
+    netcluster::flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -210,6 +210,7 @@ async fn main() -> ExitCode {
     };
     // Exit now: tokio's stdin reader is a blocking thread that would hold up the runtime's
     // shutdown until stdin closes.
+    netcluster::flush_logs();
     let _ = std::io::Write::flush(&mut std::io::stdout());
     std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 })
 }

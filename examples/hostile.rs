@@ -92,6 +92,7 @@ async fn main() -> ExitCode {
         Role::Worker { id } if id == 1 && args.attack != "none" => hostile(&args.attack).await,
         Role::Worker { id } => healthy(id, &args).await,
     };
+    netcluster::flush_logs();
     let _ = std::io::stdout().flush();
     match result {
         Ok(()) => std::process::exit(0),

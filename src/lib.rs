@@ -52,15 +52,58 @@ pub mod cluster {
 /// Sends `tracing` output to stderr, filtered by `NETCLUSTER_LOG` (default `info`), with colours
 /// only on a terminal. For the `netcluster` binary and the examples.
 ///
-/// A log line that cannot be written (a stderr whose reader is gone: a dead `| tee`) is dropped
-/// silently: no log write may stand between a worker and its shutdown.
+/// Log lines are written by a thread of their own (`tracing-appender`'s non-blocking writer,
+/// lossy): a stderr that does not keep up (a full pipe nobody reads) never blocks the process,
+/// its lines are dropped instead, at most [`LOG_QUEUE`] lines wait, and `netcluster status`
+/// counts the dropped ones (`log_dropped_lines`). A line that cannot be written (a stderr whose
+/// reader is gone: a dead `| tee`) is dropped silently: no log write may stand between a worker
+/// and its shutdown. Call [`flush_logs`] before the process ends, or its last lines may be lost.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NETCLUSTER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE)
+        .thread_name("netcluster-log")
+        .finish(std::io::stderr());
+    let drops = writer.error_counter();
+    let installed = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .log_internal_errors(false)
         .try_init();
+    if installed.is_ok() {
+        netcluster_primary::output::count_log_drops(move || drops.dropped_lines() as u64);
+        if let Ok(mut held) = LOG_GUARD.lock() {
+            *held = Some(guard);
+        }
+    }
+}
+
+/// How many log lines wait for a slow stderr before further ones are dropped.
+pub const LOG_QUEUE: usize = 4096;
+
+static LOG_GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Writes out the log lines still queued by [`init_tracing`]'s writer, waiting at most about a
+/// second and a half (a stderr that does not take them costs no more); lines logged afterwards
+/// are lost. For the end of `main`.
+pub fn flush_logs() {
+    let Some(guard) = LOG_GUARD.lock().ok().and_then(|mut g| g.take()) else {
+        return;
+    };
+    // Dropping the guard flushes; it may print to stdout when it gives up, so it runs on a
+    // thread of its own that this one waits for only so long.
+    let (done, wait) = std::sync::mpsc::channel();
+    let flushing = std::thread::Builder::new()
+        .name("netcluster-log-flush".into())
+        .spawn(move || {
+            drop(guard);
+            let _ = done.send(());
+        });
+    if flushing.is_ok() {
+        let _ = wait.recv_timeout(std::time::Duration::from_millis(1500));
+    }
 }

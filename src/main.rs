@@ -232,6 +232,7 @@ fn main() -> ExitCode {
         Command::Reload { control } => runtime.block_on(reload(control)),
         Command::Upgrade { control } => runtime.block_on(upgrade(control)),
     };
+    netcluster::flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -23,6 +23,7 @@ mod counts;
 mod credentials;
 mod error;
 mod event;
+pub mod output;
 pub mod registry;
 mod round_robin;
 mod settings;

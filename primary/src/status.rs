@@ -36,6 +36,14 @@ pub struct Status {
     pub slots: Vec<SlotStatus>,
     /// Every live worker.
     pub workers: Vec<WorkerStatus>,
+    /// Lines of program workers' output dropped since the primary started (the dead workers'
+    /// too) because the primary's stdout or stderr did not keep up. Added within schema 1.
+    #[serde(default)]
+    pub output_dropped_lines: u64,
+    /// The primary's own log lines dropped because its stderr did not keep up. Added within
+    /// schema 1.
+    #[serde(default)]
+    pub log_dropped_lines: u64,
 }
 
 /// A rolling reload under way.
@@ -119,6 +127,10 @@ pub struct WorkerStatus {
     /// What the primary has to say about it (a program that has not said `READY=1`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Lines of its output (a program worker's, prefixed) the primary dropped because its own
+    /// stdout or stderr did not keep up. Added within schema 1.
+    #[serde(default)]
+    pub output_dropped_lines: u64,
 }
 
 impl Status {
@@ -224,6 +236,31 @@ impl Status {
                 "worker {} says: {}",
                 w.id,
                 w.status_text.as_deref().unwrap_or_default()
+            );
+        }
+        if self.output_dropped_lines > 0 || self.log_dropped_lines > 0 {
+            let by_worker: Vec<String> = self
+                .workers
+                .iter()
+                .filter(|w| w.output_dropped_lines > 0)
+                .map(|w| format!("worker {}: {}", w.id, w.output_dropped_lines))
+                .collect();
+            let _ = writeln!(
+                out,
+                "output dropped (the primary's stdout/stderr did not keep up): {} worker line{}{}, {} log line{}",
+                self.output_dropped_lines,
+                if self.output_dropped_lines == 1 {
+                    ""
+                } else {
+                    "s"
+                },
+                if by_worker.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", by_worker.join(", "))
+                },
+                self.log_dropped_lines,
+                if self.log_dropped_lines == 1 { "" } else { "s" },
             );
         }
         for w in &self.workers {
@@ -362,15 +399,19 @@ impl Build<'_> {
                 let sum = |f: fn(&ListenerStats) -> u64| {
                     stats.map(|s| s.iter().fold(0u64, |acc, x| acc.saturating_add(f(x))))
                 };
-                let (kind, status_text, note) = match &w.io {
+                let (kind, status_text, note, output_dropped_lines) = match &w.io {
                     crate::worker::table::Io::Program {
-                        status_text, ready, ..
+                        status_text,
+                        ready,
+                        dropped,
+                        ..
                     } => (
                         "program",
                         status_text.clone(),
                         (!ready && w.waited_long).then(|| waiting_for_ready().to_string()),
+                        dropped.lines(),
                     ),
-                    crate::worker::table::Io::Native { .. } => ("native", None, None),
+                    crate::worker::table::Io::Native { .. } => ("native", None, None, 0),
                 };
                 WorkerStatus {
                     slot: w.slot,
@@ -392,6 +433,7 @@ impl Build<'_> {
                     in_state_ms: millis(now.saturating_duration_since(w.since())),
                     rss_bytes: rss_bytes(w.pid),
                     note,
+                    output_dropped_lines,
                 }
             })
             .collect();
@@ -414,6 +456,8 @@ impl Build<'_> {
             listeners,
             slots,
             workers,
+            output_dropped_lines: crate::output::dropped_lines(),
+            log_dropped_lines: crate::output::log_dropped_lines(),
         }
     }
 }
@@ -429,6 +473,33 @@ mod tests {
         assert_eq!(human_ms(7_200_000), "2h00m");
         assert_eq!(human_bytes(3 * 1024 * 1024 / 2), "1.5M");
         assert_eq!(human_bytes(64 * 1024 * 1024), "64M");
+    }
+
+    #[test]
+    fn a_status_without_the_dropped_counts_still_reads() {
+        // As a primary from before the counts were added says it.
+        let old = r#"{"schema":1,"pid":7,"uptime_ms":5,"policy":"round-robin","generation":1,
+            "workers_wanted":1,"stopping":false,"reload":null,"last_reload_error":null,
+            "listeners":[],"slots":[],"workers":[{"slot":1,"id":1,"pid":8,"generation":1,
+            "kind":"program","state":"listening","status_text":null,"responsive":true,
+            "connections":null,"served":null,"restarts":0,"uptime_ms":5,"in_state_ms":5,
+            "rss_bytes":null}]}"#;
+        let s: Status = serde_json::from_str(old).expect("an older status reads");
+        assert_eq!((s.output_dropped_lines, s.log_dropped_lines), (0, 0));
+        assert_eq!(s.workers[0].output_dropped_lines, 0);
+        assert!(!s.table().contains("dropped"));
+        let shown = Status {
+            output_dropped_lines: 12,
+            log_dropped_lines: 1,
+            ..s
+        };
+        assert!(
+            shown
+                .table()
+                .contains("output dropped (the primary's stdout/stderr did not keep up): 12 worker lines, 1 log line"),
+            "{}",
+            shown.table()
+        );
     }
 
     #[test]

@@ -215,6 +215,14 @@ impl Running {
         }
     }
 
+    /// Collects the stdout lines that have arrived so far.
+    pub fn drain_stdout(&mut self) -> &[String] {
+        while let Ok(line) = self.stdout.try_recv() {
+            self.stdout_seen.push(line);
+        }
+        &self.stdout_seen
+    }
+
     /// Collects the stderr lines that have arrived so far.
     pub fn drain_stderr(&mut self) -> &[String] {
         while let Ok(line) = self.stderr.try_recv() {

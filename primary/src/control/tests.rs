@@ -32,6 +32,8 @@ fn status() -> Status {
         listeners: Vec::new(),
         slots: Vec::new(),
         workers: Vec::new(),
+        output_dropped_lines: 0,
+        log_dropped_lines: 0,
     }
 }
 

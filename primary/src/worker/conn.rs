@@ -148,49 +148,6 @@ pub(crate) async fn run_notify(
     let _ = std::fs::remove_file(&path);
 }
 
-/// Copies a program worker's output to the primary's, each line prefixed. A line is cut at
-/// 16 KiB; when the primary's own output does not take a line within 100 ms (a stalled
-/// terminal or pipe), the line is dropped rather than holding up the worker.
-pub(crate) async fn forward_output(
-    from: impl tokio::io::AsyncRead + Unpin,
-    prefix: String,
-    to_stderr: bool,
-) {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    let mut lines = tokio::io::BufReader::new(from);
-    let mut line = Vec::with_capacity(256);
-    let mut dropped = 0u64;
-    loop {
-        line.clear();
-        line.extend_from_slice(prefix.as_bytes());
-        match (&mut lines)
-            .take(16 * 1024)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        if !line.ends_with(b"\n") {
-            line.push(b'\n');
-        }
-        let write = async {
-            if to_stderr {
-                tokio::io::stderr().write_all(&line).await
-            } else {
-                tokio::io::stdout().write_all(&line).await
-            }
-        };
-        match tokio::time::timeout(Duration::from_millis(100), write).await {
-            Ok(Ok(())) => {}
-            _ => dropped = dropped.saturating_add(1),
-        }
-    }
-    if dropped > 0 {
-        tracing::debug!("{prefix}{dropped} lines of output dropped (the primary's output stalled)");
-    }
-}
-
 /// Starts the writer and returns its queue. The writer ends when every [`WorkerTx`] is dropped
 /// or the channel fails.
 pub(crate) fn start_writer(channel: Arc<Channel>, queue: usize, id: u32) -> WorkerTx {

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::containment::Containment;
+use crate::output::{self, Stream};
 use crate::settings::Readiness;
 use crate::spawn;
 use crate::worker::conn::{self, FromWorker};
@@ -133,11 +134,22 @@ impl Launcher for Processes {
         };
         containment.started(id, spawned.pid);
         let prefix = format!("[slot {slot}] ");
+        let dropped = Arc::new(output::Dropped::default());
         if let Some(out) = spawned.child.stdout.take() {
-            tokio::spawn(conn::forward_output(out, prefix.clone(), false));
+            tokio::spawn(output::forward(
+                out,
+                prefix.clone(),
+                Stream::Stdout,
+                dropped.clone(),
+            ));
         }
         if let Some(err) = spawned.child.stderr.take() {
-            tokio::spawn(conn::forward_output(err, prefix, true));
+            tokio::spawn(output::forward(
+                err,
+                prefix,
+                Stream::Stderr,
+                dropped.clone(),
+            ));
         }
         let notify = spawned.notify.take().map(|(sock, path)| {
             let stop = tokio_util::sync::CancellationToken::new();
@@ -173,6 +185,7 @@ impl Launcher for Processes {
                         ready: false,
                         status_text: None,
                         notify,
+                        dropped,
                     },
                     task,
                 )
@@ -294,6 +307,7 @@ pub(crate) mod fake {
                     ready: false,
                     status_text: None,
                     notify: None,
+                    dropped: Arc::default(),
                 },
             };
             Ok(Launched {

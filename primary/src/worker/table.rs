@@ -73,6 +73,8 @@ pub(crate) enum Io {
         /// Stops its notification reader (and removes the socket) when the record goes.
         #[expect(dead_code, reason = "held for its Drop")]
         notify: Option<tokio_util::sync::DropGuard>,
+        /// Lines of its output the primary dropped (its output did not keep up).
+        dropped: std::sync::Arc<crate::output::Dropped>,
     },
 }
 
@@ -402,6 +404,7 @@ pub(crate) mod tests {
                 ready: false,
                 status_text: None,
                 notify: None,
+                dropped: std::sync::Arc::default(),
             },
         );
         assert!(w.is_program());
