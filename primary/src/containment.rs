@@ -145,6 +145,8 @@ pub(crate) struct Containment {
     stop_signal: Signal,
     /// Orphans already reported, so each is logged once.
     seen: BTreeSet<u32>,
+    /// Directories the guardian removes once the primary is gone.
+    remove: Vec<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -175,6 +177,16 @@ impl Containment {
             drain,
             stop_signal,
             seen: BTreeSet::new(),
+            remove: Vec::new(),
+        }
+    }
+
+    /// Directory `path` is removed once the primary is gone, whatever way it goes (its
+    /// guardian removes it).
+    pub fn remove_when_gone(&mut self, path: &Path) {
+        if !self.remove.iter().any(|p| p == path) {
+            self.remove.push(path.to_path_buf());
+            self.tell(&guardian::remove_line(path));
         }
     }
 
@@ -317,11 +329,15 @@ impl Containment {
                 })
                 .ok();
             if self.guardian.is_some() {
-                let lines: Vec<String> = self
+                let mut lines: Vec<String> = self
                     .trees
                     .values()
                     .map(|t| guardian::started_line(t.pid, t.cgroup.as_deref()))
                     .collect();
+                lines.extend(self.remove.iter().map(|p| guardian::remove_line(p)));
+                if let Some(c) = &self.cgroups {
+                    lines.push(guardian::remove_line(&c.root));
+                }
                 for l in lines {
                     self.write_guardian(&l);
                 }

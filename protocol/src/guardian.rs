@@ -3,7 +3,9 @@
 //!
 //! The primary tells the guardian, one line at a time on a pipe, which trees exist:
 //! `+PGID CGROUP` when a worker starts (its process group, and its cgroup directory or `-`),
-//! `-PGID` when it ended, `bye` when the primary exits in good order. End of file without
+//! `-PGID` when it ended, `rm PATH` for a directory of the primary's to remove when it is gone
+//! (its notification sockets, its cgroups), `bye` when the primary exits in good order: then
+//! the guardian removes those directories and exits. End of file without
 //! `bye` means the primary died. Then the guardian sends the stop signal to every process of
 //! the trees but their leaders (the workers themselves get it from `PR_SET_PDEATHSIG`), waits
 //! until they are gone or the drain timeout has passed, and kills what is left: the process
@@ -68,6 +70,7 @@ pub(crate) fn run_if_asked() {
 
 fn guard(pipe: OwnedFd, primary: u32, drain: Duration, signal: Signal) -> i32 {
     let mut trees: BTreeMap<u32, Tree> = BTreeMap::new();
+    let mut remove: Vec<PathBuf> = Vec::new();
     let reader = io::BufReader::new(std::fs::File::from(pipe));
     for line in reader.lines() {
         let Ok(line) = line else { break };
@@ -78,12 +81,50 @@ fn guard(pipe: OwnedFd, primary: u32, drain: Duration, signal: Signal) -> i32 {
             Some(Said::Ended(pgid)) => {
                 trees.remove(&pgid);
             }
-            Some(Said::Bye) => return 0,
+            Some(Said::Remove(path)) if !remove.contains(&path) => remove.push(path),
+            Some(Said::Remove(_)) => {}
+            Some(Said::Bye) => {
+                clean_up(&remove);
+                return 0;
+            }
             None => {}
         }
     }
     // The primary is gone.
-    let left = members(primary, &trees);
+    let code = stop_trees(primary, &trees, drain, signal);
+    clean_up(&remove);
+    code
+}
+
+/// Removes the primary's directories: a cgroup directory (one with `cgroup.procs`) with the
+/// empty groups under it, waiting up to 2 s for them to empty; anything else whole.
+fn clean_up(paths: &[PathBuf]) {
+    let until = Instant::now() + Duration::from_secs(2);
+    for path in paths {
+        if !path.join("cgroup.procs").exists() {
+            let _ = std::fs::remove_dir_all(path);
+            continue;
+        }
+        loop {
+            if let Ok(dir) = std::fs::read_dir(path) {
+                for entry in dir.flatten() {
+                    if entry.path().join("cgroup.procs").exists() {
+                        let _ = std::fs::remove_dir(entry.path());
+                    }
+                }
+            }
+            if std::fs::remove_dir(path).is_ok() || !path.exists() || Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Stops the trees of a primary that died: the stop signal to every process but the workers
+/// (the kernel sent it to them), then `SIGKILL` to what is left at the drain timeout.
+fn stop_trees(primary: u32, trees: &BTreeMap<u32, Tree>, drain: Duration, signal: Signal) -> i32 {
+    let left = members(primary, trees);
     if trees.is_empty() && left.is_empty() {
         return 0;
     }
@@ -99,18 +140,18 @@ fn guard(pipe: OwnedFd, primary: u32, drain: Duration, signal: Signal) -> i32 {
     }
     let deadline = Instant::now() + drain;
     while Instant::now() < deadline {
-        if members(primary, &trees).is_empty() && trees.values().all(|t| !populated(t)) {
+        if members(primary, trees).is_empty() && trees.values().all(|t| !populated(t)) {
             return 0;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    for (pgid, tree) in &trees {
+    for (pgid, tree) in trees {
         let _ = killpg(pid_of(*pgid), Signal::SIGKILL);
         if let Some(dir) = &tree.cgroup {
             let _ = std::fs::write(dir.join("cgroup.kill"), "1");
         }
     }
-    for (pid, _) in members(primary, &trees) {
+    for (pid, _) in members(primary, trees) {
         let _ = kill(pid_of(pid), Signal::SIGKILL);
     }
     eprintln!("netcluster guardian: killed what was left at the drain timeout ({drain:?})");
@@ -126,12 +167,16 @@ fn pid_of(pid: u32) -> Pid {
 enum Said {
     Started(u32, Tree),
     Ended(u32),
+    Remove(PathBuf),
     Bye,
 }
 
 fn parse(line: &str) -> Option<Said> {
     if line == "bye" {
         return Some(Said::Bye);
+    }
+    if let Some(path) = line.strip_prefix("rm ") {
+        return (!path.is_empty()).then(|| Said::Remove(PathBuf::from(path)));
     }
     if let Some(rest) = line.strip_prefix('+') {
         let (pgid, cgroup) = rest.split_once(' ')?;
@@ -152,6 +197,11 @@ pub fn started_line(pgid: u32, cgroup: Option<&std::path::Path>) -> String {
 /// The line that tells a guardian a tree ended.
 pub fn ended_line(pgid: u32) -> String {
     format!("-{pgid}\n")
+}
+
+/// The line that asks a guardian to remove directory `path` once the primary is gone.
+pub fn remove_line(path: &std::path::Path) -> String {
+    format!("rm {}\n", path.display())
 }
 
 /// The line a primary that exits in good order sends last.
@@ -232,6 +282,10 @@ mod tests {
         );
         assert_eq!(parse(ended_line(7).trim_end()), Some(Said::Ended(7)));
         assert_eq!(parse(BYE.trim_end()), Some(Said::Bye));
+        assert_eq!(
+            parse(remove_line(dir).trim_end()),
+            Some(Said::Remove(dir.to_path_buf()))
+        );
         assert_eq!(parse("+x -"), None);
         assert_eq!(parse("garbage"), None);
     }

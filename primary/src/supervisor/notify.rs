@@ -7,7 +7,7 @@ use crate::supervisor::effect::View;
 
 impl Supervisor {
     /// The `STATUS=` line: workers ready of wanted, generation, and what is under way.
-    fn systemd_status_line(&self) -> String {
+    pub(super) fn systemd_status_line(&self) -> String {
         let view = self.view();
         let ready = self
             .table

@@ -126,6 +126,27 @@ impl Harness {
         self.sup.table.info(id).map(|i| i.state)
     }
 
+    /// `status`, with every native worker answering at once with no listener figures.
+    fn status(&mut self) -> crate::status::Status {
+        let (reply, mut rx) = oneshot::channel();
+        self.sup.command(Command::Status { reply });
+        let ids: Vec<u32> = self.sup.table.workers.keys().copied().collect();
+        for id in ids {
+            for m in self.sent(id) {
+                if let ToWorker::StatsQuery { seq } = m {
+                    self.say(
+                        id,
+                        ToPrimary::Stats {
+                            seq,
+                            listeners: Vec::new(),
+                        },
+                    );
+                }
+            }
+        }
+        rx.try_recv().expect("answered")
+    }
+
     fn exits(&mut self) -> Vec<(u32, bool)> {
         let mut out = Vec::new();
         while let Ok(e) = self.events.try_recv() {
@@ -463,4 +484,63 @@ async fn status_waits_for_the_workers_figures_and_no_longer_than_its_timeout() {
     let status = rx.try_recv().expect("answered");
     let responsive: Vec<bool> = status.workers.iter().map(|w| w.responsive).collect();
     assert_eq!(responsive, [true, false]);
+}
+
+#[tokio::test]
+async fn a_program_that_never_says_ready_is_told_about_in_the_status() {
+    let mut h = Harness::new(1, |s| s.kind = WorkerKind::Program);
+    let (reply, _rx) = oneshot::channel();
+    h.sup.command(Command::Start { reply });
+    h.fire(Timer::ReadyHint { worker: 1 });
+    let (reply, mut rx) = oneshot::channel();
+    h.sup.command(Command::Status { reply });
+    let status = rx.try_recv().expect("answered");
+    let note = status.workers[0].note.clone().expect("a note");
+    assert!(
+        note.contains("READY=1") && note.contains("--ready-after"),
+        "{note}"
+    );
+    assert!(note.contains("systemd-notify --ready"), "{note}");
+    // Once it says it, the note goes.
+    h.sup.worker_said(1, FromWorker::Notify("READY=1".into()));
+    let (reply, mut rx) = oneshot::channel();
+    h.sup.command(Command::Status { reply });
+    assert_eq!(rx.try_recv().expect("answered").workers[0].note, None);
+}
+
+#[tokio::test]
+async fn a_failed_reload_reports_the_generation_that_serves() {
+    let mut h = Harness::started(1, |_| {});
+    let (reply, _rx) = oneshot::channel();
+    h.sup.command(Command::Reload { reply });
+    h.exit(2, 1);
+    let status = h.status();
+    assert_eq!(status.generation, 1);
+    assert!(
+        status
+            .last_reload_error
+            .is_some_and(|e| e.contains("generation 2")),
+    );
+}
+
+#[tokio::test]
+async fn a_crash_looping_slot_is_shown_failed_and_a_reload_tries_it_again() {
+    let mut h = Harness::started(1, |s| {
+        s.respawn = Some(Backoff {
+            give_up_after: Some(2),
+            ..Backoff::default()
+        });
+    });
+    h.exit(1, 1);
+    h.fire(Timer::Respawn { slot: 1 });
+    h.exit(2, 1);
+    assert!(!h.sup.timers.is_armed(Timer::Respawn { slot: 1 }));
+    let status = h.status();
+    assert!(status.slots[0].failed, "{:?}", status.slots);
+    assert!(h.sup.systemd_status_line().contains("FAILED slot 1"));
+    let (reply, _rx) = oneshot::channel();
+    h.sup.command(Command::Reload { reply });
+    h.hello(3);
+    assert_eq!(h.sup.table.slot_worker(1), Some(3));
+    assert_eq!(h.sup.restarts.failed().count(), 0);
 }

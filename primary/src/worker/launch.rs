@@ -108,13 +108,17 @@ impl Launcher for Processes {
         } else {
             PathBuf::new()
         };
-        spec.notify_dir = notify_dir;
         let id = spec.id;
         let slot = spec.slot;
         let queue = spec.settings.limits.queue;
         let containment = self.containment.get_or_insert_with(|| {
             Containment::new(spec.settings.drain_timeout, spec.settings.stop_signal)
         });
+        if program {
+            // Gone with the primary, even one killed with SIGKILL.
+            containment.remove_when_gone(&notify_dir);
+        }
+        spec.notify_dir = notify_dir;
         // A native worker stops on SIGTERM (gracefully, as on its primary's Shutdown); a
         // program on its stop signal.
         let on_parent_death = if program {

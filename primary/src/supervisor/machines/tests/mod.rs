@@ -441,3 +441,72 @@ fn a_stop_fails_the_scales_under_way() {
     let answers = scale_answers(s.on(&Happening::Stopping { successor: None }, &w.view()));
     assert_eq!(answers, [Err(Error::Stopping.to_string())]);
 }
+
+#[test]
+fn a_slot_whose_workers_keep_exiting_is_given_up_after_the_limit() {
+    let mut w = World::with_workers(1);
+    let mut r = Restarts::new(Some(Backoff {
+        give_up_after: Some(3),
+        ..Backoff::default()
+    }));
+    for n in 1..=3 {
+        let id = w.table.slot_worker(1).expect("a worker");
+        let effects = w.exit(id, &mut r);
+        if n < 3 {
+            assert_eq!(arms(&effects).len(), 1, "exit {n} restarts");
+            w.add(1, false, true);
+        } else {
+            assert!(
+                effects.is_empty(),
+                "the third exit in a row gives up: {effects:?}"
+            );
+        }
+    }
+    let s = r.get(1).expect("slot 1");
+    assert!(s.failed);
+    assert_eq!(s.next_attempt, None);
+    assert_eq!(r.failed().collect::<Vec<_>>(), [1]);
+    // A reload's worker takes the slot: tried again from the start.
+    r.revive(1);
+    assert!(!r.get(1).expect("slot 1").failed);
+    assert_eq!(r.failed().count(), 0);
+}
+
+#[test]
+fn failed_starts_count_toward_giving_up() {
+    let w = World::with_workers(1);
+    let mut r = Restarts::new(Some(Backoff {
+        give_up_after: Some(2),
+        ..Backoff::default()
+    }));
+    let failed = || Happening::SpawnFailed {
+        slot: 1,
+        incoming: false,
+        why: "no such program".into(),
+    };
+    assert_eq!(arms(&r.on(&failed(), &w.view())).len(), 1);
+    assert!(r.on(&failed(), &w.view()).is_empty());
+    assert!(r.get(1).is_some_and(|s| s.failed));
+}
+
+#[test]
+fn operations_ended_by_an_upgrade_name_the_new_primary() {
+    let mut w = World::with_workers(1);
+    let mut s = Scales::default();
+    w.table.slots.insert(2, Slot::default());
+    w.add(2, false, false);
+    let (wait, _rx) = scale_wait(1, vec![2], BTreeSet::new());
+    let _ = s.wait(wait, &w.view());
+    let answers = scale_answers(s.on(
+        &Happening::Stopping {
+            successor: Some(4242),
+        },
+        &w.view(),
+    ));
+    assert_eq!(
+        answers,
+        [Err(
+            "handed over to the new primary (pid 4242): ask it".to_string()
+        )]
+    );
+}

@@ -220,3 +220,43 @@ fn a_stop_answers_every_reload_and_refuses_new_ones() {
         1
     );
 }
+
+#[test]
+fn a_failed_reload_leaves_the_serving_generation_and_says_why() {
+    let mut w = World::with_workers(1);
+    let mut r = Reloads::default();
+    let (effects, mut rx) = request_reload(&mut r, &w);
+    assert!(matches!(effects[0], Effect::Generation(2)));
+    let new = start_incoming(&mut r, &mut w, &effects)[0].0;
+    let effects = w.exit(new, &mut r);
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Generation(1))),
+        "back to the generation that serves: {effects:?}"
+    );
+    assert!(r.last_error().is_some_and(|e| e.contains("generation 2")));
+    assert!(reload_answers(effects, std::slice::from_mut(&mut rx))[0].is_err());
+}
+
+#[test]
+fn reloads_waiting_when_an_upgrade_takes_over_name_the_new_primary() {
+    let w = World::with_workers(1);
+    let mut r = Reloads::default();
+    let (_, first) = request_reload(&mut r, &w);
+    let (_, queued) = request_reload(&mut r, &w);
+    let effects = r.on(
+        &Happening::Stopping {
+            successor: Some(77),
+        },
+        &w.view(),
+    );
+    let mut rxs = [first, queued];
+    let answers = reload_answers(effects, &mut rxs);
+    assert_eq!(answers.len(), 2);
+    for a in answers {
+        let e = a.expect_err("ended");
+        assert!(e.contains("handed over to the new primary (pid 77)"), "{e}");
+    }
+    let (effects, mut rx) = request_reload(&mut r, &w);
+    let late = reload_answers(effects, std::slice::from_mut(&mut rx));
+    assert!(late[0].as_ref().is_err_and(|e| e.contains("pid 77")));
+}
