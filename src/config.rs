@@ -157,6 +157,8 @@ serve_options! {
         /// May be given more than once (given as flags, they replace the file's list); a program
         /// worker gets them at descriptors 3, 4, … in this order, NAME in LISTEN_FDNAMES
         /// [default: 127.0.0.1:8124].
+        // The text is also `--help`'s, where `[IPV6]` is no link.
+        #[allow(rustdoc::broken_intra_doc_links)]
         #[arg(long, value_name = "ADDR", value_parser = parse_listen_spec)]
         #[serde(deserialize_with = "de::listen")]
         pub listen: Vec<ListenSpec>,
