@@ -185,6 +185,42 @@ pub fn parse_listen_with(
     Ok(ListenTarget::Unix(path))
 }
 
+/// The most workers (and slots a reload replaces at a time) any option takes.
+pub const MAX_WORKERS: u32 = 4096;
+
+/// A descriptor limit for the workers (`--rlimit-nofile`): a whole number, at least 16.
+///
+/// # Errors
+/// What is wrong with `s`.
+pub fn parse_nofile(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n >= 16 => Ok(n),
+        Ok(n) => Err(format!(
+            "{n} descriptors are too few to run a worker (at least 16)"
+        )),
+        Err(_) => Err(format!("{s:?} is not a number of descriptors")),
+    }
+}
+
+/// Parses a count of workers or slots: a whole number from 1 to [`MAX_WORKERS`].
+///
+/// ```
+/// use netcluster::cli::parse_count;
+/// assert_eq!(parse_count("4"), Ok(4));
+/// assert!(parse_count("0").unwrap_err().contains("1 to 4096"));
+/// ```
+///
+/// # Errors
+/// What is wrong with the value.
+pub fn parse_count(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a count: a whole number from 1 to {MAX_WORKERS}"
+        )),
+    }
+}
+
 /// Parses seconds (`10`, `0.5`), refusing what is not a duration a primary can wait for: at
 /// most [`MAX_SECS`].
 ///
@@ -275,6 +311,16 @@ mod tests {
                 target: ListenTarget::Tcp("127.0.0.1:80".parse().expect("addr"))
             })
         );
+    }
+
+    #[test]
+    fn counts_are_whole_numbers_from_1_to_the_maximum() {
+        assert_eq!(parse_count("1"), Ok(1));
+        assert_eq!(parse_count("4096"), Ok(4096));
+        for bad in ["0", "4097", "-1", "2.5", "two", ""] {
+            let e = parse_count(bad).expect_err(bad);
+            assert!(e.contains("1 to 4096"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`protocol`]: the wire protocol (crate `netcluster-protocol`).
 //! - [`apps`]: the applications `netcluster serve` runs.
 //! - [`cli`]: the command line's value parsers.
+//! - [`config`]: `netcluster serve`'s options, from the command line and from a TOML file.
 //! - [`serve`]: how `netcluster serve` matches its `--listen` values with systemd's sockets.
 
 // The README's Rust examples are compiled (not run) as doc tests of this crate.
@@ -19,6 +20,7 @@ pub struct ReadmeDoctests;
 
 pub mod apps;
 pub mod cli;
+pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod serve;

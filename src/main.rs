@@ -4,6 +4,8 @@
 //!   worker processes, which serve a built-in app (the seeds' echo server, or HTTP) on the
 //!   shared sockets. It restarts crashed workers, scales on `SIGTTIN`/`SIGTTOU` and on
 //!   request, stops gracefully on `SIGTERM`/`SIGINT`, and answers on a control socket.
+//! - `netcluster check` checks `serve`'s options (a `--config` file and flags) without starting
+//!   or binding anything.
 //! - `netcluster status|scale|stop|reload|upgrade` talk to a running primary over its control
 //!   socket.
 
@@ -15,15 +17,15 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use netcluster::apps::App;
-use netcluster::cli::{ListenSpec, parse_listen_spec, parse_secs, parse_signal};
+use netcluster::cli::{ListenSpec, parse_secs};
 use netcluster::cluster::control::{self, Reply, Request};
 use netcluster::cluster::{
-    self, Cluster, Incoming, Readiness, Role, SchedulingPolicy, Settings, Upgrader, WorkerKind,
-    WorkerUser,
+    self, Cluster, Incoming, Readiness, Role, Settings, Upgrader, WorkerKind, WorkerUser,
 };
+use netcluster::config::{self, ConfigFile, FdStore, Layer, Serve, ServeOptions};
 use netcluster::net::ListenOptions;
 use netcluster::protocol::message::{ListenParams, ListenTarget};
-use netcluster::serve::{Planned, SERVE_LISTEN_ENV};
+use netcluster::serve::{Planned, SERVE_APP_ENV, SERVE_LISTEN_ENV};
 
 /// Node.js-style cluster: a primary shares listening sockets with worker processes.
 #[derive(Debug, Parser)]
@@ -38,6 +40,10 @@ enum Command {
     /// Run a built-in app (the echo server of Node's `net` docs, or HTTP) across worker
     /// processes that share the primary's listening sockets.
     Serve(ServeArgs),
+    /// Check serve's options — a --config file and the flags over it — as serve would, without
+    /// starting or binding anything: exit 0 with a one-line summary, or 2 with what is wrong and
+    /// where (FILE:LINE:COL: key `x`: …).
+    Check(ServeArgs),
     /// Show a running primary's listeners, slots and workers.
     Status {
         /// Print the status as JSON (the schema is in docs/operations.md).
@@ -75,18 +81,6 @@ enum Command {
     },
 }
 
-/// Whether the primary gives its listeners to systemd's file-descriptor store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum FdStore {
-    /// When systemd keeps one for the service ($FDSTORE, set by systemd 254 and later from
-    /// FileDescriptorStoreMax=).
-    Auto,
-    /// Always (systemd before 254 does not say whether it keeps one).
-    Yes,
-    /// Never.
-    No,
-}
-
 #[derive(Debug, Clone, Args)]
 struct ControlArgs {
     /// The primary's control socket [default: $NETCLUSTER_CONTROL, else
@@ -99,99 +93,25 @@ struct ControlArgs {
     timeout: Duration,
 }
 
+/// `serve`'s and `check`'s arguments: a configuration file and the options over it.
 #[derive(Debug, Clone, Args)]
 struct ServeArgs {
-    /// Number of worker processes [default: one per available core].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
-    workers: Option<u32>,
+    /// Read the options from this TOML file: each key is a flag's name without `--`
+    /// (`drain-timeout = 20`), the program is `command = ["PROGRAM", "ARG", …]`. Flags
+    /// override the file (a --listen flag replaces the file's list); see docs/operations.md.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 
-    /// Where to listen: [NAME=]HOST:PORT, [IPV6]:PORT, PORT (every interface) or a Unix socket
-    /// path; `systemd` for every socket systemd passed (socket activation), `systemd:NAME` for
-    /// those named NAME (FileDescriptorName=). Port 0 picks a free port. May be given more than
-    /// once; a program worker gets them at descriptors 3, 4, … in this order, NAME in
-    /// LISTEN_FDNAMES.
-    #[arg(long, value_name = "ADDR", value_parser = parse_listen_spec, default_value = "127.0.0.1:8124")]
-    listen: Vec<ListenSpec>,
+    #[command(flatten)]
+    options: ServeOptions,
+}
 
-    /// Give the listeners to systemd's file-descriptor store (FileDescriptorStoreMax= in the
-    /// unit), so that a primary systemd restarts after a crash gets the same sockets back and
-    /// connections wait in their queues meanwhile.
-    #[arg(long, value_name = "WHEN", value_enum, default_value = "auto")]
-    fd_store: FdStore,
-
-    /// The app the workers run: echo (the seeds' echo server) or http (hello, keep-alive).
-    #[arg(long, value_name = "APP", default_value = "echo")]
-    app: App,
-
-    /// How connections reach the workers: round-robin (the primary accepts and hands each
-    /// connection to the next idle worker; Node's default on Linux), shared (every worker
-    /// accepts on the primary's socket) or reuseport (each worker binds its own socket with
-    /// SO_REUSEPORT). Default: $NETCLUSTER_SCHED_POLICY, else round-robin.
-    #[arg(long, value_name = "POLICY")]
-    policy: Option<SchedulingPolicy>,
-
-    /// Seconds a stopping worker may spend finishing its open connections.
-    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
-    drain_timeout: Duration,
-
-    /// The control socket for `netcluster status|scale|stop` [default: as for those].
-    #[arg(long, value_name = "PATH")]
-    control: Option<PathBuf>,
-
-    /// Longest delay between restarts of a worker that keeps crashing (seconds; the delay
-    /// starts at 0.1 s and doubles).
-    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
-    restart_max: Duration,
-
-    /// Give a slot up after N exits in a row of workers that did not last (pm2's
-    /// max_restarts): it is shown as failed, `status` exits 1, and `netcluster reload` tries
-    /// it again. 0: never give up.
-    #[arg(long, value_name = "N", default_value = "10")]
-    max_restarts: u32,
-
-    /// Seconds a new worker has to become ready (listening on every listener; a program
-    /// worker: READY=1 on its NOTIFY_SOCKET).
-    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
-    ready_timeout: Duration,
-
-    /// For a program that never says READY=1: it is ready once it has run this long.
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
-    ready_after: Option<Duration>,
-
-    /// The signal that asks a program worker to stop (SIGKILL follows at the drain deadline).
-    #[arg(long, value_name = "SIGNAL", default_value = "TERM", value_parser = parse_signal)]
-    stop_signal: nix::sys::signal::Signal,
-
-    /// Pass a program worker's stdout and stderr through as they are, without the `[slot N]`
-    /// prefix on each line.
-    #[arg(long)]
-    no_prefix: bool,
-
-    /// How many slots a rolling reload replaces at a time.
-    #[arg(long, value_name = "N", default_value = "1", value_parser = clap::value_parser!(u32).range(1..=4096))]
-    reload_batch: u32,
-
-    /// Run the workers as USER: its uid, its group (or GROUP's) and its supplementary groups,
-    /// with PR_SET_NO_NEW_PRIVS. The primary binds (a port below 1024, as root) and keeps its
-    /// own user, and so does the control socket. Needs root; USER must be able to execute the
-    /// workers' program (for the built-in apps, this binary) and read their directory.
-    #[arg(long, value_name = "USER[:GROUP]")]
-    user: Option<String>,
-
-    /// The workers' limit on open descriptors (RLIMIT_NOFILE, soft and hard).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(16..))]
-    rlimit_nofile: Option<u64>,
-
-    /// COMMAND is a program that uses netcluster's cluster API (it gets the channel, like the
-    /// built-in apps), not any program.
-    #[arg(long, requires = "command")]
-    native: bool,
-
-    /// Run COMMAND [ARGS...] as each worker instead of a built-in app. Its listeners arrive the
-    /// systemd way (descriptors 3, 4, … with LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID), and it
-    /// says it is ready with READY=1 on NOTIFY_SOCKET (or see --ready-after).
-    #[arg(last = true, value_name = "COMMAND")]
-    command: Vec<std::ffi::OsString>,
+impl ServeArgs {
+    /// The file read and the flags stacked over it, checked.
+    fn resolve(&self) -> Result<Serve, config::ConfigError> {
+        let file = self.config.as_deref().map(ConfigFile::read).transpose()?;
+        config::resolve(self.options.clone(), file.as_ref())
+    }
 }
 
 /// The listen options a worker uses for a target: the same key the primary shared it under.
@@ -207,7 +127,10 @@ fn listen_options(target: &ListenTarget) -> ListenOptions {
 fn main() -> ExitCode {
     // Before anything is opened: the descriptors this process was given.
     cluster::inherited_fds();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => without_dash_dash_tip(e).exit(),
+    };
     netcluster::init_tracing();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -221,11 +144,16 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => match cluster::role() {
-            Role::Primary => runtime.block_on(primary(args)),
+            Role::Primary => match args.resolve() {
+                Ok(serve) => runtime.block_on(primary(serve)),
+                Err(e) => return bad_configuration(&e),
+            },
+            // A worker never reads the file again: what it needs comes from its primary.
             Role::Worker { id } => runtime
-                .block_on(worker(args))
+                .block_on(worker(args.options))
                 .with_context(|| format!("worker {id}")),
         },
+        Command::Check(args) => return check(&args),
         Command::Status { json, control } => runtime.block_on(status(json, control)),
         Command::Scale { workers, control } => runtime.block_on(scale(workers, control)),
         Command::Stop { control } => runtime.block_on(stop(control)),
@@ -242,7 +170,55 @@ fn main() -> ExitCode {
     }
 }
 
-async fn primary(args: ServeArgs) -> anyhow::Result<()> {
+/// clap's exit code for a bad argument, which a bad configuration is too.
+const EXIT_USAGE: u8 = 2;
+
+/// Says what is wrong with the configuration; exit 2.
+fn bad_configuration(e: &config::ConfigError) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "netcluster: {e}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// `netcluster check`: the configuration as `serve` would take it, nothing started or bound.
+fn check(args: &ServeArgs) -> ExitCode {
+    match args.resolve() {
+        Ok(serve) => {
+            let what = args.config.as_ref().map_or_else(
+                || "the command line".to_string(),
+                |p| p.display().to_string(),
+            );
+            println!("{what}: ok: {}", serve.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => bad_configuration(&e),
+    }
+}
+
+/// clap's answer to an unknown option where a COMMAND may follow (`serve --workrs 2 -- app`)
+/// ends with "tip: to pass '--workrs' as a value, use '-- --workrs'": followed, it would make
+/// the mistyped option the worker program. That tip is replaced by where options go.
+fn without_dash_dash_tip(mut e: clap::Error) -> clap::Error {
+    use clap::builder::StyledStr;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return e;
+    }
+    let Some(ContextValue::StyledStrs(tips)) = e.remove(ContextKind::Suggested) else {
+        return e;
+    };
+    let mut kept: Vec<StyledStr> = tips
+        .into_iter()
+        .filter(|t| !t.to_string().contains("as a value, use '--"))
+        .collect();
+    kept.push(StyledStr::from(
+        "netcluster's options go before `--`; what follows `--` is the worker program and its \
+         arguments",
+    ));
+    e.insert(ContextKind::Suggested, ContextValue::StyledStrs(kept));
+    e
+}
+
+async fn primary(args: Serve) -> anyhow::Result<()> {
     // Who the workers run as, resolved before anything is bound: an unknown name is a bad
     // argument (clap's exit code), and a primary that cannot start its workers binds nothing.
     let user = match args.user.as_deref().map(WorkerUser::resolve) {
@@ -264,9 +240,6 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
         settings.workers = n as usize;
     }
     settings.drain_timeout = args.drain_timeout;
-    if let Some(policy) = args.policy {
-        settings.policy = policy;
-    }
     if let Some(backoff) = &mut settings.respawn {
         backoff.max = args.restart_max.max(backoff.initial);
         backoff.reset_after = backoff.reset_after.max(backoff.max);
@@ -278,6 +251,7 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     settings.reload_batch = args.reload_batch as usize;
     settings.user = user;
     settings.rlimit_nofile = args.rlimit_nofile;
+    let program = args.is_program();
     match args.fd_store {
         FdStore::Auto => {}
         FdStore::Yes => settings.fd_store = true,
@@ -286,26 +260,19 @@ async fn primary(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(after) = args.ready_after {
         settings.readiness = Readiness::After(after);
     }
-    if let Some((program, rest)) = args.command.split_first() {
-        settings.exec = program.into();
+    if let Some((exec, rest)) = args.command.split_first() {
+        settings.exec = exec.into();
         settings.args = rest.to_vec();
-        if !args.native {
+        if program {
             settings.kind = WorkerKind::Program;
-            match args.policy {
-                Some(SchedulingPolicy::RoundRobin) => {
-                    // clap's own exit code for a bad argument.
-                    eprintln!(
-                        "netcluster: --policy round-robin needs netcluster's protocol, which \
-                         COMMAND does not speak: use --policy reuseport (each worker its own \
-                         socket, balanced by the kernel) or --policy shared (one socket for \
-                         all), or --native if COMMAND uses netcluster's cluster API"
-                    );
-                    std::process::exit(2);
-                }
-                Some(p) => settings.policy = p,
-                None => settings.policy = SchedulingPolicy::ReusePort,
-            }
         }
+    }
+    // (`config::resolve` refused round robin for a program.)
+    settings.policy = args.policy();
+    if args.command.is_empty() {
+        settings
+            .env
+            .push((SERVE_APP_ENV.into(), args.app.to_string().into()));
     }
     // The listeners: handed over by the old primary, or from the --listen values (binding
     // them, or taking systemd's).
@@ -432,16 +399,25 @@ fn exit_bad_argument(e: &dyn std::fmt::Display) -> ! {
     std::process::exit(2)
 }
 
-async fn worker(args: ServeArgs) -> anyhow::Result<()> {
+async fn worker(args: ServeOptions) -> anyhow::Result<()> {
     let me = cluster::worker()
         .await?
         .context("started as a worker without a channel")?;
+    // The primary's app (the flag's, else the default, for a worker started by hand).
+    let app: App = match std::env::var(SERVE_APP_ENV) {
+        Ok(name) => name
+            .parse()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("{SERVE_APP_ENV} from the primary"))?,
+        Err(_) => args.app.unwrap_or_default(),
+    };
     // The primary's keys: a `systemd:NAME` value is the address systemd's socket is bound to.
     let targets: Vec<ListenTarget> = match std::env::var(SERVE_LISTEN_ENV) {
         Ok(json) => serde_json::from_str(&json)
             .with_context(|| format!("{SERVE_LISTEN_ENV} from the primary"))?,
         Err(_) => args
             .listen
+            .over(ServeOptions::defaults().listen)
             .iter()
             .filter_map(|spec| match spec {
                 ListenSpec::Address { target, .. } => Some(target.clone()),
@@ -451,7 +427,7 @@ async fn worker(args: ServeArgs) -> anyhow::Result<()> {
     };
     let mut servers = Vec::new();
     for target in &targets {
-        let server = args.app.server(Some(me.clone()));
+        let server = app.server(Some(me.clone()));
         server.listen(listen_options(target)).await?;
         servers.push(server);
     }

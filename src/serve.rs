@@ -19,6 +19,11 @@ use crate::protocol::message::{BoundAddress, ListenTarget};
 /// keys, resolved (a `systemd:NAME` value becomes the address the socket is bound to).
 pub const SERVE_LISTEN_ENV: &str = "NETCLUSTER_SERVE_LISTEN";
 
+/// The environment variable through which the primary gives its built-in workers the app to run
+/// (so that a worker never reads the configuration file again: it may have changed, or be
+/// unreadable to the worker).
+pub const SERVE_APP_ENV: &str = "NETCLUSTER_SERVE_APP";
+
 /// One listener to set up.
 #[derive(Debug)]
 pub enum Planned {
