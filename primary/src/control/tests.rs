@@ -22,6 +22,8 @@ fn status() -> Status {
     Status {
         schema: crate::STATUS_SCHEMA,
         pid: 4242,
+        version: "0.1.0".into(),
+        commit: "1a2b3c4".into(),
         uptime_ms: 10,
         policy: "round-robin".into(),
         generation: 2,
@@ -203,5 +205,5 @@ fn version_1_is_still_spoken_both_ways() {
 #[test]
 fn the_default_path_is_per_user() {
     let p = default_path();
-    assert!(p.ends_with("control.sock") || std::env::var_os(CONTROL_ENV).is_some());
+    assert!(p.ends_with("default.sock") || std::env::var_os(CONTROL_ENV).is_some());
 }
