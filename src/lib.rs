@@ -10,6 +10,7 @@
 //! - [`protocol`]: the wire protocol (crate `netcluster-protocol`).
 //! - [`apps`]: the applications `netcluster serve` runs.
 //! - [`cli`]: the command line's value parsers.
+//! - [`instances`]: what `netcluster ls` prints.
 //! - [`serve`]: how `netcluster serve` matches its `--listen` values with systemd's sockets.
 
 // The README's Rust examples are compiled (not run) as doc tests of this crate.
@@ -21,6 +22,7 @@ pub mod apps;
 pub mod cli;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod instances;
 pub mod serve;
 
 pub use netcluster_protocol as protocol;
@@ -34,6 +36,7 @@ pub mod cluster {
         SendHandle, Settings, Status, StopMode, Timeouts, UserMessage, WorkerHandle, WorkerInfo,
         WorkerKind, WorkerState, inherited_fds,
     };
+    pub use netcluster_primary::{COMMIT, VERSION, VERSION_LINE};
     pub use netcluster_primary::{
         Export, Incoming, ListenerInfo, ListenerRecord, UpgradeReport, Upgrader, control, registry,
         signals, systemd, upgrade,
