@@ -25,16 +25,22 @@ pub fn table(found: &[Found], verbose: bool) -> String {
     if live.is_empty() {
         let _ = writeln!(out, "no running primary found");
     } else {
+        let width = live
+            .iter()
+            .map(|(f, _)| f.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(16);
         let _ = writeln!(
             out,
-            "{:<16} {:>8} {:<24} {:<12} {:>7} {:>4}  {:<30} SOCKET",
+            "{:<width$} {:>8} {:<24} {:<12} {:>7} {:>4}  {:<30} SOCKET",
             "NAME", "PID", "VERSION", "POLICY", "WORKERS", "GEN", "LISTENERS"
         );
         for (f, s) in live {
             let listeners: Vec<&str> = s.listeners.iter().map(|l| l.address.as_str()).collect();
             let _ = writeln!(
                 out,
-                "{:<16} {:>8} {:<24} {:<12} {:>7} {:>4}  {:<30} {}",
+                "{:<width$} {:>8} {:<24} {:<12} {:>7} {:>4}  {:<30} {}",
                 f.name,
                 s.pid,
                 s.version_text().unwrap_or_else(|| "?".into()),
