@@ -1,6 +1,7 @@
 //! Embeds the commit this crate is built from (`NETCLUSTER_COMMIT`: `git rev-parse --short
 //! HEAD`), or `unknown` when it is not built from a git checkout (a tarball, a registry
-//! download) or git is missing.
+//! download) or git is missing. A packager building from a tarball can set
+//! `NETCLUSTER_COMMIT` in the build's environment to name the commit.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
