@@ -188,6 +188,15 @@ pub fn parse_listen_with(
 /// The most workers (and slots a reload replaces at a time) any option takes.
 pub const MAX_WORKERS: u32 = 4096;
 
+/// An instance name (`--name`): letters, digits, `_`, `.` and `-`, not `.` or `..` (see
+/// [`control::paths::check_name`](crate::cluster::control::paths::check_name)).
+///
+/// # Errors
+/// What is wrong with `s`.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    crate::cluster::control::paths::check_name(s).map(|()| s.to_string())
+}
+
 /// A descriptor limit for the workers (`--rlimit-nofile`): a whole number, at least 16.
 ///
 /// # Errors

@@ -253,7 +253,12 @@ serve_options! {
         #[serde(deserialize_with = "de::nofile")]
         pub rlimit_nofile: Option<u64>,
 
-        // `name` (--name NAME) of the named-instances branch goes here.
+        /// The name of this instance: its control socket is NAME.sock in the runtime
+        /// directory, and `netcluster status --name NAME` finds it [default: default]. Not
+        /// with `control`.
+        #[arg(long, value_name = "NAME", value_parser = crate::cli::parse_name)]
+        #[serde(deserialize_with = "de::name")]
+        pub name: Option<String>,
 
         /// Run COMMAND [ARGS...] as each worker instead of a built-in app. Its listeners arrive
         /// the systemd way (descriptors 3, 4, … with LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID),
@@ -308,6 +313,8 @@ pub struct Serve {
     pub drain_timeout: Duration,
     /// The control socket; `None`: the default path.
     pub control: Option<PathBuf>,
+    /// The instance's name (its control socket's); `None`: `default`.
+    pub name: Option<String>,
     /// The longest delay between restarts.
     pub restart_max: Duration,
     /// Exits in a row before a slot is given up on; 0: never.
@@ -564,6 +571,14 @@ pub fn resolve(flags: ServeOptions, file: Option<&ConfigFile>) -> Result<Serve, 
             return Err(blame(key, why.into()));
         }
     }
+    if o.name.is_some() && o.control.is_some() {
+        return Err(blame(
+            "name",
+            "and `control` both say where the control socket is: give one (the name puts it at \
+             NAME.sock in the runtime directory)"
+                .into(),
+        ));
+    }
     if o.native && !program {
         return Err(blame(
             "native",
@@ -600,6 +615,7 @@ pub fn resolve(flags: ServeOptions, file: Option<&ConfigFile>) -> Result<Serve, 
         policy: o.policy,
         drain_timeout: o.drain_timeout.or(d.drain_timeout).unwrap_or_default(),
         control: o.control,
+        name: o.name,
         restart_max: o.restart_max.or(d.restart_max).unwrap_or_default(),
         max_restarts: o.max_restarts.or(d.max_restarts).unwrap_or(10),
         user: o.user,
@@ -666,6 +682,10 @@ mod de {
 
     pub(super) fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
         parsed(d, crate::cli::parse_count)
+    }
+
+    pub(super) fn name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        parsed(d, crate::cli::parse_name)
     }
 
     pub(super) fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
@@ -816,11 +836,16 @@ command = ["python3", "app.py", "--port", "x"]
             file("app = \"http\"").expect("app").options.app,
             Some(App::Http)
         );
-        // Every key of the type is in this test (or the line above).
+        // `name` is not with `control`: it parses, alone.
+        assert_eq!(
+            file("name = \"web\"").expect("name").options.name.as_deref(),
+            Some("web")
+        );
+        // Every key of the type is in this test (or the lines above).
         for key in ServeOptions::KEYS {
             let key = key.replace('_', "-");
             assert!(
-                key == "app" || EVERY_KEY.contains(&format!("\n{key} = ")),
+                key == "app" || key == "name" || EVERY_KEY.contains(&format!("\n{key} = ")),
                 "{key} is not tested"
             );
         }

@@ -11,6 +11,7 @@
 //! - [`apps`]: the applications `netcluster serve` runs.
 //! - [`cli`]: the command line's value parsers.
 //! - [`config`]: `netcluster serve`'s options, from the command line and from a TOML file.
+//! - [`instances`]: what `netcluster ls` prints.
 //! - [`serve`]: how `netcluster serve` matches its `--listen` values with systemd's sockets.
 
 // The README's Rust examples are compiled (not run) as doc tests of this crate.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod instances;
 pub mod serve;
 
 pub use netcluster_protocol as protocol;
@@ -36,6 +38,7 @@ pub mod cluster {
         SendHandle, Settings, Status, StopMode, Timeouts, UserMessage, WorkerHandle, WorkerInfo,
         WorkerKind, WorkerState, inherited_fds,
     };
+    pub use netcluster_primary::{COMMIT, VERSION, VERSION_LINE};
     pub use netcluster_primary::{CredentialsError, WorkerUser};
     pub use netcluster_primary::{
         Export, Incoming, ListenerInfo, ListenerRecord, UpgradeReport, Upgrader, control, registry,

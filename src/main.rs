@@ -7,7 +7,7 @@
 //! - `netcluster check` checks `serve`'s options (a `--config` file and flags) without starting
 //!   or binding anything.
 //! - `netcluster status|scale|stop|reload|upgrade` talk to a running primary over its control
-//!   socket.
+//!   socket; `netcluster ls` lists the running primaries.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -29,7 +29,7 @@ use netcluster::serve::{Planned, SERVE_APP_ENV, SERVE_LISTEN_ENV};
 
 /// Node.js-style cluster: a primary shares listening sockets with worker processes.
 #[derive(Debug, Parser)]
-#[command(name = "netcluster", version, about)]
+#[command(name = "netcluster", version = cluster::VERSION_LINE, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,6 +44,19 @@ enum Command {
     /// starting or binding anything: exit 0 with a one-line summary, or 2 with what is wrong and
     /// where (FILE:LINE:COL: key `x`: …).
     Check(ServeArgs),
+    /// List the running primaries of this user: name, pid, version, policy, workers ready /
+    /// wanted, generation, listeners.
+    Ls {
+        /// Print them as JSON: {"primaries": [...], "skipped": [...]}.
+        #[arg(long)]
+        json: bool,
+        /// Also list the stale sockets (left by primaries that died).
+        #[arg(short, long)]
+        verbose: bool,
+        /// Seconds to wait for each primary's answer.
+        #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_secs)]
+        timeout: Duration,
+    },
     /// Show a running primary's listeners, slots and workers.
     Status {
         /// Print the status as JSON (the schema is in docs/operations.md).
@@ -83,8 +96,14 @@ enum Command {
 
 #[derive(Debug, Clone, Args)]
 struct ControlArgs {
-    /// The primary's control socket [default: $NETCLUSTER_CONTROL, else
-    /// $XDG_RUNTIME_DIR/netcluster/control.sock, else /tmp/netcluster-UID/control.sock].
+    /// The primary's name (`netcluster serve --name NAME`); its socket is NAME.sock in the
+    /// first of $XDG_RUNTIME_DIR/netcluster, /run/user/UID/netcluster, /run/netcluster (root),
+    /// /tmp/netcluster-UID where a primary answers [default: $NETCLUSTER_CONTROL, else
+    /// `default`].
+    #[arg(long, value_name = "NAME", value_parser = netcluster::cli::parse_name, conflicts_with = "control")]
+    name: Option<String>,
+
+    /// The primary's control socket, instead of finding it by name.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
 
@@ -154,6 +173,11 @@ fn main() -> ExitCode {
                 .with_context(|| format!("worker {id}")),
         },
         Command::Check(args) => return check(&args),
+        Command::Ls {
+            json,
+            verbose,
+            timeout,
+        } => runtime.block_on(ls(json, verbose, timeout)),
         Command::Status { json, control } => runtime.block_on(status(json, control)),
         Command::Scale { workers, control } => runtime.block_on(scale(workers, control)),
         Command::Stop { control } => runtime.block_on(stop(control)),
@@ -308,7 +332,8 @@ async fn primary(args: Serve) -> anyhow::Result<()> {
     // Nothing here reads events: keep none (the log says what happens).
     drop(cluster.take_events());
     let handle = cluster.handle();
-    let control_path = args.control.clone().unwrap_or_else(control::default_path);
+    let control_path =
+        control::Target::resolve(args.control.as_deref(), args.name.as_deref()).server_path();
     // The control socket first: a second primary on the same path fails before it binds
     // anything, and once `listening on` is printed the primary answers `netcluster status`.
     // A primary taking over from an upgrade serves it only once it is the primary.
@@ -444,11 +469,26 @@ async fn worker(args: ServeOptions) -> anyhow::Result<()> {
 /// Sends `request` to the primary and returns its reply (the one that answers `request`: the
 /// client checks).
 async fn ask(control: &ControlArgs, request: Request) -> anyhow::Result<Reply> {
-    let path = control
-        .control
-        .clone()
-        .unwrap_or_else(control::default_path);
-    Ok(control::request(&path, request, control.timeout).await?)
+    let target = control::Target::resolve(control.control.as_deref(), control.name.as_deref());
+    Ok(control::request_to(&target, request, control.timeout)
+        .await?
+        .1)
+}
+
+async fn ls(json: bool, verbose: bool, timeout: Duration) -> anyhow::Result<()> {
+    let found = control::scan(timeout).await;
+    let text = if json {
+        let mut j = serde_json::to_string_pretty(&netcluster::instances::json(&found))?;
+        j.push('\n');
+        j
+    } else {
+        netcluster::instances::table(&found, verbose)
+    };
+    // Not print!: a closed pipe (`| head`) is an error to report, not a panic.
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
 }
 
 /// The primary answered `request` with another reply than the one for it (which
@@ -513,17 +553,31 @@ async fn reload(control: ControlArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `netcluster 0.1.0, commit 1a2b3c4` of the primary answering at `control` now, if it says.
+async fn running_version(control: &ControlArgs) -> Option<String> {
+    let status = match ask(control, Request::Status).await {
+        Ok(Reply::Status { result }) => result,
+        _ => return None,
+    };
+    status.version_text().map(|v| format!("netcluster {v}"))
+}
+
 async fn upgrade(control: ControlArgs) -> anyhow::Result<()> {
+    let before = running_version(&control).await;
     let report = match ask(&control, Request::Upgrade).await? {
         Reply::Upgraded { result } => result,
         other => return Err(unexpected(&other)),
     };
+    let after = running_version(&control).await;
+    let version = |v: &Option<String>| v.as_ref().map_or_else(String::new, |v| format!(" ({v})"));
     let plural = |n: usize, one: &'static str, many: &'static str| if n == 1 { one } else { many };
     println!(
-        "upgraded: primary {} → {} (generation {}), {} {} ({} {}) handed over in {} ms; \
+        "upgraded: primary {}{} → {}{} (generation {}), {} {} ({} {}) handed over in {} ms; \
          the old primary drains its workers and exits",
         report.old_pid,
+        version(&before),
         report.new_pid,
+        version(&after),
         report.generation,
         report.listeners,
         plural(report.listeners, "listener", "listeners"),

@@ -15,6 +15,18 @@
 //! - [`registry`]: listeners and the [`SchedulingPolicy`]; a [`ListenerRecord`] is a listener
 //!   as it passes between owners (export, hand-over, adoption).
 
+/// This crate's version (the workspace's: the `netcluster` binary's).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit this was built from (`git rev-parse --short HEAD` at build time), or `unknown`.
+pub const COMMIT: &str = env!("NETCLUSTER_COMMIT");
+/// `0.1.0 (commit 1a2b3c4)`: what `netcluster --version` prints after the name.
+pub const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("NETCLUSTER_COMMIT"),
+    ")"
+);
+
 mod cluster;
 mod command;
 mod containment;

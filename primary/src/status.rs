@@ -16,6 +16,13 @@ pub struct Status {
     pub schema: u32,
     /// The primary's process id.
     pub pid: u32,
+    /// The primary's version ([`crate::VERSION`]); empty from a primary before it was added.
+    #[serde(default)]
+    pub version: String,
+    /// The commit the primary was built from ([`crate::COMMIT`]: `unknown` when not built
+    /// from a git checkout); empty from a primary before it was added.
+    #[serde(default)]
+    pub commit: String,
     /// Milliseconds since the primary started.
     pub uptime_ms: u64,
     /// The scheduling policy (`round-robin`, `shared`, `reuseport`).
@@ -134,13 +141,25 @@ pub struct WorkerStatus {
 }
 
 impl Status {
+    /// `0.1.0, commit 1a2b3c4`, or `None` from a primary that did not say.
+    pub fn version_text(&self) -> Option<String> {
+        match (self.version.as_str(), self.commit.as_str()) {
+            ("", "") => None,
+            (v, "") => Some(v.to_string()),
+            ("", c) => Some(format!("commit {c}")),
+            (v, c) => Some(format!("{v}, commit {c}")),
+        }
+    }
+
     /// The human-readable form of `netcluster status`.
     pub fn table(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "primary pid {}, up {}, policy {}, generation {}, {} worker{} wanted{}",
+            "primary pid {}{}, up {}, policy {}, generation {}, {} worker{} wanted{}",
             self.pid,
+            self.version_text()
+                .map_or_else(String::new, |v| format!(" (netcluster {v})")),
             human_ms(self.uptime_ms),
             self.policy,
             self.generation,
@@ -442,6 +461,8 @@ impl Build<'_> {
         Status {
             schema: STATUS_SCHEMA,
             pid: std::process::id(),
+            version: crate::VERSION.to_string(),
+            commit: crate::COMMIT.to_string(),
             uptime_ms: millis(now.saturating_duration_since(self.started)),
             policy: self.policy.to_string(),
             generation: self.generation,

@@ -24,12 +24,24 @@
 //! clients read as before), and [`request`] asks a primary that answers in version 1 again in
 //! version 1 — the case of a new `netcluster upgrade` asking the old primary.
 //!
+//! **Where.** One socket per named instance (`netcluster serve --name NAME`, default
+//! `default`): `NAME.sock` in the user's runtime directory ([`paths`]); `--control PATH` or
+//! `$NETCLUSTER_CONTROL` name a path instead. A client tries every place a primary of its user
+//! may have used ([`paths::candidate_dirs`]), and [`scan`] finds every running primary.
+//!
 //! **Safety.** The socket is created mode 0600 (before it listens, so there is no window in
-//! which it is open to others), and the peer's uid (`SO_PEERCRED`) must be the primary's or
-//! root's; anyone else is refused and logged. A request is at most [`MAX_REQUEST`] bytes and
-//! must arrive within [`REQUEST_TIMEOUT`]; at most [`MAX_CLIENTS`] clients are served at once.
-//! Each client is served in its own task, so a slow, silent or malformed client never holds up
-//! the supervisor or another client.
+//! which it is open to others), in a directory of the primary's user (or root's) that others
+//! cannot write to (or that is sticky, like `/tmp`), and the peer's uid (`SO_PEERCRED`) must be
+//! the primary's or root's; anyone else is refused and logged. The client checks the server the
+//! same way before it sends anything: a socket served by another user is refused.
+//!
+//! A request is at most [`MAX_REQUEST`] bytes and must arrive within [`REQUEST_TIMEOUT`]. At
+//! most [`MAX_CLIENTS`] connections are held at once; when a new one arrives and all are held,
+//! the oldest that has not yet sent its request is closed to make room, so connections that
+//! say nothing cannot lock out `netcluster status`. Each client is served in its own task, so a
+//! slow, silent or malformed client never holds up the supervisor or another client: what one
+//! client can make the primary hold is one descriptor, one task and [`MAX_REQUEST`] bytes, for
+//! at most [`REQUEST_TIMEOUT`] until it has asked.
 
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -40,7 +52,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::cluster::ClusterHandle;
@@ -51,8 +62,12 @@ use crate::supervisor::ReloadReport;
 use crate::upgrade::UpgradeReport;
 
 mod client;
+pub mod paths;
+mod scan;
 
-pub use client::{ClientError, request};
+pub use client::{ClientError, connect, locate, request, request_to};
+pub use paths::Target;
+pub use scan::{Found, scan};
 
 /// The version of the control protocol: 2 since replies are a [`Reply`] named by their
 /// `reply` field.
@@ -63,8 +78,9 @@ pub const CONTROL_VERSION_1: u32 = 1;
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// How long a client has to send its request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Clients served at once.
-pub const MAX_CLIENTS: usize = 16;
+/// Connections held at once (each: one descriptor, one task, at most [`MAX_REQUEST`] bytes).
+/// When all are held, the oldest that has not sent its request yet makes room for a new one.
+pub const MAX_CLIENTS: usize = 64;
 /// The environment variable that names the control socket (before the default).
 pub const CONTROL_ENV: &str = "NETCLUSTER_CONTROL";
 
@@ -244,18 +260,12 @@ impl<'de> Deserialize<'de> for Response {
     }
 }
 
-/// The default control socket path: `$NETCLUSTER_CONTROL`, else
-/// `$XDG_RUNTIME_DIR/netcluster/control.sock`, else `/tmp/netcluster-UID/control.sock` — a
-/// directory of the user's own, so primaries of different users never collide.
+/// The control socket path of the default instance: `$NETCLUSTER_CONTROL`, else
+/// `default.sock` in [`paths::server_dir`] (`$XDG_RUNTIME_DIR/netcluster`, `/run/netcluster`
+/// for root, else `/tmp/netcluster-UID`) — a directory of the user's own, so primaries of
+/// different users never collide. See [`Target`] for named instances.
 pub fn default_path() -> PathBuf {
-    if let Some(p) = std::env::var_os(CONTROL_ENV).filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
-        return PathBuf::from(dir).join("netcluster").join("control.sock");
-    }
-    let uid = nix::unistd::geteuid();
-    PathBuf::from(format!("/tmp/netcluster-{uid}")).join("control.sock")
+    Target::resolve(None, None).server_path()
 }
 
 /// A running control socket; dropping it (or [`ControlSocket::close`]) removes the file —
@@ -340,7 +350,7 @@ pub fn serve(path: &Path, cluster: ClusterHandle) -> Result<ControlSocket, Error
                         "in use",
                         io::Error::new(
                             io::ErrorKind::AddrInUse,
-                            "another primary answers on it; give this one its own with --control PATH",
+                            "another primary answers on it; give this one another name with --name NAME (or its own --control PATH)",
                         ),
                     ));
                 }
@@ -422,8 +432,9 @@ fn start(
     }
 }
 
-/// Creates `dir` mode 0700 if missing; an existing one must belong to this user and be closed
-/// to others.
+/// Creates `dir` mode 0700 if missing; an existing one must belong to this user (or root)
+/// and be closed to others: not writable by group or others, unless sticky (as `/tmp` is:
+/// there nobody else can remove or replace the socket).
 fn private_dir(dir: &Path) -> io::Result<()> {
     match std::fs::symlink_metadata(dir) {
         Ok(meta) => {
@@ -444,7 +455,7 @@ fn private_dir(dir: &Path) -> io::Result<()> {
                     ),
                 ));
             }
-            Ok(())
+            check_closed(dir, meta.mode())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
             .recursive(true)
@@ -454,14 +465,109 @@ fn private_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Refuses a directory of mode `mode` that others can write to (put their own socket in,
+/// rename ours away) unless it is sticky.
+fn check_closed(dir: &Path, mode: u32) -> io::Result<()> {
+    const STICKY: u32 = 0o1000;
+    if mode & 0o022 != 0 && mode & STICKY == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is mode {:04o}: others can write to it (and put a socket of their own in \
+                 place of the primary's); make it 0700 (chmod go-w {}) or choose another \
+                 directory",
+                dir.display(),
+                mode & 0o7777,
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 use std::os::unix::fs::DirBuilderExt;
+
+/// The connections held, and which of them have not sent their request yet.
+#[derive(Debug, Default)]
+struct Held {
+    /// Connections counted against [`MAX_CLIENTS`].
+    count: usize,
+    /// The next connection's number (connections are evicted oldest first).
+    next: u64,
+    /// Those still waiting for their request, by number: closed to make room when full.
+    waiting: std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
+}
+
+/// A connection's place among the [`Held`]; gives it back when dropped.
+struct Place {
+    held: Arc<std::sync::Mutex<Held>>,
+    number: u64,
+    /// It has its request: no longer in `waiting`, still counted.
+    asked: bool,
+}
+
+impl Place {
+    /// Marks the request as read; `false` if the connection was evicted meanwhile.
+    fn asked(&mut self) -> bool {
+        let mut held = lock(&self.held);
+        if held.waiting.remove(&self.number).is_some() {
+            self.asked = true;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut held = lock(&self.held);
+        // An evicted connection was uncounted when it was evicted.
+        if self.asked || held.waiting.remove(&self.number).is_some() {
+            held.count -= 1;
+        }
+    }
+}
+
+/// The lock, also after a panic elsewhere (the counts stay consistent: every change is one
+/// step under the lock).
+fn lock(held: &std::sync::Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
+    held.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Admits a new connection: a place, and the signal that it was evicted; or `None` when every
+/// place is held by a connection that has asked (and is being answered).
+fn admit(
+    held: &Arc<std::sync::Mutex<Held>>,
+) -> Option<(Place, tokio::sync::oneshot::Receiver<()>)> {
+    let mut h = lock(held);
+    if h.count >= MAX_CLIENTS {
+        let (_, evict) = h.waiting.pop_first()?;
+        h.count -= 1;
+        let _ = evict.send(());
+    }
+    let number = h.next;
+    h.next += 1;
+    h.count += 1;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    h.waiting.insert(number, tx);
+    Some((
+        Place {
+            held: held.clone(),
+            number,
+            asked: false,
+        },
+        rx,
+    ))
+}
 
 async fn accept_loop(
     listener: UnixListener,
     cluster: ClusterHandle,
     clients: Arc<tokio::sync::Mutex<JoinSet<()>>>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let held = Arc::new(std::sync::Mutex::new(Held::default()));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -471,12 +577,16 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Some((place, evicted)) = admit(&held) else {
             tokio::spawn(async move {
                 let mut stream = stream;
-                let _ = write_reply(
+                let _ = write_reply_within(
                     &mut stream,
-                    &Response::new(Reply::error("too many control clients at once; try again")),
+                    &Response::new(Reply::error(format!(
+                        "too many control clients at once ({MAX_CLIENTS} requests under way); \
+                         try again"
+                    ))),
+                    EVICT_WRITE,
                 )
                 .await;
             });
@@ -485,14 +595,19 @@ async fn accept_loop(
         let cluster = cluster.clone();
         let mut set = clients.lock().await;
         while set.try_join_next().is_some() {}
-        set.spawn(async move {
-            serve_client(stream, cluster).await;
-            drop(permit);
-        });
+        set.spawn(serve_client(stream, cluster, place, evicted));
     }
 }
 
-async fn serve_client(mut stream: UnixStream, cluster: ClusterHandle) {
+/// How long a refused or evicted client's reply may take to write.
+const EVICT_WRITE: Duration = Duration::from_millis(100);
+
+async fn serve_client(
+    mut stream: UnixStream,
+    cluster: ClusterHandle,
+    mut place: Place,
+    evicted: tokio::sync::oneshot::Receiver<()>,
+) {
     let me = nix::unistd::geteuid().as_raw();
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == me || cred.uid() == 0 => {}
@@ -514,15 +629,28 @@ async fn serve_client(mut stream: UnixStream, cluster: ClusterHandle) {
             return;
         }
     }
-    let envelope = match read_request(&mut stream).await {
-        Ok(r) => r,
-        Err((version, why)) => {
+    let read = tokio::select! {
+        read = read_request(&mut stream) => Some(read),
+        _ = evicted => None,
+    };
+    let envelope = match read {
+        Some(Ok(envelope)) if place.asked() => envelope,
+        Some(Err((version, why))) if place.asked() => {
             tracing::info!("control socket: {why}");
             let reply = Response {
                 version,
                 reply: Reply::error(why),
             };
             let _ = write_reply(&mut stream, &reply).await;
+            return;
+        }
+        _ => {
+            tracing::debug!("control socket: closed a silent client to make room");
+            let reply = Response::new(Reply::error(format!(
+                "closed: {MAX_CLIENTS} control clients were connected and this one, the oldest, \
+                 had not sent its request"
+            )));
+            let _ = write_reply_within(&mut stream, &reply, EVICT_WRITE).await;
             return;
         }
     };
@@ -612,9 +740,18 @@ pub fn parse_envelope(line: &[u8]) -> Result<Envelope, String> {
 }
 
 async fn write_reply(stream: &mut UnixStream, reply: &Response) -> io::Result<()> {
+    write_reply_within(stream, reply, REQUEST_TIMEOUT).await
+}
+
+/// Writes `reply` and closes the writing side, giving up after `within`.
+async fn write_reply_within(
+    stream: &mut UnixStream,
+    reply: &Response,
+    within: Duration,
+) -> io::Result<()> {
     let mut bytes = serde_json::to_vec(reply).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&bytes))
+    tokio::time::timeout(within, stream.write_all(&bytes))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client does not read"))??;
     let _ = stream.shutdown().await;

@@ -22,6 +22,8 @@ fn status() -> Status {
     Status {
         schema: crate::STATUS_SCHEMA,
         pid: 4242,
+        version: "0.1.0".into(),
+        commit: "1a2b3c4".into(),
         uptime_ms: 10,
         policy: "round-robin".into(),
         generation: 2,
@@ -205,5 +207,53 @@ fn version_1_is_still_spoken_both_ways() {
 #[test]
 fn the_default_path_is_per_user() {
     let p = default_path();
-    assert!(p.ends_with("control.sock") || std::env::var_os(CONTROL_ENV).is_some());
+    assert!(p.ends_with("default.sock") || std::env::var_os(CONTROL_ENV).is_some());
+}
+
+#[test]
+fn a_full_house_evicts_the_oldest_connection_that_has_not_asked() {
+    let held = Arc::new(std::sync::Mutex::new(Held::default()));
+    let mut places: Vec<_> = (0..MAX_CLIENTS)
+        .map(|_| admit(&held).expect("room"))
+        .collect();
+    // The first two have asked: they are being answered and are never evicted.
+    assert!(places[0].0.asked());
+    assert!(places[1].0.asked());
+    assert_eq!(lock(&held).count, MAX_CLIENTS);
+    let (_newcomer, _) = admit(&held).expect("room made");
+    assert_eq!(lock(&held).count, MAX_CLIENTS, "one out, one in");
+    // The oldest that had not asked (the third) was told, and can no longer ask.
+    assert!(places[2].1.try_recv().is_ok());
+    assert!(!places[2].0.asked());
+    assert!(places[3].1.try_recv().is_err());
+    // Its end does not count it out twice.
+    drop(places.remove(2));
+    assert_eq!(lock(&held).count, MAX_CLIENTS);
+    drop(places.remove(0));
+    assert_eq!(lock(&held).count, MAX_CLIENTS - 1);
+}
+
+#[test]
+fn a_house_full_of_requests_refuses_the_next() {
+    let held = Arc::new(std::sync::Mutex::new(Held::default()));
+    let mut places: Vec<_> = (0..MAX_CLIENTS)
+        .map(|_| admit(&held).expect("room"))
+        .collect();
+    for (place, _) in &mut places {
+        assert!(place.asked());
+    }
+    assert!(admit(&held).is_none());
+    drop(places);
+    assert_eq!(lock(&held).count, 0);
+}
+
+#[test]
+fn a_directory_others_can_write_to_is_refused_unless_sticky() {
+    let dir = Path::new("/some/dir");
+    assert!(check_closed(dir, 0o700).is_ok());
+    assert!(check_closed(dir, 0o755).is_ok());
+    assert!(check_closed(dir, 0o1777).is_ok());
+    let e = check_closed(dir, 0o777).expect_err("open");
+    assert!(e.to_string().contains("/some/dir is mode 0777"), "{e}");
+    assert!(check_closed(dir, 0o770).is_err());
 }
