@@ -838,7 +838,11 @@ command = ["python3", "app.py", "--port", "x"]
         );
         // `name` is not with `control`: it parses, alone.
         assert_eq!(
-            file("name = \"web\"").expect("name").options.name.as_deref(),
+            file("name = \"web\"")
+                .expect("name")
+                .options
+                .name
+                .as_deref(),
             Some("web")
         );
         // Every key of the type is in this test (or the lines above).

@@ -394,3 +394,41 @@ async fn a_short_listener_and_a_malformed_frame_are_refused_with_a_reason() {
     std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
     drop(listener);
 }
+
+/// `netcluster` found through a symlink on `PATH`, switched to a new version: the upgrade
+/// starts the new version, not the old target.
+#[test]
+fn an_upgrade_runs_what_the_path_the_user_invoked_now_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = dir.path().join("v1");
+    let v2 = dir.path().join("v2");
+    let bin = dir.path().join("bin");
+    for d in [&v1, &v2, &bin] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let old = copy_binary(&v1);
+    let new = copy_binary(&v2);
+    let link = bin.join("netcluster");
+    std::os::unix::fs::symlink(&old, &link).unwrap();
+    let mut path = std::ffi::OsString::from(bin.as_os_str());
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    let mut cmd = std::process::Command::new("netcluster");
+    cmd.env("PATH", &path)
+        .args(["serve", "--workers", "1", "--listen", "127.0.0.1:0"]);
+    let mut r = Running::from_command(cmd);
+    let _addr = listening_addr(&mut r);
+    wait_listening(&r, 1);
+    // The install switches the link.
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&new, &link).unwrap();
+    let (status, out, err) = ctl(&r, &["upgrade"]);
+    assert!(status.success(), "{out}{err}");
+    let now = wait_listening(&r, 1);
+    assert_ne!(now.pid, r.pid);
+    let exe = std::fs::read_link(format!("/proc/{}/exe", now.pid)).unwrap();
+    assert_eq!(
+        exe, new,
+        "the new primary runs the binary the link names now"
+    );
+}

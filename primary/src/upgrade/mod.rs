@@ -160,13 +160,11 @@ impl Upgrader {
     /// When the path of the running executable cannot be found.
     pub fn from_current_exe(ready_timeout: Duration) -> std::io::Result<Upgrader> {
         let mut args = std::env::args_os();
-        let exe = match args.next().map(PathBuf::from) {
-            // `./netcluster` stays a path (`/srv/app/netcluster`, not `/srv/app/./netcluster`):
-            // `components` leaves out the `.`.
-            Some(p) if p.components().count() > 1 => {
-                std::env::current_dir()?.join(p).components().collect()
-            }
-            _ => std::env::current_exe()?,
+        let argv0 = args.next().map(PathBuf::from);
+        let path = std::env::var_os("PATH");
+        let exe = match invoked_path(argv0.as_deref(), path.as_deref(), &std::env::current_dir()?) {
+            Some(p) => p,
+            None => std::env::current_exe()?,
         };
         Ok(Upgrader::new(exe, args.collect(), ready_timeout))
     }
@@ -330,6 +328,37 @@ impl Upgrader {
             took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
     }
+}
+
+/// The path this program was invoked by, as the shell found it, without following a symlink:
+/// `argv[0]` when it is a path (made absolute against `cwd`; `./netcluster` stays
+/// `/srv/app/netcluster`), else the first executable file of that name on `path` (`$PATH`).
+/// `None` when neither tells.
+fn invoked_path(
+    argv0: Option<&std::path::Path>,
+    path: Option<&std::ffi::OsStr>,
+    cwd: &std::path::Path,
+) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let argv0 = argv0.filter(|p| !p.as_os_str().is_empty())?;
+    if argv0.components().count() > 1 {
+        // `components` leaves out `.`.
+        return Some(cwd.join(argv0).components().collect());
+    }
+    std::env::split_paths(path?)
+        .map(|dir| {
+            if dir.as_os_str().is_empty() {
+                cwd.to_path_buf()
+            } else {
+                cwd.join(dir)
+            }
+        })
+        .map(|dir| dir.join(argv0))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .map(|p| p.components().collect())
 }
 
 /// An upgrade under way, from the old primary's side: the new primary's process and channel.

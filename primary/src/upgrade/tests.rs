@@ -86,3 +86,37 @@ async fn an_upgrade_without_a_binary_says_why_and_changes_nothing() {
     assert!(!status.stopping);
     handle.stop().await.expect("stop");
 }
+
+#[test]
+fn the_invoked_path_is_kept_as_the_shell_found_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    let v1 = dir.path().join("netcluster-v1");
+    std::fs::write(&v1, "#!/bin/sh\n").expect("v1");
+    std::fs::set_permissions(&v1, std::fs::Permissions::from_mode(0o755)).expect("mode");
+    std::os::unix::fs::symlink(&v1, bin.join("netcluster")).expect("symlink");
+    std::fs::write(bin.join("not-executable"), "x").expect("file");
+    let cwd = std::path::Path::new("/srv/app");
+    let path = std::env::join_paths(["/nonexistent".into(), bin.clone()]).expect("PATH");
+    // Found on PATH: the symlink, not its target (an install switches the link).
+    assert_eq!(
+        invoked_path(Some(std::path::Path::new("netcluster")), Some(&path), cwd),
+        Some(bin.join("netcluster"))
+    );
+    assert_eq!(
+        invoked_path(
+            Some(std::path::Path::new("not-executable")),
+            Some(&path),
+            cwd
+        ),
+        None
+    );
+    // A path: made absolute, `.` left out.
+    assert_eq!(
+        invoked_path(Some(std::path::Path::new("./netcluster")), None, cwd),
+        Some(PathBuf::from("/srv/app/netcluster"))
+    );
+    assert_eq!(invoked_path(None, Some(&path), cwd), None);
+}
