@@ -230,6 +230,75 @@ pub fn parse_count(s: &str) -> Result<u32, String> {
     }
 }
 
+/// Parses a size in bytes: a whole number with an optional unit, `K`, `M`, `G` (powers of
+/// 1024; `KiB`, `MB`, … are read the same), as `--max-rss 80M`.
+///
+/// ```
+/// use netcluster::cli::parse_size;
+/// assert_eq!(parse_size("80M"), Ok(80 * 1024 * 1024));
+/// assert_eq!(parse_size("4096"), Ok(4096));
+/// assert!(parse_size("12Q").unwrap_err().contains("12Q"));
+/// ```
+///
+/// # Errors
+/// What is wrong with the value.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a size: a whole number with K, M or G (as 80M)"
+            ));
+        }
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: a whole number with K, M or G (as 80M)"))?;
+    match n.checked_mul(1u64 << shift) {
+        Some(0) | None => Err(format!("{s:?} is not a size a worker can reach")),
+        Some(bytes) => Ok(bytes),
+    }
+}
+
+/// Parses a duration: seconds (`10`, `0.5`) or a number with a unit, `ms`, `s`, `m`, `h`
+/// (`500ms`, `2s`, `1.5m`), at most [`MAX_SECS`].
+///
+/// ```
+/// use netcluster::cli::parse_duration;
+/// use std::time::Duration;
+/// assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+/// assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+/// assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+/// ```
+///
+/// # Errors
+/// What is wrong with the value.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (as 2s, 500ms, 1.5m, or seconds)"))?;
+    parse_secs(&(value * scale).to_string()).map_err(|e| format!("{s:?}: {e}"))
+}
+
 /// Parses seconds (`10`, `0.5`), refusing what is not a duration a primary can wait for: at
 /// most [`MAX_SECS`].
 ///

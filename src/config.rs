@@ -248,6 +248,49 @@ serve_options! {
         #[arg(long, value_name = "USER[:GROUP]")]
         pub user: Option<String>,
 
+        /// Recycle a native worker after it has served N connections (gunicorn's
+        /// max_requests): it is replaced as at a reload, the new worker first, so no request
+        /// fails. Not for a program (the primary cannot see its requests: use --max-rss,
+        /// --max-age or --watchdog).
+        #[arg(long, value_name = "N")]
+        #[serde(deserialize_with = "de::whole64")]
+        pub max_requests: Option<u64>,
+
+        /// Up to this many more connections before a recycle, drawn for each worker, so that
+        /// workers started together do not come due together.
+        #[arg(long, value_name = "J")]
+        #[serde(deserialize_with = "de::whole64")]
+        pub max_requests_jitter: Option<u64>,
+
+        /// Recycle a worker whose whole process tree uses more resident memory than SIZE
+        /// (80M, 1G), measured every second (uWSGI's reload-on-rss, pm2's max_memory_restart).
+        #[arg(long, value_name = "SIZE", value_parser = crate::cli::parse_size)]
+        #[serde(deserialize_with = "de::size")]
+        pub max_rss: Option<u64>,
+
+        /// Recycle a worker after it has run this long (2s, 30m, 12h, or seconds).
+        #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse_duration)]
+        #[serde(deserialize_with = "de::duration")]
+        pub max_age: Option<Duration>,
+
+        /// Up to this much longer before an age recycle, drawn for each worker.
+        #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse_duration)]
+        #[serde(deserialize_with = "de::duration")]
+        pub max_age_jitter: Option<Duration>,
+
+        /// Hang detection for program workers: each gets WATCHDOG_USEC (and WATCHDOG_PID) and
+        /// must say WATCHDOG=1 on its NOTIFY_SOCKET at least every SECS, as under systemd; one
+        /// that does not is replaced (the new worker first) and gets --watchdog-signal.
+        #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+        #[serde(deserialize_with = "de::secs")]
+        pub watchdog: Option<Duration>,
+
+        /// What a worker that missed its watchdog gets once its replacement serves; it is
+        /// killed 5 s later [default: ABRT, so runtimes that dump a stack on it do].
+        #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
+        #[serde(deserialize_with = "de::signal")]
+        pub watchdog_signal: Option<Signal>,
+
         /// The workers' limit on open descriptors (RLIMIT_NOFILE, soft and hard), at least 16.
         #[arg(long, value_name = "N", value_parser = crate::cli::parse_nofile)]
         #[serde(deserialize_with = "de::nofile")]
@@ -323,6 +366,10 @@ pub struct Serve {
     pub user: Option<String>,
     /// The workers' `RLIMIT_NOFILE`.
     pub rlimit_nofile: Option<u64>,
+    /// When workers are recycled.
+    pub recycle: crate::cluster::Recycle,
+    /// Hang detection for program workers.
+    pub watchdog: Option<crate::cluster::Watchdog>,
     /// How long a new worker has to become ready.
     pub ready_timeout: Duration,
     /// A program is ready once it has run this long.
@@ -571,6 +618,75 @@ pub fn resolve(flags: ServeOptions, file: Option<&ConfigFile>) -> Result<Serve, 
             return Err(blame(key, why.into()));
         }
     }
+    for key in ["watchdog", "watchdog-signal"] {
+        if (flags.is_set(key) || fileopts_set(file, key)) && !any_program {
+            return Err(blame(
+                key,
+                "applies only to a program worker (it says WATCHDOG=1 on its NOTIFY_SOCKET); a \
+                 native worker answers the primary's pings already"
+                    .into(),
+            ));
+        }
+    }
+    if o.watchdog_signal.is_some() && o.watchdog.is_none() {
+        return Err(blame(
+            "watchdog-signal",
+            "is what a worker that missed its watchdog gets, and --watchdog is not given".into(),
+        ));
+    }
+    if let Some(n) = o.max_requests {
+        if n == 0 {
+            return Err(blame(
+                "max-requests",
+                "0 connections would recycle every worker at once: give 1 or more".into(),
+            ));
+        }
+        if any_program {
+            return Err(blame(
+                "max-requests",
+                "counts the connections a worker served, which only a native worker tells the \
+                 primary: for a program use --max-rss SIZE (memory), --max-age DURATION (age) \
+                 or --watchdog SECS (a hung program)"
+                    .into(),
+            ));
+        }
+    }
+    match (o.max_requests, o.max_requests_jitter) {
+        (None, Some(_)) => {
+            return Err(blame(
+                "max-requests-jitter",
+                "spreads --max-requests, which is not given".into(),
+            ));
+        }
+        (Some(n), Some(j)) if j > n => {
+            return Err(blame(
+                "max-requests-jitter",
+                format!("{j} is larger than --max-requests {n}: the jitter must not exceed it"),
+            ));
+        }
+        _ => {}
+    }
+    match (o.max_age, o.max_age_jitter) {
+        (None, Some(_)) => {
+            return Err(blame(
+                "max-age-jitter",
+                "spreads --max-age, which is not given".into(),
+            ));
+        }
+        (Some(a), Some(j)) if j > a => {
+            return Err(blame(
+                "max-age-jitter",
+                format!("{j:?} is longer than --max-age {a:?}: the jitter must not exceed it"),
+            ));
+        }
+        (Some(a), _) if a.is_zero() => {
+            return Err(blame(
+                "max-age",
+                "0 would recycle every worker at once: give a duration".into(),
+            ));
+        }
+        _ => {}
+    }
     if o.name.is_some() && o.control.is_some() {
         return Err(blame(
             "name",
@@ -620,6 +736,18 @@ pub fn resolve(flags: ServeOptions, file: Option<&ConfigFile>) -> Result<Serve, 
         max_restarts: o.max_restarts.or(d.max_restarts).unwrap_or(10),
         user: o.user,
         rlimit_nofile: o.rlimit_nofile,
+        recycle: crate::cluster::Recycle {
+            max_requests: o.max_requests,
+            max_requests_jitter: o.max_requests_jitter.unwrap_or(0),
+            max_rss: o.max_rss,
+            max_age: o.max_age,
+            max_age_jitter: o.max_age_jitter.unwrap_or_default(),
+        },
+        watchdog: o.watchdog.map(|interval| crate::cluster::Watchdog {
+            interval,
+            signal: o.watchdog_signal.unwrap_or(Signal::SIGABRT),
+            grace: Duration::from_secs(5),
+        }),
         ready_timeout: o.ready_timeout.or(d.ready_timeout).unwrap_or_default(),
         ready_after: o.ready_after,
         stop_signal: o.stop_signal.unwrap_or(Signal::SIGTERM),
@@ -686,6 +814,21 @@ mod de {
 
     pub(super) fn name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
         parsed(d, crate::cli::parse_name)
+    }
+
+    pub(super) fn whole64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        parsed(d, |s| {
+            s.parse::<u64>()
+                .map_err(|_| format!("{s:?} is not a whole number (0 or more)"))
+        })
+    }
+
+    pub(super) fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        parsed(d, crate::cli::parse_size)
+    }
+
+    pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        parsed(d, crate::cli::parse_duration)
     }
 
     pub(super) fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
@@ -791,6 +934,9 @@ stop-signal = "QUIT"
 no-prefix = true
 reload-batch = 2
 max-restarts = 0
+max-rss = "512M"
+max-age = "12h"
+max-age-jitter = "30m"
 user = "nobody:nogroup"
 rlimit-nofile = 4096
 native = false
@@ -836,6 +982,17 @@ command = ["python3", "app.py", "--port", "x"]
             file("app = \"http\"").expect("app").options.app,
             Some(App::Http)
         );
+        // --max-requests is for native workers only: it parses, alone.
+        let mr = file("max-requests = 1000\nmax-requests-jitter = 100").expect("max-requests");
+        assert_eq!(mr.options.max_requests, Some(1000));
+        assert_eq!(mr.options.max_requests_jitter, Some(100));
+        assert_eq!(o.max_rss, Some(512 * 1024 * 1024));
+        assert_eq!(o.max_age, Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(o.max_age_jitter, Some(Duration::from_secs(30 * 60)));
+        // The watchdog is for a program only: it parses, alone.
+        let wd = file("watchdog = 2\nwatchdog-signal = \"QUIT\"").expect("watchdog");
+        assert_eq!(wd.options.watchdog, Some(Duration::from_secs(2)));
+        assert_eq!(wd.options.watchdog_signal, Some(Signal::SIGQUIT));
         // `name` is not with `control`: it parses, alone.
         assert_eq!(
             file("name = \"web\"")
@@ -849,7 +1006,11 @@ command = ["python3", "app.py", "--port", "x"]
         for key in ServeOptions::KEYS {
             let key = key.replace('_', "-");
             assert!(
-                key == "app" || key == "name" || EVERY_KEY.contains(&format!("\n{key} = ")),
+                key == "app"
+                    || key == "name"
+                    || key.starts_with("watchdog")
+                    || key.starts_with("max-requests")
+                    || EVERY_KEY.contains(&format!("\n{key} = ")),
                 "{key} is not tested"
             );
         }

@@ -34,9 +34,9 @@ pub use netcluster_worker::net;
 pub mod cluster {
     pub use netcluster_primary::{
         Backoff, Cluster, ClusterBuilder, ClusterHandle, DEFAULT_DRAIN_TIMEOUT, Error, Event,
-        Events, Limits, Readiness, ReloadReport, ScaleReport, ScaleTo, SchedulingPolicy,
-        SendHandle, Settings, Status, StopMode, Timeouts, UserMessage, WorkerHandle, WorkerInfo,
-        WorkerKind, WorkerState, inherited_fds,
+        Events, Limits, Readiness, Recycle, ReloadReport, ScaleReport, ScaleTo, SchedulingPolicy,
+        SendHandle, Settings, Status, StopMode, Timeouts, UserMessage, Watchdog, WorkerHandle,
+        WorkerInfo, WorkerKind, WorkerState, inherited_fds,
     };
     pub use netcluster_primary::{COMMIT, VERSION, VERSION_LINE};
     pub use netcluster_primary::{CredentialsError, WorkerUser};

@@ -275,6 +275,8 @@ async fn primary(args: Serve) -> anyhow::Result<()> {
     settings.reload_batch = args.reload_batch as usize;
     settings.user = user;
     settings.rlimit_nofile = args.rlimit_nofile;
+    settings.recycle = args.recycle;
+    settings.watchdog = args.watchdog;
     let program = args.is_program();
     match args.fd_store {
         FdStore::Auto => {}

@@ -58,8 +58,8 @@ pub use event::{
 pub use netcluster_protocol::handover::{ListenerInfo, ListenerRecord};
 pub use registry::SchedulingPolicy;
 pub use settings::{
-    Backoff, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Limits, MAX_WORKERS, Readiness, Settings,
-    Timeouts, WorkerKind, inherited_fds,
+    Backoff, ClusterBuilder, DEFAULT_DRAIN_TIMEOUT, Limits, MAX_WORKERS, Readiness, Recycle,
+    Settings, Timeouts, Watchdog, WorkerKind, inherited_fds,
 };
 pub use spawn::{GENERATION_ENV, SLOT_ENV};
 pub use status::{ListenerStatus, ReloadStatus, STATUS_SCHEMA, SlotStatus, Status, WorkerStatus};

@@ -206,6 +206,48 @@ pub struct Settings {
     pub user: Option<crate::credentials::WorkerUser>,
     /// Workers' `RLIMIT_NOFILE`, soft and hard (default: the primary's, inherited).
     pub rlimit_nofile: Option<u64>,
+    /// When a worker is replaced though nothing is wrong with it (default: never).
+    pub recycle: Recycle,
+    /// Hang detection for program workers (`WATCHDOG=1`, as systemd's); `None`: none.
+    pub watchdog: Option<Watchdog>,
+}
+
+/// When a worker is replaced (recycled) though nothing is wrong with it: after a number of
+/// connections, above a memory size, or after an age, each with jitter so that slots do not
+/// come due together. A recycle is a one-slot rolling replacement, as a reload's: the new
+/// worker starts first, takes the slot over once ready, and the old one drains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recycle {
+    /// After this many connections (a native worker's count; gunicorn's `max_requests`).
+    pub max_requests: Option<u64>,
+    /// Up to this many more, drawn for each worker.
+    pub max_requests_jitter: u64,
+    /// When the resident memory of the worker's whole process tree is above this (bytes).
+    pub max_rss: Option<u64>,
+    /// After this long.
+    pub max_age: Option<Duration>,
+    /// Up to this much longer, drawn for each worker.
+    pub max_age_jitter: Duration,
+}
+
+impl Recycle {
+    /// Whether anything recycles workers.
+    pub fn any(&self) -> bool {
+        self.max_requests.is_some() || self.max_rss.is_some() || self.max_age.is_some()
+    }
+}
+
+/// Hang detection for program workers: each gets `WATCHDOG_USEC` (and `WATCHDOG_PID`) and
+/// must say `WATCHDOG=1` on its `NOTIFY_SOCKET` at least that often, as under systemd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watchdog {
+    /// The longest a worker may go without `WATCHDOG=1`.
+    pub interval: Duration,
+    /// What a worker that missed it gets once its replacement serves (it is killed after
+    /// [`Watchdog::grace`]); `SIGABRT` by default, so runtimes that dump a stack on it do.
+    pub signal: nix::sys::signal::Signal,
+    /// How long after that signal it is killed.
+    pub grace: Duration,
 }
 
 impl Settings {
@@ -239,6 +281,8 @@ impl Settings {
             generation: 1,
             user: None,
             rlimit_nofile: None,
+            recycle: Recycle::default(),
+            watchdog: None,
         })
     }
 

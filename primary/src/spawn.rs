@@ -116,6 +116,10 @@ pub(crate) fn spawn(spec: Spec<'_>) -> io::Result<Spawned> {
     ] {
         cmd.env_remove(var);
     }
+    if let (WorkerKind::Program, Some(wd)) = (settings.kind, settings.watchdog) {
+        // The exec shim adds WATCHDOG_PID, the program's own pid.
+        cmd.env("WATCHDOG_USEC", wd.interval.as_micros().to_string());
+    }
     cmd.envs(settings.env.iter().map(|(k, v)| (k, v)))
         .env(SLOT_ENV, slot.to_string())
         .env(GENERATION_ENV, generation.to_string());

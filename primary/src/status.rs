@@ -98,6 +98,10 @@ pub struct SlotStatus {
     /// a reload.
     #[serde(default)]
     pub failed: bool,
+    /// Why its worker was last recycled (replaced though nothing was wrong with it), or
+    /// replaced for missing its watchdog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recycle: Option<String>,
 }
 
 /// One live worker.
@@ -131,6 +135,13 @@ pub struct WorkerStatus {
     pub in_state_ms: u64,
     /// Resident memory in bytes, when `/proc` tells.
     pub rss_bytes: Option<u64>,
+    /// What will recycle it, and how far it is (`--max-requests`, `--max-age`, `--max-rss`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recycle: Option<String>,
+    /// Resident memory of its whole process tree in bytes, when the primary measures it
+    /// (`--max-rss`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_rss_bytes: Option<u64>,
     /// What the primary has to say about it (a program that has not said `READY=1`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -321,6 +332,22 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(procfs::WithCurrentSystemInfo::get(stat.rss_bytes()))
 }
 
+/// Resident memory of worker `pid`'s process tree: every process of its process group (the
+/// worker leads one), in bytes.
+pub(crate) fn tree_rss_bytes(pid: u32) -> Option<u64> {
+    let pgid = i32::try_from(pid).ok()?;
+    let mut total = 0u64;
+    let mut found = false;
+    for p in procfs::process::all_processes().ok()?.flatten() {
+        let Ok(stat) = p.stat() else { continue };
+        if stat.pgrp == pgid {
+            found = true;
+            total = total.saturating_add(procfs::WithCurrentSystemInfo::get(stat.rss_bytes()));
+        }
+    }
+    found.then_some(total)
+}
+
 /// What is said of a program worker that has not said `READY=1` for a while.
 pub(crate) fn waiting_for_ready() -> &'static str {
     "waits for READY=1 on its NOTIFY_SOCKET (`systemd-notify --ready`, or sd_notify); a program \
@@ -349,9 +376,41 @@ pub(crate) struct Build<'a> {
     pub reload: Option<crate::supervisor::machines::reload::Progress>,
     /// Why the last reload failed.
     pub last_reload_error: Option<&'a str>,
+    /// What recycles workers.
+    pub recycles: &'a crate::supervisor::machines::recycle::Recycles,
+    /// Connections each native worker had served at the last sample.
+    pub served: &'a std::collections::BTreeMap<u32, u64>,
+    /// Each worker tree's memory at the last sample.
+    pub rss: &'a std::collections::BTreeMap<u32, u64>,
+    /// `--max-rss`.
+    pub max_rss: Option<u64>,
 }
 
 impl Build<'_> {
+    /// What will recycle worker `id`, and how far it is.
+    fn recycle_line(&self, id: u32, now: std::time::Instant) -> Option<String> {
+        let mut parts = Vec::new();
+        let due = self.recycles.due(id);
+        if let Some(limit) = due.and_then(|d| d.requests) {
+            let so_far = self.served.get(&id).copied().unwrap_or(0);
+            parts.push(format!("at {limit} connections ({so_far} so far)"));
+        }
+        if let Some(at) = due.and_then(|d| d.at) {
+            let left = at.saturating_duration_since(now);
+            parts.push(format!("in {} ms (age)", left.as_millis()));
+        }
+        if let Some(limit) = self.max_rss {
+            let mib = |b: u64| b / (1024 * 1024);
+            match self.rss.get(&id) {
+                Some(&now) => {
+                    parts.push(format!("above {} MiB ({} MiB now)", mib(limit), mib(now)))
+                }
+                None => parts.push(format!("above {} MiB", mib(limit))),
+            }
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
     /// The status.
     pub fn status(&self) -> Status {
         use crate::registry::Mode;
@@ -406,6 +465,7 @@ impl Build<'_> {
                         .map(|at| millis(at.saturating_duration_since(now))),
                     last_exit: restarts.and_then(|r| r.last_exit.clone()),
                     failed: restarts.is_some_and(|r| r.failed),
+                    last_recycle: self.recycles.last_reason(slot).map(str::to_string),
                 }
             })
             .collect();
@@ -451,6 +511,8 @@ impl Build<'_> {
                     uptime_ms: millis(now.saturating_duration_since(w.started)),
                     in_state_ms: millis(now.saturating_duration_since(w.since())),
                     rss_bytes: rss_bytes(w.pid),
+                    recycle: self.recycle_line(w.id, now),
+                    tree_rss_bytes: self.rss.get(&w.id).copied(),
                     note,
                     output_dropped_lines,
                 }

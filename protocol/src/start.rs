@@ -46,12 +46,17 @@ extern "C" fn at_start(argc: c_int, argv: *const *const c_char, _envp: *const *c
         return;
     }
     let pid = std::process::id().to_string();
+    let watchdog = shim && std::env::var_os("WATCHDOG_USEC").is_some();
     // SAFETY: before `main` the process has one thread, so nothing reads the environment
     // while it changes; the strings are NUL-terminated literals or CStrings that outlive the
     // calls.
     unsafe {
         let listen_pid = CString::new(pid).unwrap_or_default();
         libc::setenv(c"LISTEN_PID".as_ptr(), listen_pid.as_ptr(), 1);
+        if watchdog {
+            // A program worker with a watchdog: WATCHDOG_PID names it, as under systemd.
+            libc::setenv(c"WATCHDOG_PID".as_ptr(), listen_pid.as_ptr(), 1);
+        }
         unset(env::LISTEN_PID_SELF);
         unset(env::EXEC);
     }

@@ -164,6 +164,11 @@ impl Supervisor {
             id,
             pid: launched.pid,
         });
+        self.offer(&Happening::Spawned {
+            slot,
+            worker: id,
+            incoming,
+        });
         Ok(info)
     }
 
@@ -180,6 +185,8 @@ impl Supervisor {
                         *status_text = Some(status.chars().take(200).collect());
                     }
                 }
+                Some(("WATCHDOG", "1")) => self.watchdog_ping(id),
+                Some(("WATCHDOG", "trigger")) => self.watchdog_missed(id),
                 Some(("STOPPING", "1")) => {
                     tracing::info!(worker = id, "the worker says it is stopping");
                 }
@@ -201,6 +208,10 @@ impl Supervisor {
         }
         *ready = true;
         w.waited_long = false;
+        if let Some(wd) = self.settings.watchdog {
+            self.timers
+                .arm(Timer::WatchdogDue { worker: id }, wd.interval);
+        }
         let fresh = w.phase() == Phase::Starting;
         if fresh && w.apply(Transition::Hello).is_ok() {
             let _ = w.apply(Transition::Listened);
@@ -260,14 +271,24 @@ impl Supervisor {
         } else {
             KILL_GRACE
         };
-        let deadline = Instant::now() + drain + grace;
+        let deadline = match (w.hung, self.settings.watchdog) {
+            (true, Some(wd)) => Instant::now() + wd.grace,
+            _ => Instant::now() + drain + grace,
+        };
         let was_serving = w.phase().serving() || w.phase() == Phase::Starting;
         if w.apply(Transition::Drain { reason, deadline }).is_err() {
             return;
         }
         w.stop = Some(StopCause::Drained(reason));
         let pid = w.pid;
-        if w.is_program() {
+        let hung = w.hung.then_some(self.settings.watchdog).flatten();
+        if let Some(wd) = hung {
+            // A hung program: the watchdog signal (a stack dump, for runtimes that make one),
+            // then SIGKILL after the grace.
+            if let Err(e) = self.launcher.signal(pid, wd.signal) {
+                tracing::debug!(worker = id, "cannot signal the worker: {e}");
+            }
+        } else if w.is_program() {
             // No channel: the stop signal, then SIGKILL at the deadline.
             if let Err(e) = self.launcher.signal(pid, stop_signal) {
                 tracing::debug!(worker = id, "cannot signal the worker: {e}");
@@ -469,6 +490,7 @@ impl Supervisor {
         self.timers.disarm(Timer::Kill { worker: id });
         self.timers.disarm(Timer::ReadyAfter { worker: id });
         self.timers.disarm(Timer::ReadyHint { worker: id });
+        self.timers.disarm(Timer::WatchdogDue { worker: id });
         if let Some(seq) = w.ping {
             self.timers.disarm(Timer::Ping { worker: id, seq });
         }

@@ -35,6 +35,7 @@ use crate::worker::table::{StopCause, Table};
 
 use effect::{Effect, Happening, Machine, Note, View};
 use machines::handoff::Handoffs;
+use machines::recycle::Recycles;
 use machines::reload::Reloads;
 use machines::restart::Restarts;
 use machines::retire::Retires;
@@ -50,6 +51,7 @@ mod listeners;
 pub(crate) mod machines;
 mod notify;
 mod ops;
+mod recycling;
 pub(crate) mod timers;
 
 pub use machines::reload::ReloadReport;
@@ -62,6 +64,8 @@ const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 const BACKLOG_DRAIN: usize = 4096;
 /// Requests over a limit refused in a row before the worker counts as flooding and is killed.
 const OVER_LIMIT_STREAK: u32 = 1000;
+/// How often workers are measured for recycling (memory every fourth time: once a second).
+const RECYCLE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// How often orphans of workers are looked for.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often systemd's `STATUS=` line is brought up to date (when it changed).
@@ -109,6 +113,15 @@ pub(crate) struct Supervisor {
     retires: Retires,
     stop: Stop,
     handoffs: Handoffs,
+    recycles: Recycles,
+    /// Connections each native worker had served at the last sample (for recycling).
+    served: std::collections::BTreeMap<u32, u64>,
+    /// Resident memory of each worker's process tree at the last sample (for recycling).
+    rss: std::collections::BTreeMap<u32, u64>,
+    /// The stats question of the sample under way.
+    sample_seq: Option<u64>,
+    /// Samples taken (memory is measured every fourth).
+    samples: u64,
     /// systemd's notification socket, if it listens.
     notifier: Option<crate::systemd::Notifier>,
     /// `READY=1` was sent for the start.
@@ -143,6 +156,10 @@ impl Supervisor {
             timers.arm(Timer::SystemdStatus, SYSTEMD_STATUS_EVERY);
         }
         timers.arm(Timer::Sweep, SWEEP_EVERY);
+        if settings.recycle.any() {
+            timers.arm(Timer::RecycleCheck, RECYCLE_CHECK_EVERY);
+        }
+        let recycles = Recycles::new(settings.recycle);
         let generation = settings.generation.max(1);
         let restarts = Restarts::new(settings.respawn);
         Supervisor {
@@ -172,6 +189,11 @@ impl Supervisor {
             retires: Retires::default(),
             stop: Stop::default(),
             handoffs: Handoffs::default(),
+            recycles,
+            served: std::collections::BTreeMap::new(),
+            rss: std::collections::BTreeMap::new(),
+            sample_seq: None,
+            samples: 0,
             notifier,
             ready_announced: false,
             systemd_status: String::new(),
@@ -242,6 +264,10 @@ impl Supervisor {
                 self.apply(effects);
             }};
         }
+        {
+            let view = View::of(&self.table, &self.registry, &self.settings);
+            self.recycles.on(happening, &view);
+        }
         to!(scales);
         to!(restarts);
         to!(retires);
@@ -260,12 +286,9 @@ impl Supervisor {
                     if incoming && !self.reloads.awaits_spawn(slot) {
                         continue; // the reload that asked for it has ended
                     }
+                    // A worker that starts is offered to the machines by `spawn_worker`.
                     match self.spawn_worker(slot, incoming) {
-                        Ok(info) => self.offer(&Happening::Spawned {
-                            slot,
-                            worker: info.id,
-                            incoming,
-                        }),
+                        Ok(_) => {}
                         Err(e) => {
                             tracing::error!(slot, "{e}");
                             self.offer(&Happening::SpawnFailed {
@@ -582,6 +605,12 @@ impl Supervisor {
                 }
             }
             ToPrimary::Stats { seq, mut listeners } => {
+                if self.sample_seq == Some(seq) {
+                    let served = listeners
+                        .iter()
+                        .fold(0u64, |acc, l| acc.saturating_add(l.served));
+                    self.served.insert(id, served);
+                }
                 if let Some(wait) = self.statuses.get_mut(&seq) {
                     if wait.remaining.remove(&id) {
                         listeners.truncate(self.settings.limits.listen_keys);
@@ -657,6 +686,11 @@ impl Supervisor {
                 self.launcher.sweep();
                 self.timers.arm(Timer::Sweep, SWEEP_EVERY);
             }
+            Timer::RecycleCheck => {
+                self.recycle_check();
+                self.timers.arm(Timer::RecycleCheck, RECYCLE_CHECK_EVERY);
+            }
+            Timer::WatchdogDue { worker } => self.watchdog_missed(worker),
             Timer::ReadyAfter { worker } => self.mark_ready(worker, "its ready-after time passed"),
             Timer::ReadyHint { worker } => self.ready_hint(worker),
             Timer::Watchdog => {

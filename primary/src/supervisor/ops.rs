@@ -146,6 +146,10 @@ impl Supervisor {
             stopping: self.stop.active(),
             reload: self.reloads.progress_report(),
             last_reload_error: self.reloads.last_error(),
+            recycles: &self.recycles,
+            served: &self.served,
+            rss: &self.rss,
+            max_rss: self.settings.recycle.max_rss,
         }
         .status();
         let _ = wait.reply.send(status);

@@ -86,6 +86,13 @@ pub(crate) enum Timer {
     StopGiveUp,
     /// Orphans of workers are reaped, or killed when their worker is gone.
     Sweep,
+    /// Workers are measured for recycling (connections served, memory).
+    RecycleCheck,
+    /// A program worker's `WATCHDOG=1` is due.
+    WatchdogDue {
+        /// The worker.
+        worker: u32,
+    },
     /// `WATCHDOG=1` to systemd.
     Watchdog,
     /// `STATUS=` to systemd, when it changed.

@@ -114,6 +114,9 @@ pub(crate) struct Worker {
     pub task: Option<tokio::task::Id>,
     /// A program worker that has waited long for `READY=1` (the primary said so).
     pub waited_long: bool,
+    /// A program worker that missed its watchdog: it gets the watchdog signal when it is
+    /// drained.
+    pub hung: bool,
 }
 
 impl Worker {
@@ -138,6 +141,7 @@ impl Worker {
             ping: None,
             task: None,
             waited_long: false,
+            hung: false,
         }
     }
 

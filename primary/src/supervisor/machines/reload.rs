@@ -53,6 +53,8 @@ struct Reload {
     started: Instant,
     /// When the last slot switched to the new generation.
     serving: Option<Instant>,
+    /// A recycle (see [`Reloads::recycle`]): no new generation, nobody to answer.
+    recycle: bool,
 }
 
 /// The reload machine: the reload under way, those asked for meanwhile, and why the last one
@@ -64,6 +66,8 @@ pub(crate) struct Reloads {
     last_error: Option<String>,
     /// A stop began (with the primary that took over, in an upgrade).
     stopping: Option<Option<u32>>,
+    /// Slots due for a recycle, with why, waiting for the reload under way.
+    recycles: Vec<(usize, String)>,
 }
 
 /// For `status`: the reload under way.
@@ -122,6 +126,7 @@ impl Reloads {
             replies,
             started: view.now,
             serving: None,
+            recycle: false,
         });
         let mut effects = vec![
             Effect::Generation(generation),
@@ -129,6 +134,54 @@ impl Reloads {
         ];
         effects.extend(self.progress(view));
         effects
+    }
+
+    /// Replaces `slots` (due for a recycle, or hung) one by one as a reload does — the new
+    /// worker first — but in the generation that runs, with nobody to answer; after the reload
+    /// under way, if there is one. `generation` is the one the cluster runs now.
+    pub fn recycle(
+        &mut self,
+        slots: Vec<(usize, String)>,
+        generation: u64,
+        view: &View<'_>,
+    ) -> Vec<Effect> {
+        if self.stopping.is_some() {
+            return Vec::new();
+        }
+        for (slot, why) in slots {
+            if !self.recycles.iter().any(|(s, _)| *s == slot) {
+                tracing::info!(slot, "recycling slot {slot}: its worker {why}");
+                self.recycles.push((slot, why));
+            }
+        }
+        if self.current.is_some() {
+            return Vec::new();
+        }
+        self.start_recycle(generation, view)
+    }
+
+    fn start_recycle(&mut self, generation: u64, view: &View<'_>) -> Vec<Effect> {
+        let todo: VecDeque<usize> = self
+            .recycles
+            .drain(..)
+            .map(|(slot, _)| slot)
+            .filter(|slot| view.table.slots.contains_key(slot))
+            .collect();
+        if todo.is_empty() {
+            return Vec::new();
+        }
+        self.current = Some(Reload {
+            generation,
+            todo,
+            running: BTreeMap::new(),
+            draining: BTreeSet::new(),
+            replaced: Vec::new(),
+            replies: Vec::new(),
+            started: view.now,
+            serving: None,
+            recycle: true,
+        });
+        self.progress(view)
     }
 
     /// The reload under way, for `status`.
@@ -199,6 +252,12 @@ impl Reloads {
         let Some(r) = self.current.take() else {
             return Vec::new();
         };
+        if r.recycle {
+            for &(slot, old, new) in &r.replaced {
+                tracing::info!(slot, old = ?old, new, "slot recycled");
+            }
+            return self.next(r.generation, view);
+        }
         let report = ReloadReport {
             generation: r.generation,
             replaced: r.replaced,
@@ -225,11 +284,12 @@ impl Reloads {
         effects
     }
 
-    /// Runs the reloads asked for during the last one, as one.
+    /// Runs the reloads asked for during the last one, as one; else the recycles that came
+    /// due meanwhile.
     fn next(&mut self, generation: u64, view: &View<'_>) -> Vec<Effect> {
         let mut queued = std::mem::take(&mut self.queued);
         let Some(first) = queued.pop() else {
-            return Vec::new();
+            return self.start_recycle(generation, view);
         };
         queued.insert(0, first);
         self.start(queued, generation, view)
@@ -240,6 +300,22 @@ impl Reloads {
         let Some(r) = self.current.take() else {
             return Vec::new();
         };
+        if r.recycle {
+            tracing::error!(
+                "recycling slot {slot} failed: its new worker {why}; the slot keeps its worker"
+            );
+            let mut effects = Vec::new();
+            for new in r.running.into_values().flatten() {
+                effects.push(Effect::Disarm(Timer::ReloadReady { worker: new }));
+                effects.push(Effect::Detach { worker: new });
+                effects.push(Effect::Drain {
+                    worker: new,
+                    reason: DrainReason::Replaced,
+                });
+            }
+            effects.extend(self.next(r.generation, view));
+            return effects;
+        }
         let kept = r.todo.len() + r.running.len();
         let message = format!(
             "reload to generation {} failed: the new worker of slot {slot} {why}; {} slot(s) \
@@ -335,6 +411,7 @@ impl Machine for Reloads {
             },
             Happening::Stopping { successor } => {
                 self.stopping = Some(successor);
+                self.recycles.clear();
                 let mut effects = Vec::new();
                 if let Some(r) = self.current.take() {
                     for new in r.running.into_values().flatten() {
