@@ -1,6 +1,11 @@
 //! Unit tests of [`super`].
 
 use super::*;
+use crate::command::ScaleReport;
+use crate::status::Status;
+use crate::supervisor::ReloadReport;
+use crate::upgrade::UpgradeReport;
+use serde::Deserialize;
 
 #[test]
 fn requests_on_the_wire() {

@@ -1,6 +1,8 @@
 //! Unit tests of [`super`].
 
 use super::*;
+use crate::settings::Settings;
+use netcluster_protocol::handover::Received;
 
 fn incoming(generation: u64, workers: u32) -> (Incoming, Channel) {
     let (ours, old) = Channel::pair().expect("pair");
