@@ -165,6 +165,29 @@ fn the_primarys_sigkill_ends_every_tree_and_frees_the_port() {
             "{addr} is not refused after the primary's death"
         );
     }
+    // Nothing of theirs is left: the notification sockets' directory and the cgroups go
+    // with them (their guardian removes them), so a test run leaves no file behind.
+    for r in [&python, &node] {
+        let notify = format!("netcluster-notify-{}-", r.pid);
+        let cgroup = format!("netcluster-{}", r.pid);
+        eventually(
+            Duration::from_secs(5),
+            "the primary's files to be removed",
+            || {
+                let tmp_left = std::fs::read_dir(std::env::temp_dir())
+                    .expect("temp dir")
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(&notify));
+                let cgroup_left = std::fs::read_to_string("/proc/self/mountinfo")
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(" - cgroup2 "))
+                    .filter_map(|l| l.split_whitespace().nth(4))
+                    .any(|mount| std::path::Path::new(mount).join(&cgroup).exists());
+                (!tmp_left && !cgroup_left).then_some(())
+            },
+        );
+    }
     // A new primary on the same port gets every request.
     let port = py_addr.port().to_string();
     let listen = format!("127.0.0.1:{port}");

@@ -43,12 +43,14 @@ struct Hostile {
     addr: SocketAddr,
     primary: u32,
     go: PathBuf,
+    /// Where `go` is; removed with the test.
+    _dir: tempfile::TempDir,
 }
 
 impl Hostile {
     fn start(attack: &str, extra: &[&str]) -> Hostile {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let go = dir.join("go");
+        let dir = tempfile::tempdir().unwrap();
+        let go = dir.path().join("go");
         let mut cmd = Command::new(example_bin("hostile"));
         cmd.args(["--attack", attack])
             .args(extra)
@@ -62,6 +64,7 @@ impl Hostile {
             addr,
             primary,
             go,
+            _dir: dir,
         }
     }
 

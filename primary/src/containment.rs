@@ -87,6 +87,17 @@ impl Cgroups {
         if under_systemd_without_delegation(&own_dir) {
             return None;
         }
+        remove_stale(&own_dir, "netcluster-", |dir| {
+            // A primary's cgroups: its workers' groups, then its own (all empty by now).
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    if e.path().join("cgroup.procs").exists() {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        });
         let root = own_dir.join(format!("netcluster-{}", std::process::id()));
         match std::fs::create_dir(&root) {
             Ok(()) => {}
@@ -102,6 +113,36 @@ impl Cgroups {
             return None;
         }
         Some(Cgroups { root })
+    }
+}
+
+/// Removes, with `remove`, what primaries that are gone left in `parent` under names
+/// `PREFIX<pid>` or `PREFIX<pid>-…` (a primary killed with its guardian, or one of an older
+/// build): the primary whose pid it names no longer runs.
+pub(crate) fn remove_stale(parent: &Path, prefix: &str, remove: impl Fn(&Path)) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split('-')
+            .next()
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|&p| p > 0)
+        else {
+            continue;
+        };
+        let gone = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if gone && u32::try_from(pid).ok() != Some(std::process::id()) {
+            remove(&e.path());
+        }
     }
 }
 

@@ -80,9 +80,14 @@ pub(crate) struct Processes {
 impl Processes {
     fn notify_dir(&mut self) -> io::Result<PathBuf> {
         if self.notify_dir.is_none() {
+            // Named by this primary's pid, so that what a primary that is gone left behind
+            // can be told and removed.
+            crate::containment::remove_stale(&std::env::temp_dir(), "netcluster-notify-", |d| {
+                let _ = std::fs::remove_dir_all(d);
+            });
             self.notify_dir = Some(
                 tempfile::Builder::new()
-                    .prefix("netcluster-notify-")
+                    .prefix(&format!("netcluster-notify-{}-", std::process::id()))
                     .tempdir()?,
             );
         }
