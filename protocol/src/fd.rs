@@ -261,28 +261,13 @@ pub fn claim_inherited(fd: RawFd) -> io::Result<OwnedFd> {
 /// Whether descriptor number `fd` is open and is a Unix `SOCK_SEQPACKET` socket (a worker's
 /// channel), without taking ownership of it.
 pub fn is_seqpacket(fd: RawFd) -> bool {
-    if fd < 0 {
-        return false;
-    }
-    let mut ty: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `ty`, a c_int we own; a number that
-    // is not an open socket gives EBADF or ENOTSOCK and writes nothing.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&raw mut ty).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || ty != libc::SOCK_SEQPACKET {
+    if socket_type(fd) != Some(libc::SOCK_SEQPACKET) {
         return false;
     }
     let mut domain: libc::c_int = 0;
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above, for SO_DOMAIN.
+    // SAFETY: getsockopt writes at most `len` bytes into `domain`, a c_int we own; `fd` is an
+    // open socket (its SO_TYPE was read).
     let rc = unsafe {
         libc::getsockopt(
             fd,
@@ -401,8 +386,13 @@ pub(crate) fn cloexec_listeners_at_start() {
 
 /// Whether descriptor number `fd` is an open socket.
 fn is_socket(fd: RawFd) -> bool {
+    socket_type(fd).is_some()
+}
+
+/// The type (`SO_TYPE`) of socket `fd`, or `None` when it is no open socket.
+fn socket_type(fd: RawFd) -> Option<libc::c_int> {
     if fd < 0 {
-        return false;
+        return None;
     }
     let mut ty: libc::c_int = 0;
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -417,7 +407,7 @@ fn is_socket(fd: RawFd) -> bool {
             &mut len,
         )
     };
-    rc == 0
+    (rc == 0).then_some(ty)
 }
 
 /// Clears `O_NONBLOCK` on descriptor number `fd` if it is an open socket (what systemd passes

@@ -304,15 +304,7 @@ impl Reloads {
             tracing::error!(
                 "recycling slot {slot} failed: its new worker {why}; the slot keeps its worker"
             );
-            let mut effects = Vec::new();
-            for new in r.running.into_values().flatten() {
-                effects.push(Effect::Disarm(Timer::ReloadReady { worker: new }));
-                effects.push(Effect::Detach { worker: new });
-                effects.push(Effect::Drain {
-                    worker: new,
-                    reason: DrainReason::Replaced,
-                });
-            }
+            let mut effects = stand_down(r.running);
             effects.extend(self.next(r.generation, view));
             return effects;
         }
@@ -324,17 +316,7 @@ impl Reloads {
             r.replaced.len(),
         );
         tracing::error!("{message}");
-        let mut effects = Vec::new();
-        for new in r.running.into_values().flatten() {
-            effects.push(Effect::Disarm(Timer::ReloadReady { worker: new }));
-            // Stopped like any worker, not killed: a program has its listeners from the start
-            // and may have accepted connections before it said it was ready.
-            effects.push(Effect::Detach { worker: new });
-            effects.push(Effect::Drain {
-                worker: new,
-                reason: DrainReason::Replaced,
-            });
-        }
+        let mut effects = stand_down(r.running);
         self.last_error = Some(message.clone());
         // The generation that serves is the one before: what failed stays in last_error.
         let serving = r.generation.saturating_sub(1).max(1);
@@ -366,6 +348,26 @@ impl Reloads {
                 .map(|(&slot, _)| slot)
         })
     }
+}
+
+/// The new workers of a reload that failed leave their slots and drain: stopped like any
+/// worker, not killed (a program has its listeners from the start and may have accepted
+/// connections before it said it was ready).
+fn stand_down(running: BTreeMap<usize, Option<u32>>) -> Vec<Effect> {
+    running
+        .into_values()
+        .flatten()
+        .flat_map(|new| {
+            [
+                Effect::Disarm(Timer::ReloadReady { worker: new }),
+                Effect::Detach { worker: new },
+                Effect::Drain {
+                    worker: new,
+                    reason: DrainReason::Replaced,
+                },
+            ]
+        })
+        .collect()
 }
 
 impl Machine for Reloads {
