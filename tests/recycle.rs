@@ -226,3 +226,35 @@ fn bad_recycle_values_exit_2_with_the_reason() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// A slot whose program keeps exiting at once is given up after --max-restarts exits in a row:
+/// `status` says FAILED and exits 1, and names how to try again.
+#[test]
+fn a_crash_looping_slot_is_given_up_and_status_says_so() {
+    let (r, _addr) = serve(&[
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-restarts",
+        "2",
+        "--restart-max",
+        "0.2",
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
+    let (status, out, err) = eventually(T, "the slot to fail", || {
+        let (status, out, err) = ctl(&r, &["status"]);
+        out.contains("FAILED").then_some((status, out, err))
+    });
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(out.contains("netcluster reload"), "{out}");
+    assert!(err.contains("slot 1 failed"), "{err}");
+    let s: netcluster::cluster::Status = {
+        let (_, json, _) = ctl(&r, &["status", "--json"]);
+        serde_json::from_str(&json).expect("status JSON")
+    };
+    assert!(s.slots[0].failed, "{:?}", s.slots);
+}
